@@ -1,0 +1,369 @@
+"""Thin NATS adapters: connect, create the streams, append events, tail a stream.
+
+The only module (with ``server``/``client``/``cli``) of ``core`` that does I/O; the pure
+modules never import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from core import subjects as S
+from core.codec import encode_event
+from core.events import Event
+from core.metadata import parse_ack_reply
+
+__all__ = [
+    "DEFAULT_URL",
+    "BusError",
+    "Conflict",
+    "connect",
+    "ensure_streams",
+    "EventLog",
+    "Ack",
+    "Publisher",
+    "PublishError",
+    "Tail",
+    "TIMEOUTS",
+    "default_url",
+]
+
+log = logging.getLogger("jetflow.bus")
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+WRONG_LAST_SEQUENCE = 10071
+# fetch() may raise either one: catching only nats.errors.TimeoutError lets a loop die.
+TIMEOUTS = (nats.errors.TimeoutError, asyncio.TimeoutError, TimeoutError)
+
+
+class BusError(RuntimeError):
+    """A NATS/JetStream problem the user has to fix (no JetStream, a clashing stream...)."""
+
+
+class Conflict(Exception):
+    """An append whose expected subject sequence did not match: somebody else moved first."""
+
+
+def default_url() -> str:
+    return os.environ.get("JETFLOW_NATS_URL", DEFAULT_URL)
+
+
+async def connect(url: str | None = None, *, name: str = "jetflow",
+                  wait_s: float = 10.0) -> NATS:
+    """Connect (retrying for up to ``wait_s``), reconnecting forever afterwards."""
+    url = url or default_url()
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return await nats.connect(
+                url, name=name, connect_timeout=2, reconnect_time_wait=0.5,
+                max_reconnect_attempts=-1, ping_interval=5, max_outstanding_pings=3,
+                error_cb=_log_error, disconnected_cb=_log_disconnect,
+                reconnected_cb=_log_reconnect,
+            )
+        except (OSError, nats.errors.NoServersError, *TIMEOUTS) as exc:
+            if time.monotonic() > deadline:
+                raise BusError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}. "
+                               "Start one with `jetflow up`, or pass --nats URL.") from None
+            await asyncio.sleep(0.2)
+
+
+async def _log_error(exc: Exception) -> None:
+    log.debug("nats: %s", exc)
+
+
+async def _log_disconnect() -> None:
+    log.warning("disconnected from NATS; reconnecting")
+
+
+async def _log_reconnect() -> None:
+    log.warning("reconnected to NATS")
+
+
+# -- streams --------------------------------------------------------------------------
+
+def stream_configs(*, replicas: int = 1, dedup_window_s: float = 120.0) -> list[StreamConfig]:
+    """The definitions of every jetflow stream: the only place they are written down."""
+    file, memory = StorageType.FILE, StorageType.MEMORY
+    return [
+        StreamConfig(name=S.EVENTS_STREAM, subjects=S.EVENTS_SUBJECTS,
+                     retention=RetentionPolicy.LIMITS, storage=file, num_replicas=replicas,
+                     duplicate_window=dedup_window_s, allow_direct=True),
+        # no_ack: a `nats req` on jf.submit.* must get the sentinel's reply, not a PubAck.
+        StreamConfig(name=S.SUBMIT_STREAM, subjects=S.SUBMIT_SUBJECTS,
+                     retention=RetentionPolicy.WORK_QUEUE, storage=file, no_ack=True,
+                     num_replicas=replicas, duplicate_window=dedup_window_s),
+        StreamConfig(name=S.WORK_STREAM, subjects=S.WORK_SUBJECTS,
+                     retention=RetentionPolicy.WORK_QUEUE, storage=file,
+                     num_replicas=replicas, max_age=3600.0),
+        StreamConfig(name=S.LOGS_STREAM, subjects=S.LOGS_SUBJECTS,
+                     retention=RetentionPolicy.LIMITS, storage=file, num_replicas=replicas,
+                     max_bytes=256 * 1024 * 1024, max_age=7 * 24 * 3600.0),
+        StreamConfig(name=S.HEARTBEAT_STREAM, subjects=S.HEARTBEAT_SUBJECTS,
+                     retention=RetentionPolicy.LIMITS, storage=memory, num_replicas=replicas,
+                     max_msgs_per_subject=1, max_age=600.0),
+    ]
+
+
+async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
+    """Create the streams if missing; refuse clearly if JetStream is off or a stream clashes."""
+    try:
+        await js.account_info()
+    except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError,
+            nats.js.errors.NoStreamResponseError, *TIMEOUTS) as exc:
+        raise BusError("JetStream is not enabled on this NATS server "
+                       f"({type(exc).__name__}); start nats-server with -js, or use "
+                       "`jetflow up`") from None
+    for config in stream_configs(replicas=replicas):
+        await _ensure_stream(js, config)
+
+
+async def _ensure_stream(js: JetStreamContext, want: StreamConfig) -> None:
+    assert want.name is not None
+    try:
+        info = await js.stream_info(want.name)
+    except nats.js.errors.NotFoundError:
+        try:
+            await js.add_stream(want)
+        except nats.js.errors.BadRequestError as exc:
+            raise BusError(f"cannot create stream {want.name}: {exc.description}") from None
+        return
+    have = info.config
+    if sorted(have.subjects or []) != sorted(want.subjects or []) \
+            or have.retention != want.retention or bool(have.no_ack) != bool(want.no_ack):
+        raise BusError(
+            f"stream {want.name} exists with subjects={have.subjects}, "
+            f"retention={have.retention}, no_ack={have.no_ack}; jetflow needs "
+            f"subjects={want.subjects}, retention={want.retention}, no_ack={want.no_ack}. "
+            "Delete it (nats stream rm) or use another server."
+        )
+
+
+# -- appending ------------------------------------------------------------------------
+
+class PublishError(RuntimeError):
+    """JetStream refused a publish; ``err_code`` is the server's error code."""
+
+    def __init__(self, code: int, err_code: int, description: str) -> None:
+        super().__init__(f"{description} (code {code}, err_code {err_code})")
+        self.code = code
+        self.err_code = err_code
+        self.description = description
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """A stored message: its stream sequence, and whether it was a deduplicated retry
+    (then ``seq`` is the original's, whose payload may differ from the one just sent)."""
+
+    seq: int
+    duplicate: bool = False
+
+
+class Publisher:
+    """Pipelined JetStream publishes with a bounded in-flight window.
+
+    nats-py's ``publish_async`` leaves the future pending forever when the server answers
+    with an API error (it raises inside its reply callback), so a failed expected-sequence
+    append would hang; this small replacement resolves every future with the ack or a
+    :class:`PublishError`, and :meth:`EventLog.settle` bounds the wait.
+    """
+
+    def __init__(self, nc: NATS, *, max_in_flight: int = 4096) -> None:
+        self.nc = nc
+        self._window = asyncio.Semaphore(max_in_flight)
+        self._futures: dict[str, asyncio.Future[Ack]] = {}
+        self._prefix = ""
+        self._counter = 0
+
+    async def _start(self) -> None:
+        self._prefix = self.nc.new_inbox()
+        await self.nc.subscribe(self._prefix + ".*", cb=self._on_reply)
+
+    async def publish(self, subject: str, payload: bytes,
+                      headers: dict[str, str]) -> asyncio.Future[Ack]:
+        if not self._prefix:
+            await self._start()
+        await self._window.acquire()
+        self._counter += 1
+        token = str(self._counter)
+        fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda _f: self._done(token))
+        self._futures[token] = fut
+        try:
+            await self.nc.publish(subject, payload, reply=f"{self._prefix}.{token}",
+                                  headers=headers)
+        except Exception as exc:  # noqa: BLE001 - handed to whoever awaits the future
+            if not fut.done():
+                fut.set_exception(exc)
+        return fut
+
+    def _done(self, token: str) -> None:
+        self._futures.pop(token, None)
+        self._window.release()
+
+    async def _on_reply(self, msg: Msg) -> None:
+        fut = self._futures.get(msg.subject.rsplit(".", 1)[-1])
+        if fut is None or fut.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            fut.set_exception(PublishError(503, 0, "no stream accepts this subject"))
+            return
+        try:
+            body = json.loads(msg.data)
+        except ValueError:
+            fut.set_exception(PublishError(0, 0, f"unreadable ack {msg.data[:80]!r}"))
+            return
+        error = body.get("error")
+        if error:
+            fut.set_exception(PublishError(int(error.get("code", 0)),
+                                           int(error.get("err_code", 0)),
+                                           str(error.get("description", ""))))
+        else:
+            fut.set_result(Ack(int(body["seq"]), bool(body.get("duplicate"))))
+
+
+@dataclass(slots=True)
+class Pending:
+    """An append on its way: await ``EventLog.settle`` to learn its stream sequence."""
+
+    future: asyncio.Future[Ack]
+    event: Event
+
+
+@dataclass
+class EventLog:
+    """Appends events to JF_EVENTS, pipelined, with expected-sequence checks."""
+
+    publisher: Publisher
+    timeout_s: float = 10.0
+
+    async def send(self, event: Event, *, expected_seq: int | None = None,
+                   msg_id: str | None = None,
+                   headers: Mapping[str, str] | None = None) -> Pending:
+        """Start an append without waiting for its ack (bounded by the in-flight window)."""
+        hdrs = dict(headers) if headers else {}
+        hdrs[S.HDR_MSG_ID] = msg_id or f"{event.kind}:{event.id}:{event.type}:{event.at}"
+        if expected_seq is not None:
+            hdrs[S.HDR_EXPECTED_SUBJECT_SEQ] = str(expected_seq)
+            hdrs[S.HDR_EXPECTED_SUBJECT] = S.entity_filter(event.kind, event.id)
+        subject = S.event_subject(event.kind, event.id, event.type)
+        fut = await self.publisher.publish(subject, encode_event(event), hdrs)
+        return Pending(fut, event)
+
+    async def settle(self, pending: Pending) -> Ack:
+        """Wait for the ack; raise Conflict if the expected sequence did not match."""
+        try:
+            return await asyncio.wait_for(pending.future, self.timeout_s)
+        except PublishError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                raise Conflict(f"{pending.event.kind} {pending.event.id}: "
+                               f"{exc.description}") from None
+            raise
+
+    async def append(self, event: Event, *, expected_seq: int | None = None,
+                     msg_id: str | None = None,
+                     headers: Mapping[str, str] | None = None) -> Ack:
+        pending = await self.send(event, expected_seq=expected_seq, msg_id=msg_id,
+                                  headers=headers)
+        return await self.settle(pending)
+
+
+# -- tailing --------------------------------------------------------------------------
+
+class Tail:
+    """Reads a stream from a sequence onwards, in batches, for as long as it is iterated.
+
+    An ephemeral pull consumer with no acks; if it vanishes (server restart, a network cut
+    longer than its inactivity threshold) or fetch fails, a new one starts right after the
+    last sequence seen, so a restart loses and repeats nothing. ``caught_up`` is true once
+    a batch ended with nothing pending.
+    """
+
+    def __init__(self, js: JetStreamContext, stream: str, *, start_seq: int = 1,
+                 filter_subjects: list[str] | None = None, batch: int = 256,
+                 idle_s: float = 1.0) -> None:
+        self.js = js
+        self.stream = stream
+        self.next_seq = max(1, start_seq)
+        self.filter_subjects = filter_subjects
+        self.batch = batch
+        self.idle_s = idle_s
+        self.caught_up = False
+        self._sub: JetStreamContext.PullSubscription | None = None
+
+    async def batches(self) -> AsyncIterator[list[Msg]]:
+        """Yield non-empty batches; yield [] after an idle period, so callers can tick."""
+        while True:
+            msgs = await self._fetch()
+            if msgs:
+                last = parse_ack_reply(msgs[-1].reply)
+                self.next_seq = last.stream_seq + 1
+                self.caught_up = last.pending == 0
+            yield msgs
+
+    async def _fetch(self) -> list[Msg]:
+        try:
+            if self._sub is None:
+                self._sub = await self._subscribe()
+            return await self._sub.fetch(self.batch, timeout=self.idle_s)
+        except TIMEOUTS:
+            self.caught_up = True
+            await self._check_consumer()
+            return []
+        except Exception as exc:  # noqa: BLE001 - any failure: start a fresh consumer
+            log.warning("tail of %s failed (%s: %s); resubscribing at %d", self.stream,
+                        type(exc).__name__, exc, self.next_seq)
+            await self.close()
+            await asyncio.sleep(0.5)
+            return []
+
+    async def _subscribe(self) -> JetStreamContext.PullSubscription:
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.next_seq,
+            ack_policy=AckPolicy.NONE, inactive_threshold=30.0, mem_storage=True,
+            filter_subjects=self.filter_subjects, max_waiting=8,
+        )
+        # An empty subject (and no filter) means the whole stream.
+        return await self.js.pull_subscribe("", stream=self.stream, config=config,
+                                            pending_msgs_limit=4 * self.batch + 64)
+
+    async def _check_consumer(self) -> None:
+        if self._sub is None:
+            return
+        try:
+            await self._sub.consumer_info()
+        except nats.js.errors.NotFoundError:
+            log.warning("tail consumer on %s is gone; resubscribing at %d", self.stream,
+                        self.next_seq)
+            await self.close()
+        except Exception:  # noqa: BLE001 - disconnected: fetch will retry
+            pass
+
+    async def close(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):  # already gone with the connection
+                await sub.unsubscribe()

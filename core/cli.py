@@ -1,0 +1,285 @@
+"""The ``jetflow`` command line. Each command is one small function; services are imported
+only by the command that runs them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from core.bus import DEFAULT_URL, BusError
+
+__all__ = ["main"]
+
+Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+# -- services -----------------------------------------------------------------------------
+
+async def cmd_sentinel(a: argparse.Namespace) -> int:
+    from core.runtime import wait_for_signal
+    from sentinel.service import Sentinel
+
+    async with Sentinel(a.nats, lease_s=a.lease):
+        await wait_for_signal()
+    return 0
+
+
+async def cmd_worker(a: argparse.Namespace) -> int:
+    from core.runtime import wait_for_signal
+    from workers.worker import Worker
+
+    worker = Worker(a.nats, handlers=a.handlers, queues=tuple(_csv(a.queue)),
+                    concurrency=a.concurrency, lease_s=a.lease, heartbeat_s=a.heartbeat,
+                    grace_s=a.grace, prefetch=a.prefetch)
+    await worker.start()
+    await wait_for_signal()
+    await worker.drain()
+    return 0
+
+
+async def cmd_projector(a: argparse.Namespace) -> int:
+    from core.runtime import wait_for_signal
+    from projections.projector import Projector
+
+    async with Projector(a.nats, _db_path(a)):
+        await wait_for_signal()
+    return 0
+
+
+async def cmd_up(a: argparse.Namespace) -> int:
+    from core.runtime import wait_for_signal
+    from core.stack import Stack
+
+    stack = Stack(data_dir=Path(a.data), port=a.port, nats_url=a.nats, workers=a.workers,
+                  handlers=a.handlers, concurrency=a.concurrency, durable=a.durable,
+                  lease_s=a.lease)
+    async with stack:
+        print(f"jetflow is up: NATS at {stack.url}, data in {a.data}, "
+              f"{a.workers} worker(s). Ctrl-C to stop.", flush=True)
+        print(f"  submit: jetflow submit echo --args '{{\"x\": 1}}' --nats {stack.url} --wait",
+              flush=True)
+        await wait_for_signal()
+        print("stopping...", flush=True)
+    return 0
+
+
+# -- submitting and reading ------------------------------------------------------------------
+
+async def cmd_submit(a: argparse.Namespace) -> int:
+    from core.client import SubmissionRejected, connect
+
+    args = _json_arg(a.args, "--args")
+    client = await connect(a.nats)
+    try:
+        job_id = await client.submit(a.handler, args, queue=a.queue, priority=a.priority,
+                                     job_id=a.job_id, max_attempts=a.max_attempts,
+                                     timeout_s=a.timeout)
+    except SubmissionRejected as exc:
+        print(f"rejected: {exc.reason} [{exc.code}]", file=sys.stderr)
+        await client.close()
+        return 2
+    if not a.wait:
+        print(job_id)
+        await client.close()
+        return 0
+    job = await client.wait(job_id, timeout=a.wait_timeout)
+    await client.close()
+    _print_final(job, a.json)
+    return 0 if job.state == "succeeded" else 1
+
+
+def _print_final(job: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"job_id": job.job_id, "state": job.state, "attempt": job.attempt,
+                          "result": job.result, "error": job.error}))
+        return
+    print(f"{job.job_id} {job.state} (attempt {job.attempt})")
+    if job.result is not None:
+        print(f"result: {json.dumps(job.result)}")
+    if job.error:
+        print(f"error: {job.error.get('error_type', '')}: {job.error.get('message', '')}")
+
+
+async def cmd_job(a: argparse.Namespace) -> int:
+    from core.client import connect
+    from core.job import fold
+
+    client = await connect(a.nats)
+    events = await client.history(a.job_id)
+    await client.close()
+    if not events:
+        print(f"no job {a.job_id!r} in the log", file=sys.stderr)
+        return 1
+    job = fold(events, a.job_id)
+    if a.json:
+        print(json.dumps(_job_json(job, events)))
+    else:
+        _print_job(job, events)
+    return 0
+
+
+def _job_json(job: Any, events: list[Any]) -> dict[str, Any]:
+    return {"job_id": job.job_id, "state": job.state, "attempt": job.attempt,
+            "handler": job.handler, "queue": job.queue, "priority": job.priority,
+            "correlation_id": job.correlation_id, "worker": job.worker,
+            "result": job.result, "error": job.error,
+            "events": [{"seq": e.seq, "type": e.type, "at": e.at, "data": e.data}
+                       for e in events]}
+
+
+def _print_job(job: Any, events: list[Any]) -> None:
+    print(f"job {job.job_id}: {job.state}  handler={job.handler} queue={job.queue} "
+          f"priority={job.priority} attempt={job.attempt}/{job.max_attempts}")
+    if job.result is not None:
+        print(f"result: {json.dumps(job.result)}")
+    if job.error:
+        print(f"error: {job.error.get('error_type', '')}: {job.error.get('message', '')}")
+    print("history:")
+    t0 = events[0].at
+    for e in events:
+        detail = {k: v for k, v in e.data.items() if k not in ("fp", "traceback", "args")}
+        print(f"  {e.seq:>8}  +{(e.at - t0) * 1000:9.1f}ms  {e.type:<16} {json.dumps(detail)}")
+
+
+# -- plumbing -------------------------------------------------------------------------------
+
+def _csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _json_arg(text: str, flag: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"error: {flag} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"error: {flag} must be a JSON object")
+    return value
+
+
+def _db_path(a: argparse.Namespace) -> Path:
+    return Path(a.db) if a.db else Path(a.data) / "projections.sqlite"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nats", default=os.environ.get("JETFLOW_NATS_URL"), metavar="URL",
+                   help=f"NATS server or cluster URL (env JETFLOW_NATS_URL, default "
+                        f"{DEFAULT_URL})")
+    p.add_argument("--log-level", default=os.environ.get("JETFLOW_LOG_LEVEL", "INFO"),
+                   help="DEBUG, INFO, WARNING... (env JETFLOW_LOG_LEVEL)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="jetflow", description="Event-sourced job processing on NATS JetStream.",
+        epilog="Run `jetflow up` to start everything locally, then `jetflow submit echo "
+               "--args '{\"x\":1}' --wait`.")
+    sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_up(sub)
+    _add_services(sub)
+    _add_client(sub)
+    return root
+
+
+def _add_up(sub: Any) -> None:
+    p = sub.add_parser("up", help="run nats-server, a sentinel, workers and the projector",
+                       description="Run the whole system until Ctrl-C/SIGTERM. With --nats "
+                                   "no embedded server is started.")
+    _common(p)
+    p.add_argument("--port", type=int, default=4222, help="embedded server port (4222)")
+    p.add_argument("--data", default=".jetflow", help="data directory (./.jetflow)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (2)")
+    p.add_argument("--handlers", default="echo,sleep,fail", help="handlers of each worker")
+    p.add_argument("--concurrency", type=int, default=4, help="jobs at once per worker (4)")
+    p.add_argument("--lease", type=float, default=15.0, help="worker lease in seconds (15)")
+    p.add_argument("--durable", action="store_true",
+                   help="fsync every write (sync_interval: always): survives power loss, "
+                        "slower")
+    p.set_defaults(run=cmd_up)
+
+
+def _add_services(sub: Any) -> None:
+    p = sub.add_parser("sentinel", help="run the control plane (one or more)")
+    _common(p)
+    p.add_argument("--lease", type=float, default=15.0,
+                   help="declare a worker lost after this many silent seconds (15)")
+    p.set_defaults(run=cmd_sentinel)
+
+    p = sub.add_parser("worker", help="run a worker")
+    _common(p)
+    p.add_argument("--queue", default="default", help="queue(s) to serve, comma-separated")
+    p.add_argument("--handlers", default="echo,sleep,fail",
+                   help="handlers: built-in names or name=module:function, comma-separated")
+    p.add_argument("--concurrency", type=int, default=4, help="jobs at once (4)")
+    p.add_argument("--lease", type=float, default=15.0, help="lease announced (15 s)")
+    p.add_argument("--heartbeat", type=float, default=2.0, help="heartbeat interval (2 s)")
+    p.add_argument("--prefetch", type=int,
+                   help="offers buffered beyond the running slots (default: --concurrency); "
+                        "0 gives strict priority at some cost in throughput")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="on SIGTERM, wait this long for running jobs (30 s)")
+    p.set_defaults(run=cmd_worker)
+
+    p = sub.add_parser("projector", help="keep the SQLite projections up to date")
+    _common(p)
+    p.add_argument("--db", help="SQLite file (default <data>/projections.sqlite)")
+    p.add_argument("--data", default=".jetflow", help="data directory (./.jetflow)")
+    p.set_defaults(run=cmd_projector)
+
+
+def _add_client(sub: Any) -> None:
+    p = sub.add_parser("submit", help="submit a job",
+                       description="Submit a job; prints its id (with --wait, its outcome; "
+                                   "exit 1 if it did not succeed, 2 if rejected).")
+    _common(p)
+    p.add_argument("handler")
+    p.add_argument("--args", default="{}", help="JSON object of arguments")
+    p.add_argument("--queue", default="default")
+    p.add_argument("--priority", type=int, default=0, help="0-9, higher first")
+    p.add_argument("--job-id", help="your own id ([A-Za-z0-9_-]{1,64}); idempotent")
+    p.add_argument("--max-attempts", type=int)
+    p.add_argument("--timeout", type=float, help="seconds per attempt")
+    p.add_argument("--wait", action="store_true", help="wait for the outcome")
+    p.add_argument("--wait-timeout", type=float, default=300.0)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=cmd_submit)
+
+    p = sub.add_parser("job", help="a job's state and its full history, read from the stream")
+    _common(p)
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=cmd_job)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("nats").setLevel(logging.CRITICAL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        return asyncio.run(args.run(args))
+    except BusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except TimeoutError as exc:
+        print(f"error: timed out {exc}".rstrip(), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

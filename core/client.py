@@ -1,0 +1,209 @@
+"""The Python client.
+
+::
+
+    from core.client import connect
+
+    client = await connect("nats://127.0.0.1:4222")
+    job_id = await client.submit("echo", {"x": 1}, queue="default", priority=5)
+    job = await client.wait(job_id, timeout=30)   # a JobState: job.state, job.result ...
+    await client.close()
+
+``submit`` returns once the sentinel has recorded the job in the log (the reply to the
+request carries its id) and raises :class:`SubmissionRejected` with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from core import subjects as S
+from core.bus import TIMEOUTS, Tail
+from core.bus import connect as bus_connect
+from core.codec import decode_event, dumps
+from core.events import Event
+from core.job import TERMINAL, JobState, fold
+from core.metadata import parse_ack_reply
+from core.submission import derive_job_id
+
+__all__ = ["Client", "connect", "SubmissionRejected", "SubmitTimeout"]
+
+
+class SubmissionRejected(Exception):
+    """The sentinel refused the submission; ``code`` is machine-readable."""
+
+    def __init__(self, reason: str, code: str = "", job_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+        self.job_id = job_id
+
+
+class SubmitTimeout(TimeoutError):
+    """No sentinel answered in time (the submission is stored and will be processed)."""
+
+
+async def connect(url: str | None = None) -> Client:
+    return Client(await bus_connect(url, name="jetflow-client"))
+
+
+class Client:
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
+        if not self.nc.is_closed:
+            await self.nc.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- submitting ---------------------------------------------------------------------
+    async def submit(self, handler: str, args: Mapping[str, Any] | None = None, *,
+                     queue: str = "default", priority: int = 0, job_id: str | None = None,
+                     max_attempts: int | None = None, timeout_s: float | None = None,
+                     correlation_id: str | None = None, msg_id: str | None = None,
+                     headers: Mapping[str, str] | None = None,
+                     reply_timeout_s: float = 10.0) -> str:
+        """Submit a job; return its id once it is in the log."""
+        body: dict[str, Any] = {"handler": handler, "args": dict(args or {}),
+                                "priority": priority}
+        for key, value in (("job_id", job_id), ("max_attempts", max_attempts),
+                           ("timeout_s", timeout_s), ("correlation_id", correlation_id)):
+            if value is not None:
+                body[key] = value
+        msg_id = msg_id or job_id or uuid.uuid4().hex
+        hdrs = {**(headers or {}), S.HDR_MSG_ID: msg_id}
+        try:
+            reply = await self.nc.request(S.submit_subject(queue), dumps(body),
+                                          timeout=reply_timeout_s, headers=hdrs)
+        except TIMEOUTS:
+            expected = job_id or derive_job_id(msg_id, "", 0)
+            raise SubmitTimeout(f"no sentinel answered within {reply_timeout_s:g}s; the "
+                                f"submission is stored in {S.SUBMIT_STREAM} and job "
+                                f"{expected} will be recorded once a sentinel runs") from None
+        answer = orjson.loads(reply.data)
+        if "error" in answer:
+            raise SubmissionRejected(answer["error"], answer.get("code", ""),
+                                     answer.get("job_id"))
+        return str(answer["job_id"])
+
+    async def publish_raw(self, queue: str, body: bytes,
+                          headers: Mapping[str, str] | None = None) -> None:
+        """What ``nats pub jf.submit.<queue>`` does: no id back, no waiting."""
+        await self.nc.publish(S.submit_subject(queue), body, headers=dict(headers or {}))
+
+    # -- reading ------------------------------------------------------------------------
+    async def history(self, job_id: str) -> list[Event]:
+        """Every event of the job, straight from the stream, in order."""
+        S.check_token(job_id, "job id")
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
+                                filter_subject=S.job_filter(job_id), inactive_threshold=10.0,
+                                mem_storage=True)
+        info = await self.js.add_consumer(S.EVENTS_STREAM, config=config)
+        total = info.num_pending or 0
+        events: list[Event] = []
+        if total:
+            sub = await self.js.pull_subscribe_bind(info.name, S.EVENTS_STREAM)
+            try:
+                while len(events) < total:
+                    events.extend(_decode(m) for m in await sub.fetch(min(256, total), 5.0))
+            finally:
+                await sub.unsubscribe()
+        await self.js.delete_consumer(S.EVENTS_STREAM, info.name)
+        return [e for e in events if e is not None]  # type: ignore[misc]
+
+    async def status(self, job_id: str) -> JobState:
+        """The job's state folded from its history (state 'new' if it has no events)."""
+        return fold(await self.history(job_id), job_id)
+
+    async def last_event(self, job_id: str) -> Event | None:
+        S.check_token(job_id, "job id")
+        request = dumps({"last_by_subj": S.job_filter(job_id)})
+        msg = await self.nc.request(f"$JS.API.DIRECT.GET.{S.EVENTS_STREAM}", request, 5.0)
+        if msg.headers and msg.headers.get("Status") == "404":
+            return None
+        seq = int((msg.headers or {}).get("Nats-Sequence", 0))
+        return decode_event((msg.headers or {})["Nats-Subject"], msg.data, seq)
+
+    # -- waiting ------------------------------------------------------------------------
+    async def wait(self, job_id: str, timeout: float | None = None) -> JobState:
+        """Wait until the job is terminal (succeeded, dead-lettered, rejected, cancelled)."""
+        await self.watch()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(job_id, []).append(fut)
+        try:
+            last = await self.last_event(job_id)
+            if last is None or last.type not in TERMINAL:
+                await asyncio.wait_for(fut, timeout)
+        finally:
+            waiting = self._waiters.get(job_id, [])
+            if fut in waiting:
+                waiting.remove(fut)
+            if not waiting:
+                self._waiters.pop(job_id, None)
+        return await self.status(job_id)
+
+    async def watch(self) -> None:
+        """Start following terminal events (done by ``wait``; call it before submitting
+        many jobs to wait for them with ``wait_terminal``)."""
+        if self._watcher is not None:
+            return
+        head = (await self.js.stream_info(S.EVENTS_STREAM)).state.last_seq
+        tail = Tail(self.js, S.EVENTS_STREAM, start_seq=head + 1,
+                    filter_subjects=[f"{S.PREFIX}.job.*.{t}" for t in sorted(TERMINAL)])
+        self.terminal: dict[str, Event] = {}
+        self._terminal_changed = asyncio.Event()
+        self._watcher = asyncio.create_task(self._follow(tail))
+
+    async def _follow(self, tail: Tail) -> None:
+        async for batch in tail.batches():
+            for msg in batch:
+                event = _decode(msg)
+                if event is None:
+                    continue
+                self.terminal[event.id] = event
+                for fut in self._waiters.pop(event.id, []):
+                    if not fut.done():
+                        fut.set_result(None)
+            if batch:
+                self._terminal_changed.set()
+
+    async def wait_terminal(self, job_ids: set[str], timeout: float) -> dict[str, Event]:
+        """Wait until every job in ``job_ids`` has a terminal event seen since ``watch``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not job_ids <= self.terminal.keys():
+            self._terminal_changed.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                missing = len(job_ids - self.terminal.keys())
+                raise TimeoutError(f"{missing} of {len(job_ids)} jobs not finished in time")
+            try:
+                await asyncio.wait_for(self._terminal_changed.wait(), remaining)
+            except TimeoutError:
+                continue
+        return {j: self.terminal[j] for j in job_ids}
+
+
+def _decode(msg: Msg) -> Event | None:
+    try:
+        return decode_event(msg.subject, msg.data, parse_ack_reply(msg.reply).stream_seq)
+    except Exception:  # noqa: BLE001 - a forged event is not part of the history we report
+        return None

@@ -1,0 +1,108 @@
+"""Encoding and decoding of events (orjson), with size limits, validation and upcasting.
+
+Anything read from the log may have been published by hand, so :func:`decode_event`
+trusts nothing: the subject, the envelope and the type's fields must agree, or it raises
+:class:`CodecError` whose ``code`` is machine-readable and whose message is recorded
+verbatim by whoever rejects the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from core.events import FIELDS, SCHEMA_VERSION, Event
+from core.subjects import parse_event_subject
+
+__all__ = ["CodecError", "encode_event", "decode_event", "MAX_EVENT_BYTES", "dumps", "loads"]
+
+MAX_EVENT_BYTES = 1024 * 1024
+
+# (kind, type, from_version) -> function turning data of that version into the next one.
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+UPCASTERS: dict[tuple[str, str, int], Upcaster] = {}
+
+
+class CodecError(ValueError):
+    """A message that is not a valid event or submission; ``code`` names the reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+def loads(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise CodecError("invalid_json", f"body is not valid JSON: {exc}") from None
+
+
+def encode_event(event: Event) -> bytes:
+    body = {
+        "type": event.type,
+        f"{event.kind}_id": event.id,
+        "v": event.v,
+        "at": event.at,
+        "data": event.data,
+    }
+    raw = orjson.dumps(body)
+    if len(raw) > MAX_EVENT_BYTES:
+        raise CodecError("too_large", f"event is {len(raw)} bytes, over {MAX_EVENT_BYTES}")
+    return raw
+
+
+def decode_event(subject: str, raw: bytes, seq: int = 0) -> Event:
+    """Decode and validate one stored event; the subject must agree with the envelope."""
+    where = parse_event_subject(subject)
+    if where is None:
+        raise CodecError("bad_subject", f"subject {subject!r} is not jf.<kind>.<id>.<type>")
+    kind, id_, type_ = where
+    if len(raw) > MAX_EVENT_BYTES:
+        raise CodecError("too_large", f"event is {len(raw)} bytes, over {MAX_EVENT_BYTES}")
+    body = loads(raw)
+    if not isinstance(body, dict):
+        raise CodecError("not_object", "event body is not a JSON object")
+    _check_envelope(body, kind, id_, type_)
+    data = _upcast(kind, type_, int(body["v"]), body["data"])
+    _check_fields(kind, type_, data)
+    return Event(kind, id_, type_, float(body["at"]), data, SCHEMA_VERSION, seq)
+
+
+def _check_envelope(body: dict[str, Any], kind: str, id_: str, type_: str) -> None:
+    if type_ not in FIELDS[kind]:
+        raise CodecError("unknown_type", f"unknown {kind} event type {type_!r}")
+    if body.get("type") != type_:
+        raise CodecError("mismatch", f"envelope type {body.get('type')!r} != subject {type_!r}")
+    if body.get(f"{kind}_id") != id_:
+        raise CodecError("mismatch", f"envelope {kind}_id does not match subject id {id_!r}")
+    v = body.get("v")
+    if type(v) is not int or not 1 <= v <= SCHEMA_VERSION:
+        raise CodecError("bad_version", f"unsupported event version {v!r}")
+    at = body.get("at")
+    if type(at) not in (int, float) or at < 0:
+        raise CodecError("bad_time", f"'at' must be a non-negative number, got {at!r}")
+    if not isinstance(body.get("data"), dict):
+        raise CodecError("bad_data", "'data' must be a JSON object")
+
+
+def _upcast(kind: str, type_: str, version: int, data: dict[str, Any]) -> dict[str, Any]:
+    while version < SCHEMA_VERSION:
+        data = UPCASTERS[(kind, type_, version)](data)
+        version += 1
+    return data
+
+
+def _check_fields(kind: str, type_: str, data: dict[str, Any]) -> None:
+    for name, types in FIELDS[kind][type_].items():
+        value = data.get(name)
+        if value is None or type(value) not in types:
+            wanted = "/".join(t.__name__ for t in types)
+            raise CodecError("bad_field", f"{type_}: field {name!r} must be {wanted}")

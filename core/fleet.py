@@ -1,0 +1,229 @@
+"""The sentinel's model of the world and its decisions. Pure: time and randomness come in
+as arguments, I/O stays in the sentinel service, which appends what this returns.
+
+``observe(event)`` folds the log into job states, workers and the scheduler, and marks the
+jobs whose state changed as dirty; ``decide(job_id, now, rand)`` says what the log should
+record next for one job; ``due(now, rand)`` finds what time has made necessary (a retry
+whose delay is over, a worker silent for longer than its lease); ``dispatch(now)`` matches
+ready jobs to free worker slots.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from core.events import Event
+from core.job import TERMINAL, IllegalTransition, JobState, apply
+from core.retry import DeadLetter, Retry, RetryPolicy, next_action
+from core.scheduler import ReadyJob, Scheduler, WorkerSlots
+
+__all__ = ["Fleet", "WorkerInfo", "Append", "Dispatch"]
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    worker_id: str
+    handlers: frozenset[str]
+    queues: frozenset[str]
+    concurrency: int
+    host: str = ""
+    pid: int = 0
+    status: str = "live"  # live | lost | left
+    joined_seq: int = 0
+    last_seq: int = 0
+    last_seen: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """Record ``event``, provided the entity's last event is still ``expected_seq``."""
+
+    event: Event
+    expected_seq: int
+    msg_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Offer a queued job to a worker; the worker's claim must expect ``seq``."""
+
+    job: JobState
+    worker_id: str
+    seq: int
+
+
+@dataclass
+class Fleet:
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    lease_s: float = 15.0
+    dispatch_timeout_s: float = 30.0
+    jobs: dict[str, JobState] = field(default_factory=dict)
+    workers: dict[str, WorkerInfo] = field(default_factory=dict)
+    known_handlers: set[str] = field(default_factory=set)
+    sched: Scheduler = field(default_factory=Scheduler)
+    dirty: set[str] = field(default_factory=set)
+    last_seq: int = 0
+    _timers: list[tuple[float, str]] = field(default_factory=list)
+    _dispatched_at: dict[str, float] = field(default_factory=dict)
+
+    # -- observing the log --------------------------------------------------------------
+    def observe(self, event: Event) -> str | None:
+        """Apply one stored event; return why it was ignored, if it was."""
+        self.last_seq = max(self.last_seq, event.seq)
+        if event.kind == "job":
+            return self._observe_job(event)
+        if event.kind == "worker":
+            self._observe_worker(event)
+        return None
+
+    def _observe_job(self, event: Event) -> str | None:
+        old = self.jobs.get(event.id) or JobState(event.id)
+        if event.seq and event.seq <= old.last_seq:
+            return None  # already applied (our own append, seen again in the tail)
+        try:
+            new = apply(old, event)
+        except IllegalTransition as exc:
+            return str(exc)
+        self._update_scheduler(old, new, event)
+        if new.state in TERMINAL:
+            self.jobs.pop(event.id, None)
+            self._dispatched_at.pop(event.id, None)
+        else:
+            self.jobs[event.id] = new
+            self.dirty.add(event.id)
+        return None
+
+    def _update_scheduler(self, old: JobState, new: JobState, event: Event) -> None:
+        if new.state == "queued" and event.type == "queued":
+            self.sched.add_ready(ReadyJob(new.job_id, new.queue, new.handler, new.priority,
+                                          event.seq))
+        elif new.state == "running" and event.type == "started":
+            self.sched.occupy(new.job_id, event.data["worker"])
+            self._dispatched_at.pop(new.job_id, None)
+        elif new.state != old.state and new.state != "queued":
+            self.sched.discard(new.job_id)
+            self.sched.release(new.job_id)
+            self._dispatched_at.pop(new.job_id, None)
+
+    def _observe_worker(self, event: Event) -> None:
+        wid = event.id
+        if event.type == "joined":
+            info = WorkerInfo(wid, frozenset(event.data["handlers"]),
+                              frozenset(event.data["queues"]), event.data["concurrency"],
+                              event.get("host", ""), event.get("pid", 0), "live",
+                              event.seq, event.seq, event.at)
+            old = self.workers.get(wid)
+            if old is not None:
+                info.last_seen = max(old.last_seen, info.last_seen)
+            self.workers[wid] = info
+            self.known_handlers |= info.handlers
+            # Offers buffered in JF_WORK beyond the running slots (``prefetch``) keep a
+            # worker busy across the sentinel's round trip; the claim stays exclusive.
+            slots = info.concurrency + int(event.get("prefetch", 0))
+            self.sched.add_worker(WorkerSlots(wid, info.handlers, info.queues, slots))
+            return
+        info = self.workers.get(wid)
+        if info is None:
+            return
+        info.status = event.type  # lost | left
+        info.last_seq = event.seq
+        self._requeue(self.sched.remove_worker(wid))
+        self.dirty |= {j.job_id for j in self.jobs.values()
+                       if j.state == "running" and j.worker == wid}
+
+    def _requeue(self, job_ids: set[str]) -> None:
+        for job_id in job_ids:
+            job = self.jobs.get(job_id)
+            self._dispatched_at.pop(job_id, None)
+            if job is not None and job.state == "queued":
+                self.sched.add_ready(ReadyJob(job.job_id, job.queue, job.handler,
+                                              job.priority, job.last_seq))
+
+    def heartbeat(self, worker_id: str, at: float) -> None:
+        info = self.workers.get(worker_id)
+        if info is not None:
+            info.last_seen = max(info.last_seen, at)
+
+    def live_handlers(self) -> frozenset[str]:
+        return frozenset(h for w in self.workers.values() if w.status == "live"
+                         for h in w.handlers)
+
+    # -- deciding -----------------------------------------------------------------------
+    def decide(self, job_id: str, now: float, rand: float) -> Append | None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        if job.cancel_requested and job.state != "running":
+            return self._job(job, "cancelled", now, job.attempt, reason="cancel requested")
+        if job.state == "submitted":
+            return self._job(job, "queued", now, 1, attempt=1)
+        if job.state in ("failed", "timed_out"):
+            return self._after_failure(job, now, rand)
+        if job.state == "retry_wait":
+            return self._retry_due(job, now)
+        if job.state == "running" and not self._worker_alive(job.worker):
+            return self._job(job, "timed_out", now, job.attempt, attempt=job.attempt,
+                             reason=f"worker {job.worker} lost", kind="lease")
+        return None
+
+    def _after_failure(self, job: JobState, now: float, rand: float) -> Append:
+        action = next_action(job, self.policy, rand)
+        if isinstance(action, Retry):
+            return self._job(job, "retry_scheduled", now, job.attempt + 1,
+                             attempt=job.attempt + 1, not_before=now + action.delay_s,
+                             delay_s=round(action.delay_s, 3))
+        assert isinstance(action, DeadLetter)
+        return self._job(job, "dead_lettered", now, job.attempt, reason=action.reason,
+                         last_error=job.error)
+
+    def _retry_due(self, job: JobState, now: float) -> Append | None:
+        assert job.not_before is not None
+        if now >= job.not_before:
+            return self._job(job, "queued", now, job.attempt + 1, attempt=job.attempt + 1)
+        heapq.heappush(self._timers, (job.not_before, job.job_id))
+        return None
+
+    def _worker_alive(self, worker_id: str | None) -> bool:
+        info = self.workers.get(worker_id or "")
+        return info is not None and info.status == "live"
+
+    @staticmethod
+    def _job(job: JobState, type_: str, now: float, nth: int, **data: object) -> Append:
+        """An append for ``job``; ``nth`` (the attempt it concerns) makes its msg id."""
+        event = Event("job", job.job_id, type_, now, dict(data))
+        return Append(event, job.last_seq, f"{job.job_id}:{type_}:{nth}")
+
+    def reconcile(self) -> None:
+        """Look at every active job again (a safety net for decisions that were lost)."""
+        self.dirty |= self.jobs.keys()
+
+    def due(self, now: float) -> tuple[set[str], list[Append]]:
+        """Jobs whose timer fired (to decide again) and workers to declare lost."""
+        ready: set[str] = set()
+        while self._timers and self._timers[0][0] <= now:
+            ready.add(heapq.heappop(self._timers)[1])
+        lost = [self._lost(w, now) for w in self.workers.values()
+                if w.status == "live" and now - w.last_seen > self.lease_s]
+        for job_id, at in list(self._dispatched_at.items()):
+            if now - at > self.dispatch_timeout_s:  # offered but never claimed
+                self.sched.release(job_id)
+                self._requeue({job_id})
+        return ready, lost
+
+    def _lost(self, w: WorkerInfo, now: float) -> Append:
+        event = Event("worker", w.worker_id, "lost", now,
+                      {"reason": f"no heartbeat for {now - w.last_seen:.1f}s "
+                                 f"(lease {self.lease_s:g}s)", "last_seen": w.last_seen})
+        return Append(event, w.last_seq, f"worker:{w.worker_id}:lost:{w.joined_seq}")
+
+    def dispatch(self, now: float) -> list[Dispatch]:
+        out = []
+        for ready, worker_id in self.sched.dispatch():
+            job = self.jobs.get(ready.job_id)
+            if job is None or job.state != "queued":
+                self.sched.release(ready.job_id)
+                continue
+            self._dispatched_at[job.job_id] = now
+            out.append(Dispatch(job, worker_id, job.last_seq))
+        return out

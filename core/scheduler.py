@@ -1,0 +1,142 @@
+"""Dispatch decisions: strict priority per queue, capability matching, worker slots. Pure.
+
+Ready jobs live in one heap per (queue, handler), ordered by (-priority, order) where
+``order`` is the stream sequence of the job's ``queued`` event: higher priority first,
+FIFO within a priority. A worker with a free slot takes the best job among the heaps it
+can serve (its queues x its handlers), so a job whose handler no free worker has never
+blocks the jobs behind it. Removal is lazy: stale heap entries are skipped when popped.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+__all__ = ["Scheduler", "WorkerSlots", "ReadyJob"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyJob:
+    job_id: str
+    queue: str
+    handler: str
+    priority: int
+    order: int
+
+
+@dataclass(slots=True)
+class WorkerSlots:
+    worker_id: str
+    handlers: frozenset[str]
+    queues: frozenset[str]
+    concurrency: int
+    assigned: set[str] = field(default_factory=set)
+
+    @property
+    def free(self) -> int:
+        return self.concurrency - len(self.assigned)
+
+
+class Scheduler:
+    def __init__(self) -> None:
+        self._heaps: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
+        self._ready: dict[str, ReadyJob] = {}
+        self._assigned: dict[str, str] = {}  # job id -> worker id
+        self._workers: dict[str, WorkerSlots] = {}
+
+    # -- jobs ---------------------------------------------------------------------------
+    def add_ready(self, job: ReadyJob) -> None:
+        self.release(job.job_id)
+        self._ready[job.job_id] = job
+        heap = self._heaps.setdefault((job.queue, job.handler), [])
+        heapq.heappush(heap, (-job.priority, job.order, job.job_id))
+
+    def discard(self, job_id: str) -> None:
+        """The job is no longer waiting for a worker (started, cancelled, finished...)."""
+        self._ready.pop(job_id, None)
+
+    def release(self, job_id: str) -> str | None:
+        """Free the slot the job held, if any; return the worker it was assigned to."""
+        worker_id = self._assigned.pop(job_id, None)
+        if worker_id is not None and worker_id in self._workers:
+            self._workers[worker_id].assigned.discard(job_id)
+        return worker_id
+
+    def occupy(self, job_id: str, worker_id: str) -> None:
+        """The job runs on this worker (seen in the log), whoever dispatched it."""
+        self.discard(job_id)
+        if self._assigned.get(job_id) == worker_id:
+            return
+        self.release(job_id)
+        if worker_id in self._workers:
+            self._assigned[job_id] = worker_id
+            self._workers[worker_id].assigned.add(job_id)
+
+    def is_ready(self, job_id: str) -> bool:
+        return job_id in self._ready
+
+    def assigned_to(self, job_id: str) -> str | None:
+        return self._assigned.get(job_id)
+
+    def ready_count(self) -> int:
+        return len(self._ready)
+
+    # -- workers ------------------------------------------------------------------------
+    def add_worker(self, worker: WorkerSlots) -> None:
+        old = self._workers.get(worker.worker_id)
+        if old is not None:
+            worker.assigned |= old.assigned
+        self._workers[worker.worker_id] = worker
+
+    def remove_worker(self, worker_id: str) -> set[str]:
+        """Forget a worker; return the ids of the jobs it held."""
+        worker = self._workers.pop(worker_id, None)
+        if worker is None:
+            return set()
+        for job_id in worker.assigned:
+            self._assigned.pop(job_id, None)
+        return set(worker.assigned)
+
+    def workers(self) -> dict[str, WorkerSlots]:
+        return self._workers
+
+    def handlers_available(self) -> frozenset[str]:
+        return frozenset(h for w in self._workers.values() for h in w.handlers)
+
+    # -- matching -----------------------------------------------------------------------
+    def dispatch(self) -> list[tuple[ReadyJob, str]]:
+        """Fill every free slot with the best job it can take; return (job, worker) pairs."""
+        out: list[tuple[ReadyJob, str]] = []
+        for worker in self._workers.values():
+            while worker.free > 0:
+                job = self._pop_best(worker)
+                if job is None:
+                    break
+                self._assigned[job.job_id] = worker.worker_id
+                worker.assigned.add(job.job_id)
+                out.append((job, worker.worker_id))
+        return out
+
+    def _pop_best(self, worker: WorkerSlots) -> ReadyJob | None:
+        best_key: tuple[str, str] | None = None
+        best: tuple[int, int, str] | None = None
+        for queue in worker.queues:
+            for handler in worker.handlers:
+                top = self._top((queue, handler))
+                if top is not None and (best is None or top < best):
+                    best, best_key = top, (queue, handler)
+        if best_key is None:
+            return None
+        heapq.heappop(self._heaps[best_key])
+        return self._ready.pop(best[2]) if best else None
+
+    def _top(self, key: tuple[str, str]) -> tuple[int, int, str] | None:
+        heap = self._heaps.get(key)
+        while heap:
+            neg_prio, order, job_id = heap[0]
+            job = self._ready.get(job_id)
+            if job is not None and job.order == order and job.queue == key[0] \
+                    and job.handler == key[1]:
+                return heap[0]
+            heapq.heappop(heap)
+        return None

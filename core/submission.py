@@ -1,0 +1,161 @@
+"""Validation of raw, untrusted submission bodies, and deterministic job ids.
+
+A submission arrives on ``jf.submit.<queue>`` from anybody (``nats pub``, the CLI, the
+client). :func:`parse_submission` turns the bytes into a :class:`Submission` or raises
+:class:`~core.codec.CodecError` with a reason that the sentinel records verbatim in a
+``rejected`` event.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.codec import CodecError, loads
+
+__all__ = [
+    "Submission",
+    "parse_submission",
+    "check_handler_known",
+    "derive_job_id",
+    "submission_fingerprint",
+    "MAX_SUBMISSION_BYTES",
+    "JOB_ID_RE",
+]
+
+MAX_SUBMISSION_BYTES = 256 * 1024
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+HANDLER_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+MAX_ATTEMPTS_LIMIT = 100
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+_FIELDS = frozenset({"handler", "args", "priority", "job_id", "max_attempts", "timeout_s",
+                     "correlation_id", "workflow"})
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A validated submission, before the sentinel has given it an id and a place."""
+
+    queue: str
+    handler: str
+    args: dict[str, Any] = field(default_factory=dict)
+    priority: int = 0
+    job_id: str | None = None
+    max_attempts: int = 3
+    timeout_s: float | None = None
+    correlation_id: str | None = None
+
+
+def parse_submission(raw: bytes, queue: str, *, max_bytes: int = MAX_SUBMISSION_BYTES,
+                     default_max_attempts: int = 3) -> Submission:
+    """Validate a raw submission body; raise CodecError naming the first problem."""
+    if len(raw) > max_bytes:
+        raise CodecError("too_large", f"submission is {len(raw)} bytes, over the limit of "
+                                      f"{max_bytes}")
+    body = loads(raw)
+    if not isinstance(body, dict):
+        raise CodecError("not_object", f"submission must be a JSON object, got "
+                                       f"{type(body).__name__}")
+    unknown = sorted(set(body) - _FIELDS)
+    if unknown:
+        raise CodecError("unknown_field", f"unknown field(s): {', '.join(unknown)}; allowed: "
+                                          f"{', '.join(sorted(_FIELDS))}")
+    if "workflow" in body:
+        raise CodecError("unsupported", "workflow submissions are not supported yet")
+    return Submission(
+        queue=queue,
+        handler=_handler(body),
+        args=_args(body),
+        priority=_int_field(body, "priority", 0, 0, 9),
+        job_id=_job_id(body),
+        max_attempts=_int_field(body, "max_attempts", default_max_attempts, 1,
+                                MAX_ATTEMPTS_LIMIT),
+        timeout_s=_timeout(body),
+        correlation_id=_correlation_id(body),
+    )
+
+
+def check_handler_known(sub: Submission, known: Collection[str]) -> None:
+    if sub.handler not in known:
+        listed = ", ".join(sorted(known)) or "none yet: start a worker"
+        raise CodecError("unknown_handler",
+                         f"unknown handler {sub.handler!r}; known handlers: {listed}")
+
+
+def _handler(body: dict[str, Any]) -> str:
+    if "handler" not in body:
+        raise CodecError("missing_field", "missing required field 'handler'")
+    handler = body["handler"]
+    if not isinstance(handler, str) or not HANDLER_RE.match(handler):
+        raise CodecError("bad_field", "'handler' must be a string of 1-128 of A-Z a-z 0-9 _ . : -")
+    return handler
+
+
+def _args(body: dict[str, Any]) -> dict[str, Any]:
+    args = body.get("args", {})
+    if args is None:
+        return {}
+    if not isinstance(args, dict):
+        raise CodecError("bad_field", f"'args' must be a JSON object, got {type(args).__name__}")
+    return args
+
+
+def _int_field(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    value = body.get(name, default)
+    if type(value) is not int or not lo <= value <= hi:
+        raise CodecError("bad_field", f"'{name}' must be an integer from {lo} to {hi}, "
+                                      f"got {value!r}")
+    return value
+
+
+def _job_id(body: dict[str, Any]) -> str | None:
+    job_id = body.get("job_id")
+    if job_id is None:
+        return None
+    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+        raise CodecError("bad_job_id", f"'job_id' must match [A-Za-z0-9_-]{{1,64}}, "
+                                       f"got {job_id!r}")
+    return job_id
+
+
+def _timeout(body: dict[str, Any]) -> float | None:
+    value = body.get("timeout_s")
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not 0 < value <= MAX_TIMEOUT_S:
+        raise CodecError("bad_field", f"'timeout_s' must be a number in (0, {MAX_TIMEOUT_S:.0f}],"
+                                      f" got {value!r}")
+    return float(value)
+
+
+def _correlation_id(body: dict[str, Any]) -> str | None:
+    value = body.get("correlation_id")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= 128:
+        raise CodecError("bad_field", "'correlation_id' must be a string of 1-128 characters")
+    return value
+
+
+def derive_job_id(msg_id: str | None, stream_epoch: str, seq: int) -> str:
+    """A job id that depends only on the submission, so a redelivery or a replay agrees.
+
+    With a ``Nats-Msg-Id`` the id derives from it (the same id twice is one job, also after
+    the stream's dedup window); otherwise from the JF_SUBMIT stream's identity and sequence.
+    """
+    source = f"m:{msg_id}" if msg_id else f"s:{stream_epoch}:{seq}"
+    digest = hashlib.blake2b(source.encode(), digest_size=10).digest()
+    return "j" + base64.b32encode(digest).decode().lower()
+
+
+def submission_fingerprint(subject: str, msg_id: str | None, raw: bytes) -> str:
+    """Identifies one published submission across its core and its stream delivery."""
+    h = hashlib.blake2b(digest_size=12)
+    for part in (subject.encode(), b"\0", (msg_id or "").encode(), b"\0", raw):
+        h.update(part)
+    return h.hexdigest()

@@ -1,0 +1,112 @@
+"""Turning one raw submission into the event that records it: ``submitted`` or
+``rejected``. No I/O: the sentinel service feeds it what JF_SUBMIT delivered."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+from core import subjects as S
+from core.codec import CodecError, loads
+from core.events import Event
+from core.fleet import Append
+from core.submission import (
+    JOB_ID_RE,
+    MAX_SUBMISSION_BYTES,
+    Submission,
+    check_handler_known,
+    derive_job_id,
+    parse_submission,
+    submission_fingerprint,
+)
+
+__all__ = ["Intake", "RawSubmission", "Decision"]
+
+KEEP_BODY_BYTES = 4096  # how much of a rejected body the `rejected` event keeps
+
+
+@dataclass(frozen=True, slots=True)
+class RawSubmission:
+    subject: str
+    data: bytes
+    headers: Mapping[str, str]
+    stream_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    append: Append
+    fingerprint: str
+    derived_id: str  # where a rejection goes if the submitter's own id is taken
+    headers: dict[str, str]
+
+    @property
+    def accepted(self) -> bool:
+        return self.append.event.type == "submitted"
+
+
+@dataclass
+class Intake:
+    stream_epoch: str
+    max_bytes: int = MAX_SUBMISSION_BYTES
+    default_max_attempts: int = 3
+
+    def parse(self, raw: RawSubmission) -> Submission:
+        """Validate everything that does not depend on the sentinel's knowledge."""
+        queue = S.queue_of_submit_subject(raw.subject)
+        if queue is None:
+            raise CodecError("bad_subject", f"submit subject {raw.subject!r} must be "
+                                            "jf.submit.<queue>")
+        return parse_submission(raw.data, queue, max_bytes=self.max_bytes,
+                                default_max_attempts=self.default_max_attempts)
+
+    def decide(self, raw: RawSubmission, known_handlers: Collection[str],
+               now: float) -> Decision:
+        msg_id = raw.headers.get(S.HDR_MSG_ID) or None
+        derived = derive_job_id(msg_id, self.stream_epoch, raw.stream_seq)
+        fingerprint = submission_fingerprint(raw.subject, msg_id, raw.data)
+        try:
+            sub = self.parse(raw)
+            check_handler_known(sub, known_handlers)
+        except CodecError as exc:
+            return self._rejected(raw, derived, fingerprint, exc, now)
+        job_id = sub.job_id or derived
+        correlation_id = (sub.correlation_id or raw.headers.get(S.HDR_CORRELATION_ID)
+                          or job_id)
+        data = {"queue": sub.queue, "handler": sub.handler, "args": sub.args,
+                "priority": sub.priority, "max_attempts": sub.max_attempts,
+                "timeout_s": sub.timeout_s, "correlation_id": correlation_id,
+                "submit_seq": raw.stream_seq, "fp": fingerprint}
+        event = Event("job", job_id, "submitted", now, data)
+        return Decision(Append(event, 0, f"{job_id}:submitted"), fingerprint, derived,
+                        self.trace_headers(raw.headers, correlation_id))
+
+    def _rejected(self, raw: RawSubmission, derived: str, fingerprint: str,
+                  exc: CodecError, now: float) -> Decision:
+        job_id = _claimed_job_id(raw.data) or derived
+        data = {"reason": exc.message, "code": exc.code,
+                "queue": S.queue_of_submit_subject(raw.subject) or "",
+                "subject": raw.subject, "submit_seq": raw.stream_seq, "fp": fingerprint,
+                "body": raw.data[:KEEP_BODY_BYTES].decode("utf-8", errors="replace"),
+                "body_bytes": len(raw.data)}
+        event = Event("job", job_id, "rejected", now, data)
+        return Decision(Append(event, 0, f"{job_id}:rejected:{raw.stream_seq}"), fingerprint,
+                        derived, self.trace_headers(raw.headers, job_id))
+
+    @staticmethod
+    def trace_headers(headers: Mapping[str, str], correlation_id: str) -> dict[str, str]:
+        out = {S.HDR_CORRELATION_ID: correlation_id}
+        for name in (S.HDR_TRACEPARENT, S.HDR_TRACESTATE):
+            if headers.get(name):
+                out[name] = headers[name]
+        return out
+
+
+def _claimed_job_id(data: bytes) -> str | None:
+    """The submitter's own job_id, if the body is readable enough to have a valid one."""
+    try:
+        body = loads(data) if len(data) <= MAX_SUBMISSION_BYTES else None
+    except CodecError:
+        return None
+    job_id = body.get("job_id") if isinstance(body, dict) else None
+    return job_id if isinstance(job_id, str) and JOB_ID_RE.match(job_id) else None

@@ -1,0 +1,65 @@
+"""Answers to ``nats req jf.submit.<queue>``.
+
+JF_SUBMIT stores submissions without acking them (``no_ack``), so the requester's inbox is
+only seen by a core subscription. The sentinels share one queue group on ``jf.submit.>``:
+the member that receives the request remembers its inbox under the submission's
+fingerprint, and answers when the ``submitted``/``rejected`` event carrying that
+fingerprint reaches its view of the log, whichever sentinel appended it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+
+from core.codec import dumps
+from core.events import Event
+
+__all__ = ["ReplyBook"]
+
+
+class ReplyBook:
+    def __init__(self, ttl_s: float = 60.0) -> None:
+        self.ttl_s = ttl_s
+        self._waiting: OrderedDict[str, deque[tuple[str, float]]] = OrderedDict()
+        self._answers: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+
+    def expect(self, fingerprint: str, inbox: str) -> bytes | None:
+        """Remember an inbox; return the answer at once if the event was seen already."""
+        known = self._answers.pop(fingerprint, None)
+        if known is not None:
+            return known[0]
+        self._waiting.setdefault(fingerprint, deque()).append((inbox, time.monotonic()))
+        return None
+
+    def answer(self, fingerprint: str, body: bytes) -> str | None:
+        """The inbox waiting for this submission, if any (else keep the answer a while)."""
+        waiting = self._waiting.get(fingerprint)
+        if waiting:
+            inbox, _ = waiting.popleft()
+            if not waiting:
+                del self._waiting[fingerprint]
+            return inbox
+        self._answers[fingerprint] = (body, time.monotonic())
+        self._expire()
+        return None
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - self.ttl_s
+        for book in (self._answers, self._waiting):
+            while book:
+                first = next(iter(book.values()))
+                stamp = first[1] if isinstance(first, tuple) else first[0][1]
+                if stamp >= cutoff:
+                    break
+                book.popitem(last=False)
+
+    @staticmethod
+    def body_for(event: Event, duplicate: bool = False) -> bytes:
+        if event.type == "rejected":
+            return dumps({"error": event.data["reason"], "code": event.data["code"],
+                          "job_id": event.id})
+        body: dict[str, object] = {"job_id": event.id}
+        if duplicate:
+            body["duplicate"] = True
+        return dumps(body)

@@ -1,0 +1,295 @@
+"""The sentinel: the control plane's adapter around :class:`core.fleet.Fleet`.
+
+It rebuilds the fleet from JF_EVENTS on start, then runs four supervised loops: the event
+tail (observe), the intake (JF_SUBMIT -> ``submitted``/``rejected``), a ticker (retries
+whose delay is over, silent workers) and the heartbeat tail. After each of them it
+*pumps*: asks the fleet what to record next and appends it, pipelined, every append
+carrying the expected subject sequence so that several sentinels can run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import replace
+
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from core import subjects as S
+from core.bus import (
+    TIMEOUTS,
+    Conflict,
+    EventLog,
+    Publisher,
+    Tail,
+    connect,
+    ensure_streams,
+)
+from core.codec import CodecError, decode_event, dumps
+from core.events import Event
+from core.fleet import Append, Dispatch, Fleet
+from core.metadata import parse_ack_reply
+from core.retry import RetryPolicy
+from core.runtime import supervise
+from core.submission import submission_fingerprint
+from sentinel.intake import Decision, Intake, RawSubmission
+from sentinel.replies import ReplyBook
+
+__all__ = ["Sentinel"]
+
+log = logging.getLogger("jetflow.sentinel")
+
+
+class Sentinel:
+    def __init__(self, url: str | None = None, *, lease_s: float = 15.0, tick_s: float = 0.2,
+                 batch: int = 256, policy: RetryPolicy | None = None,
+                 reconcile_s: float = 5.0) -> None:
+        self.url = url
+        self.reconcile_s = reconcile_s
+        self.tick_s = tick_s
+        self.batch = batch
+        self.fleet = Fleet(policy=policy or RetryPolicy(), lease_s=lease_s)
+        self.replies = ReplyBook()
+        self.trace: dict[str, dict[str, str]] = {}  # job id -> trace/correlation headers
+        self._lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> Sentinel:
+        self.nc = await connect(self.url, name="jetflow-sentinel")
+        self.js = self.nc.jetstream()
+        await ensure_streams(self.js)
+        self.log = EventLog(Publisher(self.nc))
+        info = await self.js.stream_info(S.SUBMIT_STREAM)
+        self.intake = Intake(info.created.isoformat() if info.created else "0")
+        self.events = Tail(self.js, S.EVENTS_STREAM, batch=self.batch)
+        await self._catch_up()
+        await self.nc.subscribe(S.SUBMIT_WILDCARD, queue=S.SENTINEL_REPLY_GROUP,
+                                cb=self._on_request)
+        for name, loop in (("events", self._events_loop), ("intake", self._intake_loop),
+                           ("ticker", self._tick_loop), ("heartbeats", self._hb_loop)):
+            self._tasks.append(asyncio.create_task(supervise(name, loop)))
+        log.info("sentinel ready: %d active jobs, %d workers, log at seq %d",
+                 len(self.fleet.jobs), len(self.fleet.workers), self.fleet.last_seq)
+        await self.pump()
+        return self
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if not self.nc.is_closed:
+            await self.nc.close()
+
+    async def __aenter__(self) -> Sentinel:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _catch_up(self) -> None:
+        async for batch in self.events.batches():
+            self._observe_batch(batch)
+            if self.events.caught_up:
+                break
+
+    # -- observing ----------------------------------------------------------------------
+    async def _events_loop(self) -> None:
+        async for batch in self.events.batches():
+            if batch:
+                self._observe_batch(batch)
+            if self.fleet.dirty:
+                await self.pump()
+
+    def _observe_batch(self, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            seq = parse_ack_reply(msg.reply).stream_seq
+            try:
+                event = decode_event(msg.subject, msg.data, seq)
+            except CodecError as exc:
+                self.fleet.last_seq = max(self.fleet.last_seq, seq)
+                log.warning("ignoring malformed event at seq %d on %s: %s", seq, msg.subject,
+                            exc.message)
+                continue
+            if event.type == "submitted" and msg.headers:
+                self.trace[event.id] = Intake.trace_headers(msg.headers, event.id)
+            self._observe(event)
+
+    def _observe(self, event: Event, duplicate: bool = False) -> None:
+        why = self.fleet.observe(event)
+        if why:
+            log.debug("not applied: %s %s seq %d: %s", event.id, event.type, event.seq, why)
+        if event.type in ("submitted", "rejected"):
+            self._answer(event, duplicate)
+        if event.kind == "job" and event.id not in self.fleet.jobs:
+            self.trace.pop(event.id, None)
+
+    # -- deciding and acting --------------------------------------------------------------
+    async def pump(self) -> None:
+        """Record every decision the fleet has pending, then dispatch to free slots."""
+        async with self._lock:
+            for _ in range(4):
+                now = time.time()
+                dirty, self.fleet.dirty = self.fleet.dirty, set()
+                appends = [a for j in dirty if (a := self.fleet.decide(j, now, random.random()))]
+                if not appends:
+                    break
+                await self._execute(appends)
+            await self._dispatch(self.fleet.dispatch(time.time()))
+
+    async def _execute(self, appends: list[Append]) -> None:
+        pendings = [await self.log.send(a.event, expected_seq=a.expected_seq, msg_id=a.msg_id,
+                                        headers=self.trace.get(a.event.id))
+                    for a in appends]
+        for append, pending in zip(appends, pendings, strict=True):
+            try:
+                ack = await self.log.settle(pending)
+            except Conflict:
+                continue  # another actor moved first; the tail brings what it recorded
+            except Exception as exc:  # noqa: BLE001 - retried on the next pump
+                log.warning("append %s %s failed: %s", append.event.id, append.event.type, exc)
+                if append.event.kind == "job":
+                    self.fleet.dirty.add(append.event.id)
+                continue
+            if not ack.duplicate:
+                self._observe(replace(append.event, seq=ack.seq))
+
+    async def _dispatch(self, dispatches: list[Dispatch]) -> None:
+        futures = [await self.log.publisher.publish(S.work_subject(d.worker_id), _work(d),
+                                                    self._work_headers(d))
+                   for d in dispatches]
+        for d, fut in zip(dispatches, futures, strict=True):
+            try:
+                await asyncio.wait_for(fut, self.log.timeout_s)
+            except Exception as exc:  # noqa: BLE001 - offered again after the timeout
+                log.warning("dispatch of %s to %s failed: %s", d.job.job_id, d.worker_id, exc)
+
+    def _work_headers(self, d: Dispatch) -> dict[str, str]:
+        headers = dict(self.trace.get(d.job.job_id) or {})
+        headers[S.HDR_MSG_ID] = f"work:{d.job.job_id}:{d.job.attempt + 1}:{d.worker_id}:{d.seq}"
+        return headers
+
+    # -- intake ---------------------------------------------------------------------------
+    async def _intake_loop(self) -> None:
+        config = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0,
+                                max_ack_pending=20_000)
+        sub = await self.js.pull_subscribe("", durable=S.SENTINEL_SUBMIT_CONSUMER,
+                                           stream=S.SUBMIT_STREAM, config=config)
+        while True:
+            try:
+                msgs = await sub.fetch(self.batch, timeout=1.0)
+            except TIMEOUTS:
+                continue
+            await self._take(msgs)
+
+    async def _take(self, msgs: list[Msg]) -> None:
+        raws = [RawSubmission(m.subject, m.data, m.headers or {},
+                              parse_ack_reply(m.reply).stream_seq) for m in msgs]
+        decisions = [self.intake.decide(r, self.fleet.known_handlers, time.time()) for r in raws]
+        if any(d.append.event.get("code") == "unknown_handler" for d in decisions):
+            await self._wait_for_log_head()  # a worker may have joined a moment ago
+            decisions = [self.intake.decide(r, self.fleet.known_handlers, time.time())
+                         for r in raws]
+        async with self._lock:
+            recorded = await self._record(decisions)
+        for msg, ok in zip(msgs, recorded, strict=True):
+            await (msg.ack() if ok else msg.nak(delay=1.0))
+        await self.pump()
+
+    async def _record(self, decisions: list[Decision]) -> list[bool]:
+        for d in decisions:
+            if d.accepted:
+                self.trace[d.append.event.id] = d.headers
+        pendings = [await self.log.send(d.append.event, expected_seq=0, msg_id=d.append.msg_id,
+                                        headers=d.headers) for d in decisions]
+        return [await self._settle_submission(d, p)
+                for d, p in zip(decisions, pendings, strict=True)]
+
+    async def _settle_submission(self, d: Decision, pending: object) -> bool:
+        event = d.append.event
+        try:
+            ack = await self.log.settle(pending)  # type: ignore[arg-type]
+        except Conflict:
+            return await self._on_existing(d)
+        except Exception as exc:  # noqa: BLE001 - the submission is redelivered
+            log.warning("recording submission %s failed: %s", event.id, exc)
+            return False
+        self._observe(replace(event, seq=ack.seq), duplicate=ack.duplicate)
+        return True
+
+    async def _on_existing(self, d: Decision) -> bool:
+        """The job id has events already: a duplicate submission, or a rejection whose
+        submitter picked an id that is taken (recorded under the derived id instead)."""
+        event = d.append.event
+        if d.accepted:
+            self._answer(event, duplicate=True)
+            return True
+        if event.id == d.derived_id:
+            return True  # this very rejection was recorded before a redelivery
+        moved = replace(event, id=d.derived_id)
+        try:
+            ack = await self.log.append(moved, expected_seq=0, msg_id=f"{moved.id}:rejected")
+        except Conflict:
+            return True
+        self._observe(replace(moved, seq=ack.seq))
+        return True
+
+    async def _wait_for_log_head(self, timeout_s: float = 2.0) -> None:
+        head = (await self.js.stream_info(S.EVENTS_STREAM)).state.last_seq
+        deadline = time.monotonic() + timeout_s
+        while self.fleet.last_seq < head and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    # -- replies to `nats req` ------------------------------------------------------------
+    async def _on_request(self, msg: Msg) -> None:
+        if not msg.reply:
+            return
+        headers = msg.headers or {}
+        fingerprint = submission_fingerprint(msg.subject, headers.get(S.HDR_MSG_ID), msg.data)
+        body = self.replies.expect(fingerprint, msg.reply)
+        if body is not None:
+            await self.nc.publish(msg.reply, body)
+
+    def _answer(self, event: Event, duplicate: bool = False) -> None:
+        fingerprint = event.get("fp")
+        if not fingerprint:
+            return
+        body = ReplyBook.body_for(event, duplicate)
+        inbox = self.replies.answer(fingerprint, body)
+        if inbox:
+            asyncio.ensure_future(self.nc.publish(inbox, body))
+
+    # -- time and heartbeats ----------------------------------------------------------------
+    async def _tick_loop(self) -> None:
+        last_reconcile = time.monotonic()
+        while True:
+            await asyncio.sleep(self.tick_s)
+            if time.monotonic() - last_reconcile > self.reconcile_s:
+                self.fleet.reconcile()
+                last_reconcile = time.monotonic()
+            fired, lost = self.fleet.due(time.time())
+            self.fleet.dirty |= fired
+            if lost:
+                async with self._lock:
+                    await self._execute(lost)
+            if self.fleet.dirty or self.fleet.sched.ready_count():
+                await self.pump()
+
+    async def _hb_loop(self) -> None:
+        beats = Tail(self.js, S.HEARTBEAT_STREAM, batch=256)
+        async for batch in beats.batches():
+            now = time.time()
+            for msg in batch:
+                self.fleet.heartbeat(msg.subject.rsplit(".", 1)[-1], now)
+
+
+def _work(d: Dispatch) -> bytes:
+    job = d.job
+    return dumps({"job_id": job.job_id, "attempt": job.attempt + 1, "seq": d.seq,
+                  "queue": job.queue, "handler": job.handler, "args": job.args,
+                  "priority": job.priority, "timeout_s": job.timeout_s,
+                  "correlation_id": job.correlation_id})

@@ -1,0 +1,86 @@
+"""A child process that runs handlers, one job at a time: ``python -m workers.child``.
+
+Frames come in on stdin and go out on a private copy of stdout; the real stdout (fd 1)
+is pointed at stderr, so anything a handler or a C library prints becomes a log line
+instead of corrupting the protocol. ``print()`` inside a handler is sent as a log frame.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from typing import IO, Any
+
+import orjson
+
+from workers.context import JobContext, PermanentError
+from workers.frames import encode_frame, read_frame_sync
+from workers.handlers import HandlerError, resolve
+
+
+class _LineWriter:
+    """sys.stdout for handlers: each complete line becomes a log frame."""
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+        self._buf = ""
+
+    def write(self, text: str) -> int:
+        self._buf += text
+        while "\n" in self._buf:
+            line, self._buf = self._buf.split("\n", 1)
+            self._send({"t": "log", "stream": "stdout", "line": line})
+        return len(text)
+
+    def flush(self) -> None:
+        if self._buf:
+            self._send({"t": "log", "stream": "stdout", "line": self._buf})
+            self._buf = ""
+
+
+def _run(job: dict[str, Any]) -> dict[str, Any]:
+    started = time.perf_counter()
+    ctx = JobContext(job["job_id"], job["attempt"], job.get("correlation_id"), job["queue"])
+    try:
+        result = resolve(job["ref"])(job.get("args") or {}, ctx)
+        orjson.dumps(result)  # must be JSON; fail the attempt here, not in the worker
+    except PermanentError as exc:
+        return _error(exc, retryable=False)
+    except HandlerError as exc:
+        return _error(exc, retryable=False)
+    except orjson.JSONEncodeError as exc:
+        return {"t": "error", "error_type": "ResultNotJSON", "retryable": False,
+                "message": f"handler result is not JSON serializable: {exc}"}
+    except BaseException as exc:  # noqa: BLE001 - MemoryError, SystemExit...: the attempt fails
+        return _error(exc, retryable=True)
+    finally:
+        sys.stdout.flush()
+    return {"t": "result", "result": result,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3)}
+
+
+def _error(exc: BaseException, *, retryable: bool) -> dict[str, Any]:
+    return {"t": "error", "error_type": type(exc).__name__, "message": str(exc)[:4000],
+            "retryable": retryable, "traceback": traceback.format_exc()[-8000:]}
+
+
+def main() -> None:
+    out: IO[bytes] = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+
+    def send(frame: dict[str, Any]) -> None:
+        out.write(encode_frame(frame))
+
+    sys.stdout = _LineWriter(send)  # type: ignore[assignment]
+    stdin = sys.stdin.buffer
+    while True:
+        job = read_frame_sync(stdin)
+        if job is None:
+            return
+        send(_run(job))
+
+
+if __name__ == "__main__":
+    main()

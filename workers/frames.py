@@ -1,0 +1,29 @@
+"""Length-prefixed orjson frames between a worker and its child processes."""
+
+from __future__ import annotations
+
+import struct
+from typing import IO, Any
+
+import orjson
+
+__all__ = ["encode_frame", "read_frame_sync", "HEADER"]
+
+HEADER = struct.Struct(">I")
+MAX_FRAME = 64 * 1024 * 1024
+
+
+def encode_frame(value: Any) -> bytes:
+    body = orjson.dumps(value)
+    return HEADER.pack(len(body)) + body
+
+
+def read_frame_sync(stream: IO[bytes]) -> Any | None:
+    """Read one frame; None at end of input."""
+    head = stream.read(HEADER.size)
+    if len(head) < HEADER.size:
+        return None
+    (size,) = HEADER.unpack(head)
+    if size > MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes is over the limit")
+    return orjson.loads(stream.read(size))

@@ -1,0 +1,179 @@
+"""A pool of child processes that run handlers, isolated from the worker.
+
+One job at a time per child. A child that crashes (segfault, ``os._exit``, killed by the
+OOM killer) fails only its attempt, with the exit code or signal recorded, and is
+replaced; a child that runs past the attempt's timeout is killed and replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from workers.frames import HEADER, encode_frame
+
+__all__ = ["ChildPool", "Outcome"]
+
+log = logging.getLogger("jetflow.worker")
+
+LineSink = Callable[[str, str], None]  # (stream, line)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How an attempt ended: ``kind`` is succeeded, failed or timed_out."""
+
+    kind: str
+    result: Any = None
+    error: dict[str, Any] = field(default_factory=dict)
+    duration_ms: float = 0.0
+
+
+class Child:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self._stderr_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def spawn(cls, env: dict[str, str] | None = None) -> Child:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "workers.child", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **(env or {})}, limit=2**24)
+        return cls(proc)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    async def run(self, job: dict[str, Any], sink: LineSink) -> Outcome:
+        assert self.proc.stdin and self.proc.stdout and self.proc.stderr
+        self._stderr_task = asyncio.create_task(self._pump_stderr(sink))
+        try:
+            self.proc.stdin.write(encode_frame(job))
+            await self.proc.stdin.drain()
+            while True:
+                frame = await self._read_frame()
+                if frame is None:
+                    return await self._crashed()
+                if frame.get("t") == "log":
+                    sink(frame.get("stream", "stdout"), frame.get("line", ""))
+                    continue
+                return _outcome(frame)
+        except (BrokenPipeError, ConnectionResetError):
+            return await self._crashed()
+        finally:
+            await self._stop_stderr()
+
+    async def _read_frame(self) -> dict[str, Any] | None:
+        assert self.proc.stdout
+        try:
+            head = await self.proc.stdout.readexactly(HEADER.size)
+            body = await self.proc.stdout.readexactly(HEADER.unpack(head)[0])
+        except asyncio.IncompleteReadError:
+            return None
+        return orjson.loads(body)
+
+    async def _pump_stderr(self, sink: LineSink) -> None:
+        assert self.proc.stderr
+        while True:
+            line = await self.proc.stderr.readline()
+            if not line:
+                return
+            sink("stderr", line.decode(errors="replace").rstrip("\n"))
+
+    async def _stop_stderr(self) -> None:
+        task, self._stderr_task = self._stderr_task, None
+        if task is None:
+            return
+        if self.alive:
+            await asyncio.sleep(0)  # let lines already written arrive
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(task, 1.0)
+
+    async def _crashed(self) -> Outcome:
+        code = await self.proc.wait()
+        if code < 0:
+            name = signal.Signals(-code).name
+            message = f"child process killed by signal {name}"
+        else:
+            message = f"child process exited with code {code}"
+        return Outcome("failed", error={"error_type": "ChildCrashed", "message": message,
+                                        "retryable": True, "exit_code": code})
+
+    async def kill(self) -> None:
+        if self.alive:
+            self.proc.kill()
+        await self.proc.wait()
+
+
+def _outcome(frame: dict[str, Any]) -> Outcome:
+    if frame.get("t") == "result":
+        return Outcome("succeeded", result=frame.get("result"),
+                       duration_ms=float(frame.get("duration_ms", 0.0)))
+    error = {k: frame.get(k) for k in ("error_type", "message", "retryable", "traceback")}
+    return Outcome("failed", error=error)
+
+
+class ChildPool:
+    """``size`` warm children; ``run`` borrows one, and replaces it if it died."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._idle: asyncio.Queue[Child] = asyncio.Queue()
+        self._all: set[Child] = set()
+
+    async def start(self) -> None:
+        children = await asyncio.gather(*(Child.spawn() for _ in range(self.size)))
+        for child in children:
+            self._all.add(child)
+            self._idle.put_nowait(child)
+
+    async def run(self, job: dict[str, Any], sink: LineSink,
+                  timeout_s: float | None = None) -> Outcome:
+        child = await self._idle.get()
+        try:
+            return await asyncio.wait_for(child.run(job, sink), timeout_s)
+        except TimeoutError:
+            await child.kill()
+            return Outcome("timed_out", error={"error_type": "Timeout", "retryable": True,
+                                               "message": f"run timeout of {timeout_s:g}s"})
+        except asyncio.CancelledError:
+            await child.kill()
+            raise
+        finally:
+            await self._give_back(child)
+
+    async def _give_back(self, child: Child) -> None:
+        if child.alive:
+            self._idle.put_nowait(child)
+            return
+        self._all.discard(child)
+        try:
+            fresh = await Child.spawn()
+        except Exception:  # noqa: BLE001 - keep serving with fewer children
+            log.exception("cannot start a replacement child process")
+            return
+        self._all.add(fresh)
+        self._idle.put_nowait(fresh)
+
+    async def stop(self) -> None:
+        for child in list(self._all):
+            if child.proc.stdin:
+                child.proc.stdin.close()
+        for child in list(self._all):
+            try:
+                await asyncio.wait_for(child.proc.wait(), 2.0)
+            except TimeoutError:
+                await child.kill()
+        self._all.clear()
