@@ -95,11 +95,11 @@ async def _log_error(exc: Exception) -> None:
 
 
 async def _log_disconnect() -> None:
-    log.warning("disconnected from NATS; reconnecting")
+    log.info("disconnected from NATS")  # also said on a normal close
 
 
 async def _log_reconnect() -> None:
-    log.warning("reconnected to NATS")
+    log.warning("reconnected to NATS after losing the connection")
 
 
 # -- streams --------------------------------------------------------------------------

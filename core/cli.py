@@ -111,6 +111,7 @@ def _print_final(job: Any, as_json: bool) -> None:
 async def cmd_job(a: argparse.Namespace) -> int:
     from core.client import connect
     from core.job import fold
+    from core.render import job_json, job_lines
 
     client = await connect(a.nats)
     events = await client.history(a.job_id)
@@ -119,34 +120,8 @@ async def cmd_job(a: argparse.Namespace) -> int:
         print(f"no job {a.job_id!r} in the log", file=sys.stderr)
         return 1
     job = fold(events, a.job_id)
-    if a.json:
-        print(json.dumps(_job_json(job, events)))
-    else:
-        _print_job(job, events)
+    print(json.dumps(job_json(job, events)) if a.json else "\n".join(job_lines(job, events)))
     return 0
-
-
-def _job_json(job: Any, events: list[Any]) -> dict[str, Any]:
-    return {"job_id": job.job_id, "state": job.state, "attempt": job.attempt,
-            "handler": job.handler, "queue": job.queue, "priority": job.priority,
-            "correlation_id": job.correlation_id, "worker": job.worker,
-            "result": job.result, "error": job.error,
-            "events": [{"seq": e.seq, "type": e.type, "at": e.at, "data": e.data}
-                       for e in events]}
-
-
-def _print_job(job: Any, events: list[Any]) -> None:
-    print(f"job {job.job_id}: {job.state}  handler={job.handler} queue={job.queue} "
-          f"priority={job.priority} attempt={job.attempt}/{job.max_attempts}")
-    if job.result is not None:
-        print(f"result: {json.dumps(job.result)}")
-    if job.error:
-        print(f"error: {job.error.get('error_type', '')}: {job.error.get('message', '')}")
-    print("history:")
-    t0 = events[0].at
-    for e in events:
-        detail = {k: v for k, v in e.data.items() if k not in ("fp", "traceback", "args")}
-        print(f"  {e.seq:>8}  +{(e.at - t0) * 1000:9.1f}ms  {e.type:<16} {json.dumps(detail)}")
 
 
 # -- plumbing -------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ class Client:
     async def close(self) -> None:
         if self._watcher:
             self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         if not self.nc.is_closed:
             await self.nc.close()
 
@@ -90,19 +91,33 @@ class Client:
                 body[key] = value
         msg_id = msg_id or job_id or uuid.uuid4().hex
         hdrs = {**(headers or {}), S.HDR_MSG_ID: msg_id}
-        try:
-            reply = await self.nc.request(S.submit_subject(queue), dumps(body),
-                                          timeout=reply_timeout_s, headers=hdrs)
-        except TIMEOUTS:
+        reply = await self._request(S.submit_subject(queue), dumps(body), hdrs,
+                                    reply_timeout_s)
+        if reply is None:
             expected = job_id or derive_job_id(msg_id, "", 0)
             raise SubmitTimeout(f"no sentinel answered within {reply_timeout_s:g}s; the "
                                 f"submission is stored in {S.SUBMIT_STREAM} and job "
-                                f"{expected} will be recorded once a sentinel runs") from None
+                                f"{expected} will be recorded once a sentinel runs")
         answer = orjson.loads(reply.data)
         if "error" in answer:
             raise SubmissionRejected(answer["error"], answer.get("code", ""),
                                      answer.get("job_id"))
         return str(answer["job_id"])
+
+    async def _request(self, subject: str, body: bytes, headers: dict[str, str],
+                       timeout_s: float) -> Msg | None:
+        """Ask until answered: a repeat carries the same Nats-Msg-Id, so JF_SUBMIT drops
+        it as a duplicate while the sentinel answers it from what the log recorded (this
+        covers a sentinel that was starting or restarting when the first request came)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (left := deadline - loop.time()) > 0:
+            try:
+                return await self.nc.request(subject, body, timeout=min(2.0, left),
+                                             headers=headers)
+            except TIMEOUTS:
+                continue
+        return None
 
     async def publish_raw(self, queue: str, body: bytes,
                           headers: Mapping[str, str] | None = None) -> None:

@@ -69,6 +69,7 @@ class Sentinel:
         await self._catch_up()
         await self.nc.subscribe(S.SUBMIT_WILDCARD, queue=S.SENTINEL_REPLY_GROUP,
                                 cb=self._on_request)
+        await self.nc.flush()  # the server knows about us before we say we are ready
         for name, loop in (("events", self._events_loop), ("intake", self._intake_loop),
                            ("ticker", self._tick_loop), ("heartbeats", self._hb_loop)):
             self._tasks.append(asyncio.create_task(supervise(name, loop)))
