@@ -76,15 +76,17 @@ async def connect(url: str | None = None, *, name: str = "jetflow",
     url = url or default_url()
     deadline = time.monotonic() + wait_s
     while True:
+        left = deadline - time.monotonic()
         try:
-            return await nats.connect(
+            # nats-py retries a first connect forever when reconnects are unlimited: bound it.
+            return await asyncio.wait_for(nats.connect(
                 url, name=name, connect_timeout=2, reconnect_time_wait=0.5,
                 max_reconnect_attempts=-1, ping_interval=5, max_outstanding_pings=3,
                 error_cb=_log_error, disconnected_cb=_log_disconnect,
                 reconnected_cb=_log_reconnect,
-            )
+            ), timeout=max(left, 0.5))
         except (OSError, nats.errors.NoServersError, *TIMEOUTS) as exc:
-            if time.monotonic() > deadline:
+            if time.monotonic() >= deadline:
                 raise BusError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}. "
                                "Start one with `jetflow up`, or pass --nats URL.") from None
             await asyncio.sleep(0.2)

@@ -24,7 +24,7 @@ class Delivery:
 def parse_ack_reply(reply: str) -> Delivery:
     """Return the delivery metadata; raise ValueError for a subject of another shape."""
     tokens = reply.split(".")
-    if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
+    if not (len(tokens) == 9 or len(tokens) >= 11) or tokens[:2] != ["$JS", "ACK"]:
         raise ValueError(f"not a JetStream ack subject: {reply!r}")
     base = 2 if len(tokens) == 9 else 4
     return Delivery(

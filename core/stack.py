@@ -118,7 +118,25 @@ class Stack:
                 "projector", ["projector", "--db", str(self.data_dir / "projections.sqlite")],
                 self.url, self.log_dir).start()
         await self.wait_for_workers(self.n_workers, head, ready_timeout_s)
+        await self.wait_for_sentinel(ready_timeout_s)
         return self
+
+    async def wait_for_sentinel(self, timeout_s: float = 30.0) -> None:
+        """Wait until a sentinel answers on the ping subject (it has caught up)."""
+        nc = await connect(self.url)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                try:
+                    await nc.request(S.SENTINEL_PING, b"", timeout=0.5)
+                    return
+                except Exception:  # noqa: BLE001 - not up yet
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"no sentinel answered in {timeout_s:g}s; see "
+                                           f"{self.log_dir}") from None
+                    await asyncio.sleep(0.1)
+        finally:
+            await nc.close()
 
     async def add_sentinel(self) -> Service:
         name = f"sentinel-{len(self.sentinels) + 1}"

@@ -47,6 +47,7 @@ LOGS_SUBJECTS = [f"{PREFIX}.log.>"]
 HEARTBEAT_SUBJECTS = [f"{PREFIX}.hb.>"]
 SUBMIT_WILDCARD = f"{PREFIX}.submit.>"
 CONTROL_CANCEL = f"{PREFIX}.ctl.cancel"
+SENTINEL_PING = f"{PREFIX}.ctl.sentinel.ping"  # answered by a sentinel that is ready
 
 # -- consumers -----------------------------------------------------------------------
 SENTINEL_SUBMIT_CONSUMER = "jf-sentinel-submit"
@@ -62,7 +63,7 @@ HDR_TRACESTATE = "tracestate"
 HDR_CORRELATION_ID = "Jf-Correlation-Id"
 
 # -- tokens --------------------------------------------------------------------------
-_TOKEN = re.compile(r"^[A-Za-z0-9_\-:]{1,128}$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_\-:]{1,128}\Z")  # \Z: "$" would accept a trailing "\n"
 
 
 class InvalidToken(ValueError):

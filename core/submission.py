@@ -28,8 +28,8 @@ __all__ = [
 ]
 
 MAX_SUBMISSION_BYTES = 256 * 1024
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-HANDLER_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # \Z: "$" would accept a trailing "\n"
+HANDLER_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
 MAX_ATTEMPTS_LIMIT = 100
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 

@@ -94,6 +94,11 @@ class Intake:
                         derived, self.trace_headers(raw.headers, job_id))
 
     @staticmethod
+    def job_id_of(data: bytes, msg_id: str | None) -> str:
+        """The job a submission names: its own job_id, else the one its msg id derives."""
+        return _claimed_job_id(data) or derive_job_id(msg_id, "", 0)
+
+    @staticmethod
     def trace_headers(headers: Mapping[str, str], correlation_id: str) -> dict[str, str]:
         out = {S.HDR_CORRELATION_ID: correlation_id}
         for name in (S.HDR_TRACEPARENT, S.HDR_TRACESTATE):

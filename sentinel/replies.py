@@ -32,6 +32,19 @@ class ReplyBook:
         self._waiting.setdefault(fingerprint, deque()).append((inbox, time.monotonic()))
         return None
 
+    def withdraw(self, fingerprint: str, inbox: str) -> bool:
+        """Stop waiting for this inbox; False if it was answered meanwhile."""
+        waiting = self._waiting.get(fingerprint)
+        if not waiting:
+            return False
+        for item in list(waiting):
+            if item[0] == inbox:
+                waiting.remove(item)
+                if not waiting:
+                    del self._waiting[fingerprint]
+                return True
+        return False
+
     def answer(self, fingerprint: str, body: bytes) -> str | None:
         """The inbox waiting for this submission, if any (else keep the answer a while)."""
         waiting = self._waiting.get(fingerprint)

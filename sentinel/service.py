@@ -69,6 +69,8 @@ class Sentinel:
         await self._catch_up()
         await self.nc.subscribe(S.SUBMIT_WILDCARD, queue=S.SENTINEL_REPLY_GROUP,
                                 cb=self._on_request)
+        await self.nc.subscribe(S.SENTINEL_PING, queue=S.SENTINEL_REPLY_GROUP,
+                                cb=self._on_ping)
         await self.nc.flush()  # the server knows about us before we say we are ready
         for name, loop in (("events", self._events_loop), ("intake", self._intake_loop),
                            ("ticker", self._tick_loop), ("heartbeats", self._hb_loop)):
@@ -254,6 +256,33 @@ class Sentinel:
         body = self.replies.expect(fingerprint, msg.reply)
         if body is not None:
             await self.nc.publish(msg.reply, body)
+        elif headers.get(S.HDR_MSG_ID):
+            asyncio.ensure_future(self._answer_if_deduplicated(fingerprint, msg))
+
+    async def _answer_if_deduplicated(self, fingerprint: str, msg: Msg) -> None:
+        """A repeat of a Nats-Msg-Id inside JF_SUBMIT's dedup window never reaches the
+        stream, so no event will answer it: if the job it names exists, say so."""
+        await asyncio.sleep(1.0)
+        job_id = Intake.job_id_of(msg.data, (msg.headers or {}).get(S.HDR_MSG_ID))
+        if not await self._job_exists(job_id):
+            return
+        if self.replies.withdraw(fingerprint, msg.reply):
+            await self.nc.publish(msg.reply, dumps({"job_id": job_id, "duplicate": True}))
+
+    async def _job_exists(self, job_id: str) -> bool:
+        request = dumps({"last_by_subj": S.job_filter(job_id)})
+        try:
+            reply = await self.nc.request(f"$JS.API.DIRECT.GET.{S.EVENTS_STREAM}", request, 5)
+        except TIMEOUTS:
+            return False
+        return not (reply.headers and reply.headers.get("Status") == "404")
+
+    async def _on_ping(self, msg: Msg) -> None:
+        if msg.reply:
+            await self.nc.publish(msg.reply, dumps({
+                "last_seq": self.fleet.last_seq, "active_jobs": len(self.fleet.jobs),
+                "workers": sorted(w for w, i in self.fleet.workers.items()
+                                  if i.status == "live")}))
 
     def _answer(self, event: Event, duplicate: bool = False) -> None:
         fingerprint = event.get("fp")
