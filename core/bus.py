@@ -48,6 +48,9 @@ __all__ = [
     "Tail",
     "TIMEOUTS",
     "default_url",
+    "submit_consumer",
+    "work_consumer",
+    "tail_consumer",
 ]
 
 log = logging.getLogger("jetflow.bus")
@@ -97,7 +100,7 @@ async def _log_error(exc: Exception) -> None:
 
 
 async def _log_disconnect() -> None:
-    log.info("disconnected from NATS")  # also said on a normal close
+    log.debug("disconnected from NATS")  # also said on a normal close
 
 
 async def _log_reconnect() -> None:
@@ -127,6 +130,27 @@ def stream_configs(*, replicas: int = 1, dedup_window_s: float = 120.0) -> list[
                      retention=RetentionPolicy.LIMITS, storage=memory, num_replicas=replicas,
                      max_msgs_per_subject=1, max_age=600.0),
     ]
+
+
+def submit_consumer() -> ConsumerConfig:
+    """The sentinels' shared durable consumer of raw submissions."""
+    return ConsumerConfig(name=S.SENTINEL_SUBMIT_CONSUMER, durable_name=S.SENTINEL_SUBMIT_CONSUMER,
+                          ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0, max_ack_pending=20_000)
+
+
+def work_consumer(worker_id: str, lease_s: float) -> ConsumerConfig:
+    """A worker's consumer of the offers addressed to it (gone soon after the worker)."""
+    return ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=60.0,
+                          inactive_threshold=max(60.0, 4 * lease_s),
+                          filter_subject=S.work_subject(worker_id))
+
+
+def tail_consumer(start_seq: int, filter_subjects: list[str] | None) -> ConsumerConfig:
+    """An ephemeral, unacknowledged reader of a stream from ``start_seq``."""
+    return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                          opt_start_seq=start_seq, ack_policy=AckPolicy.NONE,
+                          inactive_threshold=30.0, mem_storage=True,
+                          filter_subjects=filter_subjects, max_waiting=8)
 
 
 async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
@@ -343,11 +367,7 @@ class Tail:
             return []
 
     async def _subscribe(self) -> JetStreamContext.PullSubscription:
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.next_seq,
-            ack_policy=AckPolicy.NONE, inactive_threshold=30.0, mem_storage=True,
-            filter_subjects=self.filter_subjects, max_waiting=8,
-        )
+        config = tail_consumer(self.next_seq, self.filter_subjects)
         # An empty subject (and no filter) means the whole stream.
         return await self.js.pull_subscribe("", stream=self.stream, config=config,
                                             pending_msgs_limit=4 * self.batch + 64)

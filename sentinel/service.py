@@ -16,7 +16,6 @@ import time
 from dataclasses import replace
 
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig
 
 from core import subjects as S
 from core.bus import (
@@ -27,6 +26,7 @@ from core.bus import (
     Tail,
     connect,
     ensure_streams,
+    submit_consumer,
 )
 from core.codec import CodecError, decode_event, dumps
 from core.events import Event
@@ -178,10 +178,8 @@ class Sentinel:
 
     # -- intake ---------------------------------------------------------------------------
     async def _intake_loop(self) -> None:
-        config = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0,
-                                max_ack_pending=20_000)
         sub = await self.js.pull_subscribe("", durable=S.SENTINEL_SUBMIT_CONSUMER,
-                                           stream=S.SUBMIT_STREAM, config=config)
+                                           stream=S.SUBMIT_STREAM, config=submit_consumer())
         while True:
             try:
                 msgs = await sub.fetch(self.batch, timeout=1.0)

@@ -17,10 +17,17 @@ import time
 from typing import Any
 
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig
 
 from core import subjects as S
-from core.bus import TIMEOUTS, Conflict, EventLog, Publisher, connect, ensure_streams
+from core.bus import (
+    TIMEOUTS,
+    Conflict,
+    EventLog,
+    Publisher,
+    connect,
+    ensure_streams,
+    work_consumer,
+)
 from core.codec import dumps, loads
 from core.events import Event
 from core.runtime import supervise
@@ -139,11 +146,8 @@ class Worker:
 
     # -- receive ------------------------------------------------------------------------
     async def _work_loop(self) -> None:
-        config = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=60.0,
-                                inactive_threshold=max(60.0, 4 * self.lease_s),
-                                filter_subject=S.work_subject(self.worker_id))
-        sub = await self.js.pull_subscribe(S.work_subject(self.worker_id),
-                                           stream=S.WORK_STREAM, config=config)
+        sub = await self.js.pull_subscribe(S.work_subject(self.worker_id), stream=S.WORK_STREAM,
+                                           config=work_consumer(self.worker_id, self.lease_s))
         while not self._draining:
             free = self.concurrency - len(self.running)
             if free <= 0:
