@@ -86,7 +86,8 @@ class Fleet:
         except IllegalTransition as exc:
             return str(exc)
         self._update_scheduler(old, new, event)
-        if new.state in TERMINAL:
+        # Dead letters stay known: an operator may re-drive them (queued again).
+        if new.state in TERMINAL and new.state != "dead_lettered":
             self.jobs.pop(event.id, None)
             self._dispatched_at.pop(event.id, None)
         else:

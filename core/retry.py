@@ -34,7 +34,10 @@ class DeadLetter:
 
 def compute_backoff(attempt: int, policy: RetryPolicy, rand: float) -> float:
     """Delay before the attempt after ``attempt`` (1-based): exponential, capped, jittered."""
-    raw = min(policy.cap_s, policy.base_s * policy.factor ** max(0, attempt - 1))
+    try:
+        raw = min(policy.cap_s, policy.base_s * policy.factor ** max(0, attempt - 1))
+    except OverflowError:
+        raw = policy.cap_s
     spread = raw * policy.jitter * (2.0 * rand - 1.0)
     return max(0.0, min(policy.cap_s, raw + spread))
 
