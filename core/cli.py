@@ -108,22 +108,6 @@ def _print_final(job: Any, as_json: bool) -> None:
         print(f"error: {job.error.get('error_type', '')}: {job.error.get('message', '')}")
 
 
-async def cmd_job(a: argparse.Namespace) -> int:
-    from core.client import connect
-    from core.job import fold
-    from core.render import job_json, job_lines
-
-    client = await connect(a.nats)
-    events = await client.history(a.job_id)
-    await client.close()
-    if not events:
-        print(f"no job {a.job_id!r} in the log", file=sys.stderr)
-        return 1
-    job = fold(events, a.job_id)
-    print(json.dumps(job_json(job, events)) if a.json else "\n".join(job_lines(job, events)))
-    return 0
-
-
 # -- plumbing -------------------------------------------------------------------------------
 
 def _csv(value: str) -> list[str]:
@@ -144,7 +128,7 @@ def _db_path(a: argparse.Namespace) -> Path:
     return Path(a.db) if a.db else Path(a.data) / "projections.sqlite"
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats", default=os.environ.get("JETFLOW_NATS_URL"), metavar="URL",
                    help=f"NATS server or cluster URL (env JETFLOW_NATS_URL, default "
                         f"{DEFAULT_URL})")
@@ -161,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_up(sub)
     _add_services(sub)
     _add_client(sub)
+    from projections.cli import add_commands  # read models, replay and export
+
+    add_commands(sub, common_options)
     return root
 
 
@@ -168,7 +155,7 @@ def _add_up(sub: Any) -> None:
     p = sub.add_parser("up", help="run nats-server, a sentinel, workers and the projector",
                        description="Run the whole system until Ctrl-C/SIGTERM. With --nats "
                                    "no embedded server is started.")
-    _common(p)
+    common_options(p)
     p.add_argument("--port", type=int, default=4222, help="embedded server port (4222)")
     p.add_argument("--data", default=".jetflow", help="data directory (./.jetflow)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (2)")
@@ -183,13 +170,13 @@ def _add_up(sub: Any) -> None:
 
 def _add_services(sub: Any) -> None:
     p = sub.add_parser("sentinel", help="run the control plane (one or more)")
-    _common(p)
+    common_options(p)
     p.add_argument("--lease", type=float, default=15.0,
                    help="declare a worker lost after this many silent seconds (15)")
     p.set_defaults(run=cmd_sentinel)
 
     p = sub.add_parser("worker", help="run a worker")
-    _common(p)
+    common_options(p)
     p.add_argument("--queue", default="default", help="queue(s) to serve, comma-separated")
     p.add_argument("--handlers", default="echo,sleep,fail",
                    help="handlers: built-in names or name=module:function, comma-separated")
@@ -204,7 +191,7 @@ def _add_services(sub: Any) -> None:
     p.set_defaults(run=cmd_worker)
 
     p = sub.add_parser("projector", help="keep the SQLite projections up to date")
-    _common(p)
+    common_options(p)
     p.add_argument("--db", help="SQLite file (default <data>/projections.sqlite)")
     p.add_argument("--data", default=".jetflow", help="data directory (./.jetflow)")
     p.set_defaults(run=cmd_projector)
@@ -214,7 +201,7 @@ def _add_client(sub: Any) -> None:
     p = sub.add_parser("submit", help="submit a job",
                        description="Submit a job; prints its id (with --wait, its outcome; "
                                    "exit 1 if it did not succeed, 2 if rejected).")
-    _common(p)
+    common_options(p)
     p.add_argument("handler")
     p.add_argument("--args", default="{}", help="JSON object of arguments")
     p.add_argument("--queue", default="default")
@@ -226,12 +213,6 @@ def _add_client(sub: Any) -> None:
     p.add_argument("--wait-timeout", type=float, default=300.0)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=cmd_submit)
-
-    p = sub.add_parser("job", help="a job's state and its full history, read from the stream")
-    _common(p)
-    p.add_argument("job_id")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(run=cmd_job)
 
 
 def _setup_logging(level: str) -> None:
