@@ -48,6 +48,7 @@ __all__ = [
     "Tail",
     "TIMEOUTS",
     "default_url",
+    "last_job_event",
     "submit_consumer",
     "work_consumer",
     "tail_consumer",
@@ -315,6 +316,19 @@ class EventLog:
         pending = await self.send(event, expected_seq=expected_seq, msg_id=msg_id,
                                   headers=headers)
         return await self.settle(pending)
+
+
+async def last_job_event(nc: NATS, job_id: str) -> tuple[int, str, bytes] | None:
+    """(stream seq, subject, data) of the job's latest event, by direct get; None if none."""
+    request = json.dumps({"last_by_subj": S.job_filter(job_id)}).encode()
+    msg = await nc.request(f"$JS.API.DIRECT.GET.{S.EVENTS_STREAM}", request, 5.0)
+    headers = msg.headers or {}
+    if headers.get("Status") == "404":
+        return None
+    if headers.get("Status"):
+        raise BusError(f"direct get of {job_id} failed: {headers.get('Status')} "
+                       f"{headers.get('Description', '')}")
+    return int(headers["Nats-Sequence"]), headers["Nats-Subject"], msg.data
 
 
 # -- tailing --------------------------------------------------------------------------

@@ -27,7 +27,8 @@ async def cmd_sentinel(a: argparse.Namespace) -> int:
     from core.runtime import wait_for_signal
     from sentinel.service import Sentinel
 
-    async with Sentinel(a.nats, lease_s=a.lease):
+    policy, per_queue = _retry_policies(a.retry)
+    async with Sentinel(a.nats, lease_s=a.lease, policy=policy, queue_policies=per_queue):
         await wait_for_signal()
     return 0
 
@@ -38,7 +39,7 @@ async def cmd_worker(a: argparse.Namespace) -> int:
 
     worker = Worker(a.nats, handlers=a.handlers, queues=tuple(_csv(a.queue)),
                     concurrency=a.concurrency, lease_s=a.lease, heartbeat_s=a.heartbeat,
-                    grace_s=a.grace, prefetch=a.prefetch)
+                    grace_s=a.grace, prefetch=a.prefetch, memory_limit_mb=a.memory_limit)
     await worker.start()
     await wait_for_signal()
     await worker.drain()
@@ -81,7 +82,8 @@ async def cmd_submit(a: argparse.Namespace) -> int:
     try:
         job_id = await client.submit(a.handler, args, queue=a.queue, priority=a.priority,
                                      job_id=a.job_id, max_attempts=a.max_attempts,
-                                     timeout_s=a.timeout)
+                                     timeout_s=a.timeout, queue_timeout_s=a.queue_timeout,
+                                     deadline_s=a.deadline)
     except SubmissionRejected as exc:
         print(f"rejected: {exc.reason} [{exc.code}]", file=sys.stderr)
         await client.close()
@@ -108,7 +110,61 @@ def _print_final(job: Any, as_json: bool) -> None:
         print(f"error: {job.error.get('error_type', '')}: {job.error.get('message', '')}")
 
 
+async def cmd_cancel(a: argparse.Namespace) -> int:
+    return await _control(a, "cancel")
+
+
+async def cmd_retry(a: argparse.Namespace) -> int:
+    return await _control(a, "retry")
+
+
+async def _control(a: argparse.Namespace, verb: str) -> int:
+    from core.client import JobError, connect
+
+    client = await connect(a.nats)
+    try:
+        if verb == "cancel":
+            answer = await client.cancel(a.job_id, a.reason)
+        else:
+            answer = await client.retry(a.job_id, a.attempts)
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await client.close()
+    if a.json:
+        print(json.dumps(answer))
+    elif answer.get("noop"):
+        print(answer["message"])
+    elif verb == "cancel":
+        print(f"{a.job_id}: cancel requested" + (" (stopping its process)"
+                                                 if answer.get("running") else ""))
+    else:
+        print(f"{a.job_id}: queued again for attempt {answer['attempt']} "
+              f"(up to {answer['max_attempts']})")
+    return 0
+
+
 # -- plumbing -------------------------------------------------------------------------------
+
+def _retry_policies(specs: list[str]) -> tuple[Any, dict[str, Any]]:
+    from core.retry import RetryPolicy
+
+    default, per_queue = RetryPolicy(), {}
+    for spec in specs:
+        queue, _, numbers = spec.rpartition("=")
+        try:
+            base, factor, cap = (float(x) for x in numbers.split(","))
+        except ValueError:
+            raise SystemExit(f"error: --retry {spec!r}: expected [QUEUE=]BASE,FACTOR,CAP") \
+                from None
+        policy = RetryPolicy(base_s=base, factor=factor, cap_s=cap)
+        if queue:
+            per_queue[queue] = policy
+        else:
+            default = policy
+    return default, per_queue
+
 
 def _csv(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
@@ -145,6 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_up(sub)
     _add_services(sub)
     _add_client(sub)
+    _add_operations(sub)
     from projections.cli import add_commands  # read models, replay and export
 
     add_commands(sub, common_options)
@@ -173,6 +230,10 @@ def _add_services(sub: Any) -> None:
     common_options(p)
     p.add_argument("--lease", type=float, default=15.0,
                    help="declare a worker lost after this many silent seconds (15)")
+    p.add_argument("--retry", action="append", default=[], metavar="[QUEUE=]BASE,FACTOR,CAP",
+                   help="backoff: BASE seconds x FACTOR^n, at most CAP (default 1,2,300); "
+                        "QUEUE= sets it for one queue; repeatable. A job's own 'retry' "
+                        "field wins.")
     p.set_defaults(run=cmd_sentinel)
 
     p = sub.add_parser("worker", help="run a worker")
@@ -186,6 +247,8 @@ def _add_services(sub: Any) -> None:
     p.add_argument("--prefetch", type=int,
                    help="offers buffered beyond the running slots (default: --concurrency); "
                         "0 gives strict priority at some cost in throughput")
+    p.add_argument("--memory-limit", type=int, metavar="MB",
+                   help="address-space limit of each child process (MemoryError beyond it)")
     p.add_argument("--grace", type=float, default=30.0,
                    help="on SIGTERM, wait this long for running jobs (30 s)")
     p.set_defaults(run=cmd_worker)
@@ -208,11 +271,31 @@ def _add_client(sub: Any) -> None:
     p.add_argument("--priority", type=int, default=0, help="0-9, higher first")
     p.add_argument("--job-id", help="your own id ([A-Za-z0-9_-]{1,64}); idempotent")
     p.add_argument("--max-attempts", type=int)
-    p.add_argument("--timeout", type=float, help="seconds per attempt")
+    p.add_argument("--timeout", type=float, help="seconds per attempt (the child is killed)")
+    p.add_argument("--queue-timeout", type=float,
+                   help="give up (timed_out) if not started within this many seconds")
+    p.add_argument("--deadline", type=float,
+                   help="seconds from submission to finish, across all attempts")
     p.add_argument("--wait", action="store_true", help="wait for the outcome")
     p.add_argument("--wait-timeout", type=float, default=300.0)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=cmd_submit)
+
+
+def _add_operations(sub: Any) -> None:
+    p = sub.add_parser("cancel", help="cancel a job (queued: at once; running: stops it)")
+    common_options(p)
+    p.add_argument("job_id")
+    p.add_argument("--reason", help="recorded in the cancel_requested event")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_cancel)
+
+    p = sub.add_parser("retry", help="re-drive a dead-lettered job (its history is kept)")
+    common_options(p)
+    p.add_argument("job_id")
+    p.add_argument("--attempts", type=int, default=3, help="more attempts to allow (3)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_retry)
 
 
 def _setup_logging(level: str) -> None:

@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from core import subjects as S
-from core.bus import TIMEOUTS, Tail
+from core.bus import TIMEOUTS, Tail, last_job_event
 from core.bus import connect as bus_connect
 from core.codec import decode_event, dumps
 from core.events import Event
@@ -34,7 +34,7 @@ from core.job import TERMINAL, JobState, fold
 from core.metadata import parse_ack_reply
 from core.submission import derive_job_id
 
-__all__ = ["Client", "connect", "SubmissionRejected", "SubmitTimeout"]
+__all__ = ["Client", "connect", "JobError", "SubmissionRejected", "SubmitTimeout"]
 
 
 class SubmissionRejected(Exception):
@@ -45,6 +45,10 @@ class SubmissionRejected(Exception):
         self.reason = reason
         self.code = code
         self.job_id = job_id
+
+
+class JobError(Exception):
+    """A request about a job that cannot be done (no such job, wrong state...)."""
 
 
 class SubmitTimeout(TimeoutError):
@@ -79,6 +83,8 @@ class Client:
     async def submit(self, handler: str, args: Mapping[str, Any] | None = None, *,
                      queue: str = "default", priority: int = 0, job_id: str | None = None,
                      max_attempts: int | None = None, timeout_s: float | None = None,
+                     queue_timeout_s: float | None = None, deadline_s: float | None = None,
+                     retry: Mapping[str, float] | None = None,
                      correlation_id: str | None = None, msg_id: str | None = None,
                      headers: Mapping[str, str] | None = None,
                      reply_timeout_s: float = 10.0) -> str:
@@ -86,7 +92,9 @@ class Client:
         body: dict[str, Any] = {"handler": handler, "args": dict(args or {}),
                                 "priority": priority}
         for key, value in (("job_id", job_id), ("max_attempts", max_attempts),
-                           ("timeout_s", timeout_s), ("correlation_id", correlation_id)):
+                           ("timeout_s", timeout_s), ("queue_timeout_s", queue_timeout_s),
+                           ("deadline_s", deadline_s), ("retry", retry),
+                           ("correlation_id", correlation_id)):
             if value is not None:
                 body[key] = value
         msg_id = msg_id or job_id or uuid.uuid4().hex
@@ -119,6 +127,24 @@ class Client:
                 continue
         return None
 
+    async def cancel(self, job_id: str, reason: str | None = None) -> dict[str, Any]:
+        """Ask a sentinel to cancel: a queued job ends at once, a running one within ~2 s.
+        Returns the sentinel's answer (``noop`` for a job that already finished)."""
+        return await self._control(S.CONTROL_CANCEL, {"job_id": job_id, "reason": reason})
+
+    async def retry(self, job_id: str, attempts: int = 3) -> dict[str, Any]:
+        """Re-drive a dead-lettered job with ``attempts`` more attempts."""
+        return await self._control(S.CONTROL_RETRY, {"job_id": job_id, "attempts": attempts})
+
+    async def _control(self, subject: str, body: dict[str, Any]) -> dict[str, Any]:
+        reply = await self._request(subject, dumps(body), {}, 10.0)
+        if reply is None:
+            raise SubmitTimeout(f"no sentinel answered on {subject}")
+        answer: dict[str, Any] = orjson.loads(reply.data)
+        if "error" in answer:
+            raise JobError(answer["error"])
+        return answer
+
     async def publish_raw(self, queue: str, body: bytes,
                           headers: Mapping[str, str] | None = None) -> None:
         """What ``nats pub jf.submit.<queue>`` does: no id back, no waiting."""
@@ -149,13 +175,8 @@ class Client:
         return fold(await self.history(job_id), job_id)
 
     async def last_event(self, job_id: str) -> Event | None:
-        S.check_token(job_id, "job id")
-        request = dumps({"last_by_subj": S.job_filter(job_id)})
-        msg = await self.nc.request(f"$JS.API.DIRECT.GET.{S.EVENTS_STREAM}", request, 5.0)
-        if msg.headers and msg.headers.get("Status") == "404":
-            return None
-        seq = int((msg.headers or {}).get("Nats-Sequence", 0))
-        return decode_event((msg.headers or {})["Nats-Subject"], msg.data, seq)
+        found = await last_job_event(self.nc, S.check_token(job_id, "job id"))
+        return None if found is None else decode_event(found[1], found[2], found[0])
 
     # -- waiting ------------------------------------------------------------------------
     async def wait(self, job_id: str, timeout: float | None = None) -> JobState:

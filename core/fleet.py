@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from core.events import Event
 from core.job import TERMINAL, IllegalTransition, JobState, apply
-from core.retry import DeadLetter, Retry, RetryPolicy, next_action
+from core.retry import DeadLetter, Retry, RetryPolicy, next_action, policy_for
 from core.scheduler import ReadyJob, Scheduler, WorkerSlots
 
 __all__ = ["Fleet", "WorkerInfo", "Append", "Dispatch"]
@@ -56,6 +56,7 @@ class Dispatch:
 @dataclass
 class Fleet:
     policy: RetryPolicy = field(default_factory=RetryPolicy)
+    queue_policies: dict[str, RetryPolicy] = field(default_factory=dict)
     lease_s: float = 15.0
     dispatch_timeout_s: float = 30.0
     jobs: dict[str, JobState] = field(default_factory=dict)
@@ -86,6 +87,8 @@ class Fleet:
         except IllegalTransition as exc:
             return str(exc)
         self._update_scheduler(old, new, event)
+        if event.type == "submitted":
+            self._arm_timeouts(new)
         # Dead letters stay known: an operator may re-drive them (queued again).
         if new.state in TERMINAL and new.state != "dead_lettered":
             self.jobs.pop(event.id, None)
@@ -94,6 +97,12 @@ class Fleet:
             self.jobs[event.id] = new
             self.dirty.add(event.id)
         return None
+
+    def _arm_timeouts(self, job: JobState) -> None:
+        assert job.submitted_at is not None
+        for limit in (job.queue_timeout_s, job.deadline_s):
+            if limit:
+                heapq.heappush(self._timers, (job.submitted_at + limit, job.job_id))
 
     def _update_scheduler(self, old: JobState, new: JobState, event: Event) -> None:
         if new.state == "queued" and event.type == "queued":
@@ -157,6 +166,9 @@ class Fleet:
             return None
         if job.cancel_requested and job.state != "running":
             return self._job(job, "cancelled", now, job.attempt, reason="cancel requested")
+        expired = self._expired(job, now)
+        if expired is not None:
+            return expired
         if job.state == "submitted":
             return self._job(job, "queued", now, 1, attempt=1)
         if job.state in ("failed", "timed_out"):
@@ -168,8 +180,27 @@ class Fleet:
                              reason=f"worker {job.worker} lost", kind="lease")
         return None
 
+    def _expired(self, job: JobState, now: float) -> Append | None:
+        """The total deadline, or the queue-wait limit of a job that never started."""
+        assert job.submitted_at is not None
+        waited = now - job.submitted_at
+        if job.deadline_s and waited >= job.deadline_s:
+            reason = f"deadline of {job.deadline_s:g}s since submission passed"
+            if job.state == "running":
+                return self._job(job, "timed_out", now, job.attempt, attempt=job.attempt,
+                                 reason=reason, kind="deadline")
+            if job.state in ("queued", "retry_wait", "submitted"):
+                return self._job(job, "dead_lettered", now, job.attempt, reason=reason,
+                                 last_error=job.error)
+        if (job.queue_timeout_s and job.state == "queued" and job.attempt == 0
+                and waited >= job.queue_timeout_s):
+            return self._job(job, "timed_out", now, 0, attempt=0, kind="queue",
+                             reason=f"not started within {job.queue_timeout_s:g}s")
+        return None
+
     def _after_failure(self, job: JobState, now: float, rand: float) -> Append:
-        action = next_action(job, self.policy, rand)
+        policy = policy_for(job, self.queue_policies.get(job.queue, self.policy))
+        action = next_action(job, policy, rand)
         if isinstance(action, Retry):
             return self._job(job, "retry_scheduled", now, job.attempt + 1,
                              attempt=job.attempt + 1, not_before=now + action.delay_s,

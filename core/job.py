@@ -28,7 +28,8 @@ NEW = "new"  # the state before a job's first event
 TRANSITIONS: dict[str, frozenset[str]] = {
     "submitted": frozenset({NEW}),
     "rejected": frozenset({NEW}),
-    "queued": frozenset({"submitted", "retry_wait", "dead_lettered"}),
+    # from running: handed back by a draining worker; from dead_lettered: re-driven
+    "queued": frozenset({"submitted", "retry_wait", "dead_lettered", "running"}),
     "started": frozenset({"queued"}),
     "progress": frozenset({"running"}),
     "succeeded": frozenset({"running"}),
@@ -69,6 +70,9 @@ class JobState:
     priority: int = 0
     max_attempts: int = 1
     timeout_s: float | None = None
+    queue_timeout_s: float | None = None
+    deadline_s: float | None = None
+    retry: dict[str, float] | None = None
     correlation_id: str | None = None
     attempt: int = 0
     worker: str | None = None
@@ -120,8 +124,9 @@ def _submitted(s: JobState, e: Event) -> JobState:
     return replace(
         s, state="submitted", queue=e.data["queue"], handler=e.data["handler"],
         args=e.data["args"], priority=e.data["priority"], max_attempts=e.data["max_attempts"],
-        timeout_s=e.get("timeout_s"), correlation_id=e.get("correlation_id"),
-        submitted_at=e.at,
+        timeout_s=e.get("timeout_s"), queue_timeout_s=e.get("queue_timeout_s"),
+        deadline_s=e.get("deadline_s"), retry=e.get("retry"),
+        correlation_id=e.get("correlation_id"), submitted_at=e.at,
     )
 
 
@@ -132,10 +137,18 @@ def _rejected(s: JobState, e: Event) -> JobState:
 
 
 def _queued(s: JobState, e: Event) -> JobState:
+    """Queued for the next attempt. A hand-back (from running) does not use up the budget;
+    a re-drive (from dead_lettered) carries a new ``max_attempts``."""
     attempt = e.data["attempt"]
     if attempt != s.attempt + 1:
         raise IllegalTransition(s.state, "queued", f"queued attempt {attempt} after {s.attempt}")
-    return replace(s, state="queued", worker=None, not_before=None, finished_at=None)
+    if s.state == "running" and not e.get("handback"):
+        raise IllegalTransition(s.state, "queued", "only a hand-back re-queues a running job")
+    budget = s.max_attempts + 1 if s.state == "running" else s.max_attempts
+    if s.state == "dead_lettered":
+        budget = int(e.get("max_attempts") or s.attempt + 1)
+    return replace(s, state="queued", worker=None, not_before=None, finished_at=None,
+                   max_attempts=budget)
 
 
 def _started(s: JobState, e: Event) -> JobState:
@@ -162,8 +175,13 @@ def _failed(s: JobState, e: Event) -> JobState:
     return replace(s, state="failed", error=error, finished_at=e.at)
 
 
+NOT_RETRYABLE_TIMEOUTS = frozenset({"queue", "deadline"})
+
+
 def _timed_out(s: JobState, e: Event) -> JobState:
-    error = {"error_type": "timeout", "message": e.data["reason"], "retryable": True}
+    kind = e.get("kind", "run")
+    error = {"error_type": "timeout", "kind": kind, "message": e.data["reason"],
+             "retryable": kind not in NOT_RETRYABLE_TIMEOUTS}
     return replace(s, state="timed_out", error=error, finished_at=e.at)
 
 

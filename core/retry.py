@@ -7,11 +7,12 @@ its inputs and easy to test; the sentinel records the outcome (``retry_scheduled
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from core.job import JobState
 
-__all__ = ["RetryPolicy", "Retry", "DeadLetter", "compute_backoff", "next_action"]
+__all__ = ["RetryPolicy", "Retry", "DeadLetter", "compute_backoff", "next_action",
+           "policy_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +43,16 @@ def compute_backoff(attempt: int, policy: RetryPolicy, rand: float) -> float:
     return max(0.0, min(policy.cap_s, raw + spread))
 
 
+def policy_for(job: JobState, default: RetryPolicy) -> RetryPolicy:
+    """The job's own retry settings (any subset) over the queue's or the default."""
+    return replace(default, **job.retry) if job.retry else default
+
+
 def next_action(job: JobState, policy: RetryPolicy, rand: float) -> Retry | DeadLetter:
     error = job.error or {}
     if error.get("retryable") is False:
-        return DeadLetter(f"permanent error: {error.get('message', '')}".strip())
+        what = "timed out" if error.get("error_type") == "timeout" else "permanent error"
+        return DeadLetter(f"{what}: {error.get('message', '')}".strip())
     if job.attempt >= job.max_attempts:
         return DeadLetter(f"gave up after {job.attempt} attempt(s): "
                           f"{error.get('message', 'unknown error')}")

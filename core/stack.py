@@ -83,7 +83,8 @@ class Stack:
     def __init__(self, *, data_dir: Path, port: int = 4222, nats_url: str | None = None,
                  workers: int = 2, handlers: str = "echo,sleep,fail", concurrency: int = 4,
                  durable: bool = False, lease_s: float = 15.0, projector: bool = True,
-                 worker_args: list[str] | None = None) -> None:
+                 worker_args: list[str] | None = None,
+                 sentinel_args: list[str] | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.server = None if nats_url else EmbeddedServer(self.data_dir, port=port,
                                                            durable=durable)
@@ -94,6 +95,7 @@ class Stack:
         self.lease_s = lease_s
         self.with_projector = projector
         self.worker_args = worker_args or []
+        self.sentinel_args = sentinel_args or []
         self.sentinels: list[Service] = []
         self.workers: list[Service] = []
         self.projector: Service | None = None
@@ -140,8 +142,8 @@ class Stack:
 
     async def add_sentinel(self) -> Service:
         name = f"sentinel-{len(self.sentinels) + 1}"
-        svc = await Service(name, ["sentinel", "--lease", str(self.lease_s)], self.url,
-                            self.log_dir).start()
+        svc = await Service(name, ["sentinel", "--lease", str(self.lease_s),
+                                   *self.sentinel_args], self.url, self.log_dir).start()
         self.sentinels.append(svc)
         return svc
 

@@ -46,7 +46,8 @@ WORK_SUBJECTS = [f"{PREFIX}.work.>"]
 LOGS_SUBJECTS = [f"{PREFIX}.log.>"]
 HEARTBEAT_SUBJECTS = [f"{PREFIX}.hb.>"]
 SUBMIT_WILDCARD = f"{PREFIX}.submit.>"
-CONTROL_CANCEL = f"{PREFIX}.ctl.cancel"
+CONTROL_CANCEL = f"{PREFIX}.ctl.cancel"  # {"job_id", "reason"?} -> cancel_requested
+CONTROL_RETRY = f"{PREFIX}.ctl.retry"  # {"job_id", "attempts"?} -> a dead letter re-driven
 SENTINEL_PING = f"{PREFIX}.ctl.sentinel.ping"  # answered by a sentinel that is ready
 
 # -- consumers -----------------------------------------------------------------------

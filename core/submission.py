@@ -34,7 +34,9 @@ MAX_ATTEMPTS_LIMIT = 100
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 _FIELDS = frozenset({"handler", "args", "priority", "job_id", "max_attempts", "timeout_s",
-                     "correlation_id", "workflow"})
+                     "queue_timeout_s", "deadline_s", "retry", "correlation_id", "workflow"})
+_RETRY_FIELDS = {"base_s": (0.0, 3600.0), "factor": (1.0, 10.0), "cap_s": (0.0, 86400.0),
+                 "jitter": (0.0, 1.0)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,9 @@ class Submission:
     job_id: str | None = None
     max_attempts: int = 3
     timeout_s: float | None = None
+    queue_timeout_s: float | None = None
+    deadline_s: float | None = None
+    retry: dict[str, float] | None = None
     correlation_id: str | None = None
 
 
@@ -75,7 +80,10 @@ def parse_submission(raw: bytes, queue: str, *, max_bytes: int = MAX_SUBMISSION_
         job_id=_job_id(body),
         max_attempts=_int_field(body, "max_attempts", default_max_attempts, 1,
                                 MAX_ATTEMPTS_LIMIT),
-        timeout_s=_timeout(body),
+        timeout_s=_seconds(body, "timeout_s"),
+        queue_timeout_s=_seconds(body, "queue_timeout_s"),
+        deadline_s=_seconds(body, "deadline_s"),
+        retry=_retry(body),
         correlation_id=_correlation_id(body),
     )
 
@@ -123,14 +131,29 @@ def _job_id(body: dict[str, Any]) -> str | None:
     return job_id
 
 
-def _timeout(body: dict[str, Any]) -> float | None:
-    value = body.get("timeout_s")
+def _seconds(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
     if value is None:
         return None
     if type(value) not in (int, float) or not 0 < value <= MAX_TIMEOUT_S:
-        raise CodecError("bad_field", f"'timeout_s' must be a number in (0, {MAX_TIMEOUT_S:.0f}],"
+        raise CodecError("bad_field", f"'{name}' must be a number in (0, {MAX_TIMEOUT_S:.0f}],"
                                       f" got {value!r}")
     return float(value)
+
+
+def _retry(body: dict[str, Any]) -> dict[str, float] | None:
+    """``{"base_s": 1, "factor": 2, "cap_s": 60, "jitter": 0.2}``, any subset."""
+    value = body.get("retry")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not set(value) <= set(_RETRY_FIELDS):
+        raise CodecError("bad_field", f"'retry' must be an object with some of "
+                                      f"{', '.join(_RETRY_FIELDS)}")
+    for key, number in value.items():
+        lo, hi = _RETRY_FIELDS[key]
+        if type(number) not in (int, float) or not lo <= number <= hi:
+            raise CodecError("bad_field", f"'retry.{key}' must be a number in [{lo:g}, {hi:g}]")
+    return {k: float(v) for k, v in value.items()}
 
 
 def _correlation_id(body: dict[str, Any]) -> str | None:

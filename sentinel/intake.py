@@ -76,6 +76,8 @@ class Intake:
         data = {"queue": sub.queue, "handler": sub.handler, "args": sub.args,
                 "priority": sub.priority, "max_attempts": sub.max_attempts,
                 "timeout_s": sub.timeout_s, "correlation_id": correlation_id,
+                **_optional(queue_timeout_s=sub.queue_timeout_s, deadline_s=sub.deadline_s,
+                            retry=sub.retry),
                 "submit_seq": raw.stream_seq, "fp": fingerprint}
         event = Event("job", job_id, "submitted", now, data)
         return Decision(Append(event, 0, f"{job_id}:submitted"), fingerprint, derived,
@@ -105,6 +107,10 @@ class Intake:
             if headers.get(name):
                 out[name] = headers[name]
         return out
+
+
+def _optional(**fields: object) -> dict[str, object]:
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _claimed_job_id(data: bytes) -> str | None:

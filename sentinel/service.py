@@ -26,15 +26,17 @@ from core.bus import (
     Tail,
     connect,
     ensure_streams,
+    last_job_event,
     submit_consumer,
 )
-from core.codec import CodecError, decode_event, dumps
+from core.codec import CodecError, decode_event, dumps, loads
 from core.events import Event
 from core.fleet import Append, Dispatch, Fleet
 from core.metadata import parse_ack_reply
 from core.retry import RetryPolicy
 from core.runtime import supervise
 from core.submission import submission_fingerprint
+from sentinel.control import Control
 from sentinel.intake import Decision, Intake, RawSubmission
 from sentinel.replies import ReplyBook
 
@@ -46,12 +48,14 @@ log = logging.getLogger("jetflow.sentinel")
 class Sentinel:
     def __init__(self, url: str | None = None, *, lease_s: float = 15.0, tick_s: float = 0.2,
                  batch: int = 256, policy: RetryPolicy | None = None,
+                 queue_policies: dict[str, RetryPolicy] | None = None,
                  reconcile_s: float = 5.0) -> None:
         self.url = url
         self.reconcile_s = reconcile_s
         self.tick_s = tick_s
         self.batch = batch
-        self.fleet = Fleet(policy=policy or RetryPolicy(), lease_s=lease_s)
+        self.fleet = Fleet(policy=policy or RetryPolicy(), lease_s=lease_s,
+                           queue_policies=dict(queue_policies or {}))
         self.replies = ReplyBook()
         self.trace: dict[str, dict[str, str]] = {}  # job id -> trace/correlation headers
         self._lock = asyncio.Lock()
@@ -65,12 +69,15 @@ class Sentinel:
         self.log = EventLog(Publisher(self.nc))
         info = await self.js.stream_info(S.SUBMIT_STREAM)
         self.intake = Intake(info.created.isoformat() if info.created else "0")
+        self.control = Control(self)
         self.events = Tail(self.js, S.EVENTS_STREAM, batch=self.batch)
         await self._catch_up()
         await self.nc.subscribe(S.SUBMIT_WILDCARD, queue=S.SENTINEL_REPLY_GROUP,
                                 cb=self._on_request)
         await self.nc.subscribe(S.SENTINEL_PING, queue=S.SENTINEL_REPLY_GROUP,
                                 cb=self._on_ping)
+        for subject in (S.CONTROL_CANCEL, S.CONTROL_RETRY):
+            await self.nc.subscribe(subject, queue=S.SENTINEL_REPLY_GROUP, cb=self._on_control)
         await self.nc.flush()  # the server knows about us before we say we are ready
         for name, loop in (("events", self._events_loop), ("intake", self._intake_loop),
                            ("ticker", self._tick_loop), ("heartbeats", self._hb_loop)):
@@ -143,6 +150,17 @@ class Sentinel:
                     break
                 await self._execute(appends)
             await self._dispatch(self.fleet.dispatch(time.time()))
+
+    async def append_decision(self, append: Append) -> int:
+        """Record one decision made outside the pump (a control request); its seq."""
+        async with self._lock:
+            ack = await self.log.append(append.event, expected_seq=append.expected_seq,
+                                        msg_id=append.msg_id,
+                                        headers=self.trace.get(append.event.id))
+            if not ack.duplicate:
+                self._observe(replace(append.event, seq=ack.seq))
+        await self.pump()
+        return ack.seq
 
     async def _execute(self, appends: list[Append]) -> None:
         pendings = [await self.log.send(a.event, expected_seq=a.expected_seq, msg_id=a.msg_id,
@@ -268,12 +286,23 @@ class Sentinel:
             await self.nc.publish(msg.reply, dumps({"job_id": job_id, "duplicate": True}))
 
     async def _job_exists(self, job_id: str) -> bool:
-        request = dumps({"last_by_subj": S.job_filter(job_id)})
         try:
-            reply = await self.nc.request(f"$JS.API.DIRECT.GET.{S.EVENTS_STREAM}", request, 5)
+            return await last_job_event(self.nc, job_id) is not None
         except TIMEOUTS:
             return False
-        return not (reply.headers and reply.headers.get("Status") == "404")
+
+    async def _on_control(self, msg: Msg) -> None:
+        try:
+            body = loads(msg.data)
+            job_id = S.check_token(body.get("job_id"), "job id") if isinstance(body, dict) \
+                else S.check_token(None, "job id")
+        except (CodecError, S.InvalidToken) as exc:
+            answer: dict[str, object] = {"error": f"{exc}; send {{\"job_id\": \"...\"}}"}
+        else:
+            act = self.control.cancel if msg.subject == S.CONTROL_CANCEL else self.control.retry
+            answer = await act(job_id, body)
+        if msg.reply:
+            await self.nc.publish(msg.reply, dumps(answer))
 
     async def _on_ping(self, msg: Msg) -> None:
         if msg.reply:

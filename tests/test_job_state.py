@@ -71,8 +71,10 @@ def event(type_: str, state: JobState, seq: int, at: float | None = None,
           attempt: int | None = None) -> Event:
     """A well-formed event of ``type_`` that fits ``state`` (unless ``attempt`` is forced)."""
     n = right_attempt(type_, state) if attempt is None else attempt
-    return Event("job", state.job_id, type_, float(seq) if at is None else at,
-                 data_for(type_, n), seq=seq)
+    data = data_for(type_, n)
+    if type_ == "queued" and state.state == "running":
+        data["handback"] = True  # the only way a running job is queued again
+    return Event("job", state.job_id, type_, float(seq) if at is None else at, data, seq=seq)
 
 
 # A realistic prefix of events that brings a job into each state.
@@ -458,3 +460,23 @@ class JobLifecycle(RuleBasedStateMachine):
 JobLifecycle.TestCase.settings = settings(max_examples=60, stateful_step_count=30,
                                           deadline=None)
 TestJobLifecycle = JobLifecycle.TestCase
+
+
+def test_running_job_is_queued_again_only_as_a_hand_back() -> None:
+    running = state_in("running")
+    plain = Event("job", running.job_id, "queued", 99.0, {"attempt": running.attempt + 1},
+                  seq=running.last_seq + 1)
+    with pytest.raises(IllegalTransition, match="hand-back"):
+        apply(running, plain)
+    back = apply(running, Event("job", running.job_id, "queued", 99.0,
+                                {"attempt": running.attempt + 1, "handback": True},
+                                seq=running.last_seq + 1))
+    assert back.state == "queued" and back.max_attempts == running.max_attempts + 1
+
+
+def test_redrive_sets_a_new_budget() -> None:
+    dead = state_in("dead_lettered")
+    again = apply(dead, Event("job", dead.job_id, "queued", 99.0,
+                              {"attempt": dead.attempt + 1, "max_attempts": dead.attempt + 2},
+                              seq=dead.last_seq + 1))
+    assert again.state == "queued" and again.max_attempts == dead.attempt + 2

@@ -51,10 +51,14 @@ def test_minimal_body_gets_the_defaults() -> None:
 def test_full_body() -> None:
     body = {"handler": "pkg.mod:fn-2", "args": {"x": 1, "nested": [1, {"a": None}]},
             "priority": 9, "job_id": "order_42-A", "max_attempts": 5, "timeout_s": 2,
+            "queue_timeout_s": 30, "deadline_s": 600, "retry": {"base_s": 0.5, "cap_s": 10},
             "correlation_id": "corr 1"}
     sub = parse(body)
-    assert sub == Submission("default", "pkg.mod:fn-2", {"x": 1, "nested": [1, {"a": None}]},
-                             9, "order_42-A", 5, 2.0, "corr 1")
+    assert sub == Submission(
+        queue="default", handler="pkg.mod:fn-2", args={"x": 1, "nested": [1, {"a": None}]},
+        priority=9, job_id="order_42-A", max_attempts=5, timeout_s=2.0,
+        queue_timeout_s=30.0, deadline_s=600.0, retry={"base_s": 0.5, "cap_s": 10.0},
+        correlation_id="corr 1")
     assert isinstance(sub.timeout_s, float)
 
 
@@ -366,3 +370,9 @@ def test_every_stream_subject_is_under_the_prefix() -> None:
     assert S.SUBMIT_SUBJECTS == ["jf.submit.>"]
     assert (S.EVENTS_STREAM, S.SUBMIT_STREAM, S.WORK_STREAM, S.LOGS_STREAM) == \
         ("JF_EVENTS", "JF_SUBMIT", "JF_WORK", "JF_LOGS")
+
+
+@pytest.mark.parametrize("retry", [{"base_s": -1}, {"factor": 0.5}, {"speed": 2}, [1], "x",
+                                   {"cap_s": "10"}])
+def test_bad_retry_settings_are_rejected(retry: Any) -> None:
+    assert code_of({"handler": "echo", "retry": retry}) == "bad_field"

@@ -8,6 +8,7 @@ instead of corrupting the protocol. ``print()`` inside a handler is sent as a lo
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import time
 import traceback
@@ -66,7 +67,17 @@ def _error(exc: BaseException, *, retryable: bool) -> dict[str, Any]:
             "retryable": retryable, "traceback": traceback.format_exc()[-8000:]}
 
 
+def _limit_memory() -> None:
+    """JETFLOW_CHILD_MEMORY_MB caps this process's address space: a handler that needs
+    more gets MemoryError (its attempt fails), not the machine's OOM killer."""
+    limit = os.environ.get("JETFLOW_CHILD_MEMORY_MB")
+    if limit:
+        size = int(limit) * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (size, size))
+
+
 def main() -> None:
+    _limit_memory()
     out: IO[bytes] = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
 

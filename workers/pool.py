@@ -128,13 +128,14 @@ def _outcome(frame: dict[str, Any]) -> Outcome:
 class ChildPool:
     """``size`` warm children; ``run`` borrows one, and replaces it if it died."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, memory_limit_mb: int | None = None) -> None:
         self.size = size
+        self.env = {"JETFLOW_CHILD_MEMORY_MB": str(memory_limit_mb)} if memory_limit_mb else {}
         self._idle: asyncio.Queue[Child] = asyncio.Queue()
         self._all: set[Child] = set()
 
     async def start(self) -> None:
-        children = await asyncio.gather(*(Child.spawn() for _ in range(self.size)))
+        children = await asyncio.gather(*(Child.spawn(self.env) for _ in range(self.size)))
         for child in children:
             self._all.add(child)
             self._idle.put_nowait(child)
@@ -160,7 +161,7 @@ class ChildPool:
             return
         self._all.discard(child)
         try:
-            fresh = await Child.spawn()
+            fresh = await Child.spawn(self.env)
         except Exception:  # noqa: BLE001 - keep serving with fewer children
             log.exception("cannot start a replacement child process")
             return

@@ -14,14 +14,12 @@ import os
 import secrets
 import socket
 import time
-from typing import Any
 
 from nats.aio.msg import Msg
 
 from core import subjects as S
 from core.bus import (
     TIMEOUTS,
-    Conflict,
     EventLog,
     Publisher,
     connect,
@@ -31,13 +29,13 @@ from core.bus import (
 from core.codec import dumps, loads
 from core.events import Event
 from core.runtime import supervise
+from workers.attempt import Attempt, Deps
 from workers.handlers import parse_handlers, resolve
-from workers.pool import ChildPool, Outcome
+from workers.pool import ChildPool
 
 __all__ = ["Worker", "make_worker_id"]
 
 log = logging.getLogger("jetflow.worker")
-MAX_RESULT_BYTES = 256 * 1024
 
 
 def make_worker_id() -> str:
@@ -49,7 +47,8 @@ class Worker:
     def __init__(self, url: str | None = None, *, handlers: str | dict[str, str] = "echo",
                  queues: tuple[str, ...] = ("default",), concurrency: int = 4,
                  heartbeat_s: float = 2.0, lease_s: float = 15.0, grace_s: float = 30.0,
-                 prefetch: int | None = None, worker_id: str | None = None) -> None:
+                 prefetch: int | None = None, memory_limit_mb: int | None = None,
+                 worker_id: str | None = None) -> None:
         self.url = url
         self.handlers = parse_handlers(handlers) if isinstance(handlers, str) else handlers
         for name in queues:
@@ -57,11 +56,13 @@ class Worker:
         self.queues = tuple(queues)
         self.concurrency = concurrency
         self.prefetch = concurrency if prefetch is None else prefetch
+        self.memory_limit_mb = memory_limit_mb
         self.heartbeat_s = heartbeat_s
         self.lease_s = lease_s
         self.grace_s = grace_s
         self.worker_id = S.check_token(worker_id or make_worker_id(), "worker id")
-        self.running: dict[str, asyncio.Task[None]] = {}
+        self.running: dict[str, Attempt] = {}
+        self._tasks_by_job: dict[str, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -70,13 +71,17 @@ class Worker:
     async def start(self) -> Worker:
         for ref in self.handlers.values():
             resolve(ref)  # fail now, clearly, on a typo or a broken plugin
-        self.pool = ChildPool(self.concurrency)
+        self.pool = ChildPool(self.concurrency, memory_limit_mb=self.memory_limit_mb)
         await self.pool.start()
         self.nc = await connect(self.url, name=f"jetflow-worker-{self.worker_id}")
         self.js = self.nc.jetstream()
         await ensure_streams(self.js)
         self.log = EventLog(Publisher(self.nc))
+        self.deps = Deps(self.nc, self.log, self.pool, self.worker_id, self.lease_s,
+                         self.handlers)
         await self.nc.subscribe(S.worker_subject(self.worker_id, "lost"), cb=self._on_lost)
+        for kind in ("cancel_requested", "timed_out"):
+            await self.nc.subscribe(f"{S.PREFIX}.job.*.{kind}", cb=self._on_job_event)
         await self._heartbeat()
         await self._announce()
         self._tasks = [asyncio.create_task(supervise("heartbeat", self._heartbeat_loop)),
@@ -102,13 +107,17 @@ class Worker:
         self._draining = True
         for task in self._tasks[1:]:
             task.cancel()
-        running = list(self.running.values())
+        running = list(self._tasks_by_job.values())
         if running:
             log.info("draining: waiting up to %.0fs for %d running job(s)", self.grace_s,
                      len(running))
             _done, late = await asyncio.wait(running, timeout=self.grace_s)
-            for task in late:
-                task.cancel()
+            for attempt in list(self.running.values()):
+                attempt.request_stop("handback")
+            if late:
+                log.info("handing back %d job(s) still running after the grace period",
+                         len(late))
+                await asyncio.wait(late, timeout=10.0)
         await self._leave("drained" if self._draining else "stopped")
         await self.stop()
 
@@ -120,9 +129,10 @@ class Worker:
             log.warning("could not record leaving: %s", exc)
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *self.running.values()]:
+        tasks = [*self._tasks, *self._tasks_by_job.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self.running.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.pool.stop()
         if not self.nc.is_closed:
             await self.nc.close()
@@ -172,88 +182,41 @@ class Worker:
         if job_id in self.running:
             asyncio.ensure_future(msg.ack())  # a duplicate offer of a job we are running
             return
-        self.running[job_id] = asyncio.create_task(self._handle(msg, work))
+        attempt = Attempt(self.deps, work, dict(msg.headers or {}))
+        self.running[job_id] = attempt
+        self._tasks_by_job[job_id] = asyncio.create_task(self._handle(msg, attempt))
 
-    async def _handle(self, msg: Msg, work: dict[str, Any]) -> None:
-        job_id = work["job_id"]
+    async def _handle(self, msg: Msg, attempt: Attempt) -> None:
+        # The claim, not the offer, makes a run exclusive; an offer lost with a crashed
+        # worker is made again when the sentinel declares the worker lost.
+        await msg.ack()
         try:
-            started_seq = await self._claim(work, dict(msg.headers or {}))
-            await msg.ack()
-            if started_seq is None:
-                return
-            outcome = await self._execute(work)
-            await self._record(work, outcome, started_seq, dict(msg.headers or {}))
+            await attempt.run()
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("job %s: unexpected error in the worker", job_id)
+            log.exception("job %s: unexpected error in the worker", attempt.job_id)
         finally:
-            self.running.pop(job_id, None)
+            self.running.pop(attempt.job_id, None)
+            self._tasks_by_job.pop(attempt.job_id, None)
             self._slot_freed.set()
 
-    # -- claim / execute / record ---------------------------------------------------------
-    async def _claim(self, work: dict[str, Any], headers: dict[str, str]) -> int | None:
-        """Append ``started``; return its sequence, or None if somebody else moved first."""
-        attempt = work["attempt"]
-        event = Event("job", work["job_id"], "started", time.time(),
-                      {"attempt": attempt, "worker": self.worker_id, "lease_s": self.lease_s})
-        headers.pop(S.HDR_MSG_ID, None)
-        try:
-            ack = await self.log.append(
-                event, expected_seq=work["seq"], headers=headers,
-                msg_id=f"{work['job_id']}:started:{attempt}:{self.worker_id}")
-        except Conflict:
-            log.debug("job %s attempt %d: claimed elsewhere or changed", work["job_id"], attempt)
-            return None
-        if ack.duplicate:
-            return None  # our own earlier claim of this attempt: that one is running it
-        return ack.seq
-
-    async def _execute(self, work: dict[str, Any]) -> Outcome:
-        job_id, attempt = work["job_id"], work["attempt"]
-        subject = S.log_subject(job_id, attempt)
-
-        def sink(stream: str, line: str) -> None:
-            asyncio.ensure_future(self.nc.publish(subject, line.encode(),
-                                                  headers={"Jf-Stream": stream}))
-
-        job = {"job_id": job_id, "attempt": attempt, "ref": self.handlers[work["handler"]],
-               "args": work.get("args") or {}, "queue": work.get("queue", ""),
-               "correlation_id": work.get("correlation_id")}
-        return await self.pool.run(job, sink, work.get("timeout_s"))
-
-    async def _record(self, work: dict[str, Any], outcome: Outcome, started_seq: int,
-                      headers: dict[str, str]) -> None:
-        job_id, attempt = work["job_id"], work["attempt"]
-        event = Event("job", job_id, outcome.kind, time.time(),
-                      _outcome_data(outcome, attempt, self.worker_id))
-        headers.pop(S.HDR_MSG_ID, None)
-        try:
-            await self.log.append(event, expected_seq=started_seq, headers=headers,
-                                  msg_id=f"{job_id}:{outcome.kind}:{attempt}:{self.worker_id}")
-        except Conflict:
-            log.warning("job %s attempt %d: result dropped, this worker lost the lease "
-                        "(another event was recorded first)", job_id, attempt)
+    # -- stop signals -----------------------------------------------------------------------
+    async def _on_job_event(self, msg: Msg) -> None:
+        """cancel_requested / timed_out of a job running here: stop its child."""
+        parts = msg.subject.split(".")
+        attempt = self.running.get(parts[2]) if len(parts) == 4 else None
+        if attempt is None or attempt.started_seq is None:
+            return
+        if parts[3] == "cancel_requested":
+            attempt.request_stop("cancel")
+        elif parts[3] == "timed_out" and _by_someone_else(msg.data, self.worker_id):
+            attempt.request_stop("lost")
 
 
-def _outcome_data(outcome: Outcome, attempt: int, worker_id: str) -> dict[str, Any]:
-    data: dict[str, Any] = {"attempt": attempt, "worker": worker_id,
-                            "duration_ms": outcome.duration_ms}
-    if outcome.kind == "succeeded":
-        result = outcome.result
-        if len(dumps(result)) > MAX_RESULT_BYTES:
-            result = {"truncated": True, "note": f"result over {MAX_RESULT_BYTES} bytes"}
-        data["result"] = result
-    elif outcome.kind == "timed_out":
-        data["reason"] = outcome.error.get("message", "timeout")
-        data["kind"] = "run"
-    else:
-        error = outcome.error
-        data.update(error_type=str(error.get("error_type") or "Error"),
-                    message=str(error.get("message") or ""),
-                    retryable=bool(error.get("retryable", True)))
-        if error.get("exit_code") is not None:
-            data["exit_code"] = error["exit_code"]
-        if error.get("traceback"):
-            data["traceback"] = error["traceback"]
-    return data
+def _by_someone_else(data: bytes, worker_id: str) -> bool:
+    """A timed_out the sentinel wrote (lease, deadline), not our own run timeout."""
+    try:
+        return loads(data).get("data", {}).get("worker") != worker_id
+    except Exception:  # noqa: BLE001 - not a real event: ignore it
+        return False

@@ -1,0 +1,47 @@
+"""Example handlers for the demo and the failure tests: well-behaved and badly-behaved.
+
+Bind them with ``jetflow worker --handlers crash=examples.handlers:segfault,...``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from workers.context import JobContext, PermanentError
+
+
+def segfault(args: dict[str, Any], ctx: JobContext) -> None:
+    """Dereference NULL: the child dies of SIGSEGV."""
+    ctypes.string_at(0)
+
+
+def hard_exit(args: dict[str, Any], ctx: JobContext) -> None:
+    """Leave without cleanup, with the given code."""
+    os._exit(int(args.get("code", 3)))
+
+
+def hog(args: dict[str, Any], ctx: JobContext) -> int:
+    """Allocate ``mb`` megabytes (MemoryError under a --memory-limit)."""
+    block = bytearray(int(args.get("mb", 512)) * 1024 * 1024)
+    return len(block)
+
+
+def fail_once(args: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Fail permanently the first time (marker file absent), succeed afterwards."""
+    marker = Path(args["marker"])
+    if not marker.exists():
+        marker.write_text(ctx.job_id)
+        raise PermanentError("first time fails")
+    return {"attempt": ctx.attempt}
+
+
+def chatty(args: dict[str, Any], ctx: JobContext) -> int:
+    """Print ``lines`` lines, ``every`` seconds apart."""
+    for i in range(int(args.get("lines", 3))):
+        print(f"line {i}", flush=True)
+        time.sleep(float(args.get("every", 0.0)))
+    return int(args.get("lines", 3))

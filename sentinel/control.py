@@ -1,0 +1,86 @@
+"""Operator requests the sentinel answers: cancel a job, re-drive a dead letter.
+
+Both arrive on ``jf.ctl.*`` (from the CLI, the client or a raw ``nats req``) and become
+events appended with the expected sequence, like every other decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from core.bus import Conflict, last_job_event
+from core.events import Event
+from core.fleet import Append
+from core.job import TERMINAL, JobState
+
+if TYPE_CHECKING:
+    from sentinel.service import Sentinel
+
+__all__ = ["Control"]
+
+Answer = dict[str, Any]
+
+
+class Control:
+    def __init__(self, sentinel: Sentinel) -> None:
+        self.sentinel = sentinel
+
+    async def cancel(self, job_id: str, body: dict[str, Any]) -> Answer:
+        reason = str(body.get("reason") or "cancel requested")[:500]
+        for _ in range(3):
+            job = self.sentinel.fleet.jobs.get(job_id)
+            if job is None or job.terminal:
+                return await self._not_active(job_id, "cancel")
+            if job.cancel_requested:
+                return {"job_id": job_id, "state": job.state, "message": "cancel already "
+                        "requested"}
+            event = Event("job", job_id, "cancel_requested", _now(), {"reason": reason})
+            append = Append(event, job.last_seq, f"{job_id}:cancel_requested:{job.last_seq}")
+            if await self._try(append):
+                return {"job_id": job_id, "state": "cancel_requested",
+                        "running": job.state == "running"}
+        return {"error": f"job {job_id} kept changing; try again"}
+
+    async def retry(self, job_id: str, body: dict[str, Any]) -> Answer:
+        attempts = body.get("attempts", 3)
+        if type(attempts) is not int or not 1 <= attempts <= 100:
+            return {"error": "'attempts' must be an integer from 1 to 100"}
+        job = self.sentinel.fleet.jobs.get(job_id)
+        if job is None or job.state != "dead_lettered":
+            return await self._not_active(job_id, "retry", job)
+        event = Event("job", job_id, "queued", _now(),
+                      {"attempt": job.attempt + 1, "max_attempts": job.attempt + attempts,
+                       "redrive": True})
+        if await self._try(Append(event, job.last_seq, f"{job_id}:redrive:{job.attempt}")):
+            return {"job_id": job_id, "state": "queued", "attempt": job.attempt + 1,
+                    "max_attempts": job.attempt + attempts}
+        return {"error": f"job {job_id} changed meanwhile; try again"}
+
+    async def _try(self, append: Append) -> bool:
+        try:
+            await self.sentinel.append_decision(append)
+            return True
+        except Conflict:
+            await asyncio.sleep(0.05)  # the tail brings what moved; look again
+            return False
+
+    async def _not_active(self, job_id: str, verb: str, job: JobState | None = None) -> Answer:
+        if job is not None and not job.terminal:
+            return {"error": f"job {job_id} is {job.state}; only dead-lettered jobs can be "
+                             "retried"}
+        found = await last_job_event(self.sentinel.nc, job_id)
+        if found is None:
+            return {"error": f"no job {job_id!r} in the log"}
+        state = found[1].rsplit(".", 1)[-1]
+        if verb == "retry" and state != "dead_lettered":
+            return {"error": f"job {job_id} is {state}; only dead-lettered jobs can be retried"}
+        if state in TERMINAL:
+            return {"job_id": job_id, "state": state, "noop": True,
+                    "message": f"job {job_id} already {state}: nothing to {verb}"}
+        return {"error": f"job {job_id} is {state}; the sentinel has not caught up, try again"}
+
+
+def _now() -> float:
+    return time.time()

@@ -1,0 +1,164 @@
+"""Failure handling, end to end: cancellation, timeouts, crash isolation, re-drive,
+lost workers and graceful drain. Real processes, real nats-server."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from core.client import Client, JobError
+from core.events import Event
+from tests.conftest import StackFactory, wait_until
+
+FAST_RETRY = ["--retry", "0.3,2,2"]
+CRASHY = ("echo,sleep,fail,crash=examples.handlers:segfault,bye=examples.handlers:hard_exit,"
+          "hog=examples.handlers:hog,once=examples.handlers:fail_once")
+
+
+def types(events: list[Event]) -> list[str]:
+    return [e.type for e in events]
+
+
+async def running(client: Client, job_id: str) -> None:
+    async def check() -> bool:
+        return (await client.status(job_id)).state == "running"
+    await wait_until(check, 20, f"{job_id} running")
+
+
+async def test_cancel_queued_running_and_finished(make_stack: StackFactory,
+                                                  client: Client) -> None:
+    await make_stack(workers=1, concurrency=1, worker_args=["--prefetch", "0"])
+    long = await client.submit("sleep", {"seconds": 30})
+    await running(client, long)
+    queued = await client.submit("echo", {})
+    assert (await client.cancel(queued, "changed my mind"))["state"] == "cancel_requested"
+    assert (await client.wait(queued, timeout=10)).state == "cancelled"
+    assert "started" not in types(await client.history(queued))
+
+    t0 = time.monotonic()
+    answer = await client.cancel(long)
+    assert answer["running"] is True
+    assert (await client.wait(long, timeout=10)).state == "cancelled"
+    assert time.monotonic() - t0 < 2.0
+    assert types(await client.history(long))[-2:] == ["cancel_requested", "cancelled"]
+
+    noop = await client.cancel(long)
+    assert noop["noop"] and "already cancelled" in noop["message"]
+    with pytest.raises(JobError, match="no job"):
+        await client.cancel("never-submitted")
+    # the worker is free again
+    again = await client.submit("echo", {"after": "cancel"})
+    assert (await client.wait(again, timeout=20)).state == "succeeded"
+
+
+async def test_run_timeout_backoff_then_dead_letter(make_stack: StackFactory,
+                                                   client: Client) -> None:
+    await make_stack(workers=1, sentinel_args=FAST_RETRY)
+    job_id = await client.submit("sleep", {"seconds": 10}, timeout_s=0.5, max_attempts=3)
+    job = await client.wait(job_id, timeout=40)
+    assert job.state == "dead_lettered" and job.attempt == 3
+    events = await client.history(job_id)
+    assert types(events).count("timed_out") == 3
+    for scheduled, requeued in zip([e for e in events if e.type == "retry_scheduled"],
+                                   [e for e in events if e.type == "queued"][1:], strict=True):
+        assert requeued.at >= scheduled.data["not_before"] - 0.05  # backoff respected
+        assert requeued.at - scheduled.at >= scheduled.data["delay_s"] - 0.05
+    delays = [e.data["delay_s"] for e in events if e.type == "retry_scheduled"]
+    assert delays[1] > delays[0]  # exponential (jitter 20% cannot invert a factor of 2)
+
+
+async def test_queue_wait_and_total_deadline(make_stack: StackFactory,
+                                             client: Client) -> None:
+    await make_stack(workers=1, concurrency=1, worker_args=["--prefetch", "0"])
+    blocker = await client.submit("sleep", {"seconds": 4})
+    await running(client, blocker)
+    waits = await client.submit("echo", {}, queue_timeout_s=0.5)
+    job = await client.wait(waits, timeout=15)
+    assert job.state == "dead_lettered"
+    history = await client.history(waits)
+    assert "started" not in types(history)
+    assert next(e for e in history if e.type == "timed_out").data["kind"] == "queue"
+
+    late = await client.submit("sleep", {"seconds": 30}, deadline_s=6.0)
+    job = await client.wait(late, timeout=30)
+    assert job.state == "dead_lettered"
+    timed_out = [e for e in await client.history(late) if e.type == "timed_out"]
+    assert timed_out and timed_out[-1].data["kind"] == "deadline"
+
+
+@pytest.mark.parametrize(("handler", "args", "exit_code"), [
+    ("crash", {}, -signal.SIGSEGV),
+    ("bye", {"code": 7}, 7),
+])
+async def test_crashing_child_fails_only_its_attempt(make_stack: StackFactory, client: Client,
+                                                     handler: str, args: dict,
+                                                     exit_code: int) -> None:
+    await make_stack(workers=1, concurrency=2, handlers=CRASHY)
+    neighbour = await client.submit("sleep", {"seconds": 1.0})
+    await running(client, neighbour)
+    bad = await client.submit(handler, args, max_attempts=1)
+    job = await client.wait(bad, timeout=20)
+    assert job.state == "dead_lettered"
+    failed = next(e for e in await client.history(bad) if e.type == "failed")
+    assert failed.data["exit_code"] == exit_code and failed.data["error_type"] == "ChildCrashed"
+    assert (await client.wait(neighbour, timeout=20)).state == "succeeded"
+    after = await client.submit("echo", {"still": "serving"})
+    assert (await client.wait(after, timeout=20)).state == "succeeded"
+
+
+async def test_memory_limit_fails_the_attempt(make_stack: StackFactory, client: Client) -> None:
+    await make_stack(workers=1, handlers=CRASHY, worker_args=["--memory-limit", "300"])
+    job_id = await client.submit("hog", {"mb": 1024}, max_attempts=1)
+    job = await client.wait(job_id, timeout=20)
+    assert job.state == "dead_lettered" and job.error["error_type"] == "MemoryError"
+
+
+async def test_retry_command_redrives_a_dead_letter(make_stack: StackFactory, client: Client,
+                                                    tmp_path: Path) -> None:
+    await make_stack(workers=1, handlers=CRASHY)
+    job_id = await client.submit("once", {"marker": str(tmp_path / "marker")})
+    assert (await client.wait(job_id, timeout=20)).state == "dead_lettered"
+    answer = await client.retry(job_id, attempts=2)
+    assert answer["attempt"] == 2
+    job = await client.wait(job_id, timeout=20)
+    assert (job.state, job.result) == ("succeeded", {"attempt": 2})
+    assert types(await client.history(job_id)).count("started") == 2
+    with pytest.raises(JobError, match="only dead-lettered"):
+        await client.retry(job_id)
+
+
+async def test_killed_worker_is_lost_and_its_job_runs_elsewhere(make_stack: StackFactory,
+                                                                client: Client) -> None:
+    stack = await make_stack(workers=2, concurrency=1, lease_s=2.0, sentinel_args=FAST_RETRY)
+    job_id = await client.submit("sleep", {"seconds": 1.5})
+    await running(client, job_id)
+    victim_id = (await client.status(job_id)).worker
+    by_pid = {s.pid: s for s in stack.workers}
+    victim = next(s for pid, s in by_pid.items() if victim_id and f"-{pid}-" in victim_id)
+    await victim.kill()
+    job = await client.wait(job_id, timeout=30)
+    assert job.state == "succeeded" and job.attempt == 2 and job.worker != victim_id
+    events = await client.history(job_id)
+    lost = next(e for e in events if e.type == "timed_out")
+    assert "lost" in lost.data["reason"]
+
+
+async def test_sigterm_drains_and_hands_back(make_stack: StackFactory, client: Client) -> None:
+    stack = await make_stack(workers=1, concurrency=1, worker_args=["--grace", "0.5"])
+    job_id = await client.submit("sleep", {"seconds": 3}, max_attempts=1)
+    await running(client, job_id)
+    await stack.workers[0].stop()  # SIGTERM: grace 0.5 s, then hand back
+    await wait_until(lambda: _state(client, job_id, "queued"), 15, "handed back")
+    await stack.add_worker()
+    job = await client.wait(job_id, timeout=30)
+    assert job.state == "succeeded"  # max_attempts=1, yet the hand-back did not use it up
+    handback = [e for e in await client.history(job_id) if e.get("handback")]
+    assert len(handback) == 1
+
+
+async def _state(client: Client, job_id: str, state: str) -> bool:
+    return (await client.status(job_id)).state == state
+

@@ -1,0 +1,181 @@
+"""One attempt at one job on this worker: ``claim -> execute -> record``.
+
+While it runs, an attempt can be told to stop:
+
+- ``cancel``: somebody asked (``cancel_requested``): kill the child, record ``cancelled``;
+- ``lost``: the sentinel recorded ``timed_out`` (lease or deadline): kill the child and
+  record nothing, the log has moved on;
+- ``handback``: the worker is draining past its grace period: kill the child and hand
+  the job back (``queued`` with ``handback``: it does not use up an attempt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from core import subjects as S
+from core.bus import Conflict, EventLog, last_job_event
+from core.codec import dumps
+from core.events import Event
+from workers.pool import ChildPool, Outcome
+
+__all__ = ["Attempt", "Deps"]
+
+log = logging.getLogger("jetflow.worker")
+MAX_RESULT_BYTES = 256 * 1024
+# An outcome may still be recorded after these (they do not end the attempt).
+_BENIGN = ("cancel_requested", "progress")
+
+
+@dataclass(frozen=True)
+class Deps:
+    """What an attempt needs from its worker."""
+
+    nc: NATS
+    log: EventLog
+    pool: ChildPool
+    worker_id: str
+    lease_s: float
+    handlers: dict[str, str]
+
+
+@dataclass
+class Attempt:
+    deps: Deps
+    work: dict[str, Any]
+    headers: dict[str, str]
+    started_seq: int | None = None
+    stop: asyncio.Future[str] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    @property
+    def job_id(self) -> str:
+        return str(self.work["job_id"])
+
+    @property
+    def number(self) -> int:
+        return int(self.work["attempt"])
+
+    def request_stop(self, reason: str) -> None:
+        if not self.stop.done():
+            self.stop.set_result(reason)
+
+    async def run(self) -> None:
+        self.headers.pop(S.HDR_MSG_ID, None)
+        self.started_seq = await self.claim()
+        if self.started_seq is None:
+            return
+        outcome = await self.execute()
+        await self.record(outcome)
+
+    # -- claim --------------------------------------------------------------------------
+    async def claim(self) -> int | None:
+        """Append ``started``; return its sequence, or None if somebody else moved first."""
+        event = self._event("started", attempt=self.number, worker=self.deps.worker_id,
+                            lease_s=self.deps.lease_s)
+        try:
+            ack = await self.deps.log.append(event, expected_seq=self.work["seq"],
+                                             headers=self.headers, msg_id=self._msg_id("started"))
+        except Conflict:
+            log.debug("job %s attempt %d: claimed elsewhere or changed", self.job_id,
+                      self.number)
+            return None
+        return None if ack.duplicate else ack.seq  # a duplicate: our earlier claim runs it
+
+    # -- execute ------------------------------------------------------------------------
+    async def execute(self) -> Outcome:
+        running = asyncio.create_task(self.deps.pool.run(self._job(), self._sink(),
+                                                         self.work.get("timeout_s")))
+        await asyncio.wait({running, self.stop}, return_when=asyncio.FIRST_COMPLETED)
+        if running.done():
+            return running.result()
+        running.cancel()  # the pool kills the child
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        return Outcome(self.stop.result())
+
+    def _job(self) -> dict[str, Any]:
+        w = self.work
+        return {"job_id": w["job_id"], "attempt": w["attempt"],
+                "ref": self.deps.handlers[w["handler"]], "args": w.get("args") or {},
+                "queue": w.get("queue", ""), "correlation_id": w.get("correlation_id")}
+
+    def _sink(self) -> Any:
+        subject = S.log_subject(self.job_id, self.number)
+        nc = self.deps.nc
+
+        def sink(stream: str, line: str) -> None:
+            asyncio.ensure_future(nc.publish(subject, line.encode(),
+                                             headers={"Jf-Stream": stream}))
+        return sink
+
+    # -- record -------------------------------------------------------------------------
+    async def record(self, outcome: Outcome) -> None:
+        if outcome.kind == "lost":
+            log.warning("job %s attempt %d: stopped, the log recorded that this attempt "
+                        "timed out", self.job_id, self.number)
+            return
+        event = self._outcome_event(outcome)
+        expected = self.started_seq
+        for _ in range(5):
+            try:
+                await self.deps.log.append(event, expected_seq=expected, headers=self.headers,
+                                           msg_id=self._msg_id(event.type))
+                return
+            except Conflict:
+                expected = await self._benign_head()
+                if expected is None:
+                    break
+        log.warning("job %s attempt %d: %s dropped, this worker lost the lease (another "
+                    "event was recorded first)", self.job_id, self.number, event.type)
+
+    async def _benign_head(self) -> int | None:
+        """The latest sequence if what came after our claim lets us still record."""
+        found = await last_job_event(self.deps.nc, self.job_id)
+        if found is None or found[1].rsplit(".", 1)[-1] not in _BENIGN:
+            return None
+        return found[0]
+
+    def _outcome_event(self, outcome: Outcome) -> Event:
+        if outcome.kind == "cancel":
+            return self._event("cancelled", attempt=self.number, reason="cancel requested",
+                               worker=self.deps.worker_id)
+        if outcome.kind == "handback":
+            return self._event("queued", attempt=self.number + 1, handback=True,
+                               worker=self.deps.worker_id, reason="worker draining")
+        return self._event(outcome.kind, **_outcome_data(outcome, self.number,
+                                                          self.deps.worker_id))
+
+    def _event(self, type_: str, **data: Any) -> Event:
+        return Event("job", self.job_id, type_, time.time(), data)
+
+    def _msg_id(self, type_: str) -> str:
+        return f"{self.job_id}:{type_}:{self.number}:{self.deps.worker_id}"
+
+
+def _outcome_data(outcome: Outcome, attempt: int, worker_id: str) -> dict[str, Any]:
+    data: dict[str, Any] = {"attempt": attempt, "worker": worker_id,
+                            "duration_ms": outcome.duration_ms}
+    if outcome.kind == "succeeded":
+        result = outcome.result
+        if len(dumps(result)) > MAX_RESULT_BYTES:
+            result = {"truncated": True, "note": f"result over {MAX_RESULT_BYTES} bytes"}
+        data["result"] = result
+    elif outcome.kind == "timed_out":
+        data.update(reason=outcome.error.get("message", "timeout"), kind="run")
+    else:
+        error = outcome.error
+        data.update(error_type=str(error.get("error_type") or "Error"),
+                    message=str(error.get("message") or ""),
+                    retryable=bool(error.get("retryable", True)))
+        for key in ("exit_code", "traceback"):
+            if error.get(key) is not None:
+                data[key] = error[key]
+    return data
