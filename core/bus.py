@@ -42,6 +42,7 @@ __all__ = [
     "connect",
     "ensure_streams",
     "EventLog",
+    "Pending",
     "Ack",
     "Publisher",
     "PublishError",
@@ -112,7 +113,7 @@ async def _log_reconnect() -> None:
 
 def stream_configs(*, replicas: int = 1, dedup_window_s: float = 120.0) -> list[StreamConfig]:
     """The definitions of every jetflow stream: the only place they are written down."""
-    file, memory = StorageType.FILE, StorageType.MEMORY
+    file = StorageType.FILE
     return [
         StreamConfig(name=S.EVENTS_STREAM, subjects=S.EVENTS_SUBJECTS,
                      retention=RetentionPolicy.LIMITS, storage=file, num_replicas=replicas,
@@ -128,13 +129,14 @@ def stream_configs(*, replicas: int = 1, dedup_window_s: float = 120.0) -> list[
                      retention=RetentionPolicy.LIMITS, storage=file, num_replicas=replicas,
                      max_bytes=256 * 1024 * 1024, max_age=7 * 24 * 3600.0),
         StreamConfig(name=S.HEARTBEAT_STREAM, subjects=S.HEARTBEAT_SUBJECTS,
-                     retention=RetentionPolicy.LIMITS, storage=memory, num_replicas=replicas,
+                     retention=RetentionPolicy.LIMITS, storage=file, num_replicas=replicas,
                      max_msgs_per_subject=1, max_age=600.0),
     ]
 
 
 def submit_consumer() -> ConsumerConfig:
     """The sentinels' shared durable consumer of raw submissions."""
+    # A work-queue stream requires explicit acks (AckAll is refused with err 10098).
     return ConsumerConfig(name=S.SENTINEL_SUBMIT_CONSUMER, durable_name=S.SENTINEL_SUBMIT_CONSUMER,
                           ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0, max_ack_pending=20_000)
 

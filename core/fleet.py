@@ -20,6 +20,8 @@ from core.scheduler import ReadyJob, Scheduler, WorkerSlots
 
 __all__ = ["Fleet", "WorkerInfo", "Append", "Dispatch"]
 
+LEASE_GRACE_S = 3.0  # a heartbeat this long after a claim must list the job
+
 
 @dataclass(slots=True)
 class WorkerInfo:
@@ -33,6 +35,8 @@ class WorkerInfo:
     joined_seq: int = 0
     last_seq: int = 0
     last_seen: float = 0.0
+    beat_at: float = 0.0  # the worker's clock when it built its last heartbeat
+    beat_running: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,10 +154,15 @@ class Fleet:
                 self.sched.add_ready(ReadyJob(job.job_id, job.queue, job.handler,
                                               job.priority, job.last_seq))
 
-    def heartbeat(self, worker_id: str, at: float) -> None:
+    def heartbeat(self, worker_id: str, at: float, beat_at: float = 0.0,
+                  running: frozenset[str] | None = None) -> None:
+        """``at``: when the sentinel saw it; ``beat_at``/``running``: what the worker said."""
         info = self.workers.get(worker_id)
-        if info is not None:
-            info.last_seen = max(info.last_seen, at)
+        if info is None:
+            return
+        info.last_seen = max(info.last_seen, at)
+        if running is not None and beat_at >= info.beat_at:
+            info.beat_at, info.beat_running = beat_at, running
 
     def live_handlers(self) -> frozenset[str]:
         return frozenset(h for w in self.workers.values() if w.status == "live"
@@ -175,10 +184,23 @@ class Fleet:
             return self._after_failure(job, now, rand)
         if job.state == "retry_wait":
             return self._retry_due(job, now)
-        if job.state == "running" and not self._worker_alive(job.worker):
-            return self._job(job, "timed_out", now, job.attempt, attempt=job.attempt,
-                             reason=f"worker {job.worker} lost", kind="lease")
+        if job.state == "running":
+            return self._lease(job, now)
         return None
+
+    def _lease(self, job: JobState, now: float) -> Append | None:
+        """A running attempt whose worker is lost, or whose live worker's heartbeats,
+        taken well after the claim, no longer list it, has lost its lease."""
+        info = self.workers.get(job.worker or "")
+        if info is None or info.status != "live":
+            reason = f"worker {job.worker} lost"
+        elif (job.started_at is not None and info.beat_at - job.started_at > LEASE_GRACE_S
+              and job.job_id not in info.beat_running):
+            reason = f"worker {job.worker} no longer runs this attempt"
+        else:
+            return None
+        return self._job(job, "timed_out", now, job.attempt, attempt=job.attempt,
+                         reason=reason, kind="lease")
 
     def _expired(self, job: JobState, now: float) -> Append | None:
         """The total deadline, or the queue-wait limit of a job that never started."""

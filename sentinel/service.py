@@ -22,6 +22,7 @@ from core.bus import (
     TIMEOUTS,
     Conflict,
     EventLog,
+    Pending,
     Publisher,
     Tail,
     connect,
@@ -43,6 +44,7 @@ from sentinel.replies import ReplyBook
 __all__ = ["Sentinel"]
 
 log = logging.getLogger("jetflow.sentinel")
+READY_BACKLOG = 1000  # ready jobs beyond which the intake slows down a little
 
 
 class Sentinel:
@@ -58,7 +60,8 @@ class Sentinel:
                            queue_policies=dict(queue_policies or {}))
         self.replies = ReplyBook()
         self.trace: dict[str, dict[str, str]] = {}  # job id -> trace/correlation headers
-        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._inflight: set[str] = set()  # ids with an append on its way
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -80,11 +83,12 @@ class Sentinel:
             await self.nc.subscribe(subject, queue=S.SENTINEL_REPLY_GROUP, cb=self._on_control)
         await self.nc.flush()  # the server knows about us before we say we are ready
         for name, loop in (("events", self._events_loop), ("intake", self._intake_loop),
-                           ("ticker", self._tick_loop), ("heartbeats", self._hb_loop)):
+                           ("ticker", self._tick_loop), ("heartbeats", self._hb_loop),
+                           ("pumper", self._pump_loop)):
             self._tasks.append(asyncio.create_task(supervise(name, loop)))
         log.info("sentinel ready: %d active jobs, %d workers, log at seq %d",
                  len(self.fleet.jobs), len(self.fleet.workers), self.fleet.last_seq)
-        await self.pump()
+        self.wake()
         return self
 
     async def stop(self) -> None:
@@ -112,8 +116,9 @@ class Sentinel:
         async for batch in self.events.batches():
             if batch:
                 self._observe_batch(batch)
+                await self._dispatch(self.fleet.dispatch(time.time()))  # freed slots
             if self.fleet.dirty:
-                await self.pump()
+                self.wake()
 
     def _observe_batch(self, msgs: list[Msg]) -> None:
         for msg in msgs:
@@ -140,54 +145,75 @@ class Sentinel:
 
     # -- deciding and acting --------------------------------------------------------------
     async def pump(self) -> None:
-        """Record every decision the fleet has pending, then dispatch to free slots."""
-        async with self._lock:
-            for _ in range(4):
-                now = time.time()
-                dirty, self.fleet.dirty = self.fleet.dirty, set()
-                appends = [a for j in dirty if (a := self.fleet.decide(j, now, random.random()))]
-                if not appends:
-                    break
-                await self._execute(appends)
-            await self._dispatch(self.fleet.dispatch(time.time()))
+        """Record every decision the fleet has pending, then offer ready jobs to free slots."""
+        for _ in range(4):
+            appends = self._take_decisions(time.time())
+            if not appends:
+                break
+            await self._execute(appends)
+        await self._dispatch(self.fleet.dispatch(time.time()))
 
-    async def append_decision(self, append: Append) -> int:
+    def wake(self) -> None:
+        """Ask the pumper to look at the dirty jobs."""
+        self._wake.set()
+
+    async def _pump_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.pump()
+
+    def _take_decisions(self, now: float) -> list[Append]:
+        """Decisions for the dirty jobs that have no append in flight."""
+        dirty, self.fleet.dirty = self.fleet.dirty, set()
+        out = []
+        for job_id in dirty - self._inflight:
+            append = self.fleet.decide(job_id, now, random.random())
+            if append is not None:
+                out.append(append)
+        return out
+
+    async def append_decision(self, append: Append) -> None:
         """Record one decision made outside the pump (a control request); its seq."""
-        async with self._lock:
-            ack = await self.log.append(append.event, expected_seq=append.expected_seq,
-                                        msg_id=append.msg_id,
-                                        headers=self.trace.get(append.event.id))
-            if not ack.duplicate:
-                self._observe(replace(append.event, seq=ack.seq))
-        await self.pump()
-        return ack.seq
+        await self._execute([append], raise_conflict=True)
+        self.wake()
 
-    async def _execute(self, appends: list[Append]) -> None:
-        pendings = [await self.log.send(a.event, expected_seq=a.expected_seq, msg_id=a.msg_id,
-                                        headers=self.trace.get(a.event.id))
-                    for a in appends]
-        for append, pending in zip(appends, pendings, strict=True):
-            try:
-                ack = await self.log.settle(pending)
-            except Conflict:
-                continue  # another actor moved first; the tail brings what it recorded
-            except Exception as exc:  # noqa: BLE001 - retried on the next pump
-                log.warning("append %s %s failed: %s", append.event.id, append.event.type, exc)
-                if append.event.kind == "job":
-                    self.fleet.dirty.add(append.event.id)
-                continue
-            if not ack.duplicate:
-                self._observe(replace(append.event, seq=ack.seq))
+    async def _execute(self, appends: list[Append], raise_conflict: bool = False) -> None:
+        ids = {a.event.id for a in appends}
+        self._inflight |= ids
+        try:
+            pendings = [await self.log.send(a.event, expected_seq=a.expected_seq,
+                                            msg_id=a.msg_id, headers=self.trace.get(a.event.id))
+                        for a in appends]
+            for append, pending in zip(appends, pendings, strict=True):
+                await self._settle(append, pending, raise_conflict)
+        finally:
+            self._inflight -= ids
+
+    async def _settle(self, append: Append, pending: Pending, raise_conflict: bool) -> None:
+        try:
+            ack = await self.log.settle(pending)
+        except Conflict:
+            if append.event.kind == "job":
+                self.fleet.dirty.add(append.event.id)  # look again at what moved
+            if raise_conflict:
+                raise
+            return
+        except Exception as exc:  # noqa: BLE001 - decided again on the next pump
+            log.warning("append %s %s failed: %s", append.event.id, append.event.type, exc)
+            if append.event.kind == "job":
+                self.fleet.dirty.add(append.event.id)
+            return
+        if not ack.duplicate:
+            self._observe(replace(append.event, seq=ack.seq))
 
     async def _dispatch(self, dispatches: list[Dispatch]) -> None:
-        futures = [await self.log.publisher.publish(S.work_subject(d.worker_id), _work(d),
-                                                    self._work_headers(d))
-                   for d in dispatches]
-        for d, fut in zip(dispatches, futures, strict=True):
-            try:
-                await asyncio.wait_for(fut, self.log.timeout_s)
-            except Exception as exc:  # noqa: BLE001 - offered again after the timeout
-                log.warning("dispatch of %s to %s failed: %s", d.job.job_id, d.worker_id, exc)
+        """Offer jobs to workers. Offers are derived data: one lost with a connection is
+        made again after the dispatch timeout, and the claim keeps runs exclusive, so they
+        are published without waiting for JetStream's ack."""
+        for d in dispatches:
+            await self.nc.publish(S.work_subject(d.worker_id), _work(d),
+                                  headers=self._work_headers(d))
 
     def _work_headers(self, d: Dispatch) -> dict[str, str]:
         headers = dict(self.trace.get(d.job.job_id) or {})
@@ -199,6 +225,8 @@ class Sentinel:
         sub = await self.js.pull_subscribe("", durable=S.SENTINEL_SUBMIT_CONSUMER,
                                            stream=S.SUBMIT_STREAM, config=submit_consumer())
         while True:
+            if self.fleet.sched.ready_count() > READY_BACKLOG:
+                await asyncio.sleep(0.02)  # let dispatch have the CPU; never stops intake
             try:
                 msgs = await sub.fetch(self.batch, timeout=1.0)
             except TIMEOUTS:
@@ -213,11 +241,11 @@ class Sentinel:
             await self._wait_for_log_head()  # a worker may have joined a moment ago
             decisions = [self.intake.decide(r, self.fleet.known_handlers, time.time())
                          for r in raws]
-        async with self._lock:
-            recorded = await self._record(decisions)
+        recorded = await self._record(decisions)
         for msg, ok in zip(msgs, recorded, strict=True):
+            # a nak'd submission is redelivered; recording it is idempotent
             await (msg.ack() if ok else msg.nak(delay=1.0))
-        await self.pump()
+        self.wake()
 
     async def _record(self, decisions: list[Decision]) -> list[bool]:
         for d in decisions:
@@ -331,17 +359,24 @@ class Sentinel:
             fired, lost = self.fleet.due(time.time())
             self.fleet.dirty |= fired
             if lost:
-                async with self._lock:
-                    await self._execute(lost)
+                await self._execute(lost)
             if self.fleet.dirty or self.fleet.sched.ready_count():
-                await self.pump()
+                self.wake()
 
     async def _hb_loop(self) -> None:
         beats = Tail(self.js, S.HEARTBEAT_STREAM, batch=256)
         async for batch in beats.batches():
             now = time.time()
             for msg in batch:
-                self.fleet.heartbeat(msg.subject.rsplit(".", 1)[-1], now)
+                worker_id = msg.subject.rsplit(".", 1)[-1]
+                try:
+                    beat = loads(msg.data)
+                    running = frozenset(beat["running"])
+                    beat_at = float(beat["at"])
+                except Exception:  # noqa: BLE001 - a forged heartbeat still shows life
+                    self.fleet.heartbeat(worker_id, now)
+                    continue
+                self.fleet.heartbeat(worker_id, now, beat_at, running)
 
 
 def _work(d: Dispatch) -> bytes:

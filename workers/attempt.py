@@ -30,6 +30,7 @@ __all__ = ["Attempt", "Deps"]
 
 log = logging.getLogger("jetflow.worker")
 MAX_RESULT_BYTES = 256 * 1024
+APPEND_TRIES = 12  # about a minute of a server away, then the lease decides
 # An outcome may still be recorded after these (they do not end the attempt).
 _BENIGN = ("cancel_requested", "progress")
 
@@ -77,17 +78,27 @@ class Attempt:
 
     # -- claim --------------------------------------------------------------------------
     async def claim(self) -> int | None:
-        """Append ``started``; return its sequence, or None if somebody else moved first."""
+        """Append ``started``; return its sequence, or None if somebody else moved first.
+
+        A deduplicated ack on the first try is an earlier claim of this attempt (a stale
+        offer): not ours to run again. On a retry after a lost ack, it is our own claim.
+        """
         event = self._event("started", attempt=self.number, worker=self.deps.worker_id,
                             lease_s=self.deps.lease_s)
-        try:
-            ack = await self.deps.log.append(event, expected_seq=self.work["seq"],
-                                             headers=self.headers, msg_id=self._msg_id("started"))
-        except Conflict:
-            log.debug("job %s attempt %d: claimed elsewhere or changed", self.job_id,
-                      self.number)
-            return None
-        return None if ack.duplicate else ack.seq  # a duplicate: our earlier claim runs it
+        for retry in range(APPEND_TRIES):
+            try:
+                ack = await self.deps.log.append(event, expected_seq=self.work["seq"],
+                                                 headers=self.headers,
+                                                 msg_id=self._msg_id("started"))
+            except Conflict:
+                log.debug("job %s attempt %d: claimed elsewhere or changed", self.job_id,
+                          self.number)
+                return None
+            except Exception as exc:  # noqa: BLE001 - server away: the same msg id again
+                await _pause(retry, exc, self.job_id, "claim")
+                continue
+            return ack.seq if retry or not ack.duplicate else None
+        return None
 
     # -- execute ------------------------------------------------------------------------
     async def execute(self) -> Outcome:
@@ -124,7 +135,7 @@ class Attempt:
             return
         event = self._outcome_event(outcome)
         expected = self.started_seq
-        for _ in range(5):
+        for retry in range(APPEND_TRIES):
             try:
                 await self.deps.log.append(event, expected_seq=expected, headers=self.headers,
                                            msg_id=self._msg_id(event.type))
@@ -133,6 +144,8 @@ class Attempt:
                 expected = await self._benign_head()
                 if expected is None:
                     break
+            except Exception as exc:  # noqa: BLE001 - server away: the same msg id again
+                await _pause(retry, exc, self.job_id, event.type)
         log.warning("job %s attempt %d: %s dropped, this worker lost the lease (another "
                     "event was recorded first)", self.job_id, self.number, event.type)
 
@@ -158,6 +171,12 @@ class Attempt:
 
     def _msg_id(self, type_: str) -> str:
         return f"{self.job_id}:{type_}:{self.number}:{self.deps.worker_id}"
+
+
+async def _pause(retry: int, exc: Exception, job_id: str, what: str) -> None:
+    log.warning("job %s: %s not acknowledged (%s: %s); trying again", job_id, what,
+                type(exc).__name__, exc)
+    await asyncio.sleep(min(5.0, 0.25 * 2 ** retry))
 
 
 def _outcome_data(outcome: Outcome, attempt: int, worker_id: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ worker that lost its lease fails the same check and is dropped (and logged).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -150,7 +151,8 @@ class Worker:
             await self._heartbeat()
 
     async def _heartbeat(self) -> None:
-        body = {"at": time.time(), "running": sorted(self.running),
+        body = {"at": time.time(), "running": sorted(j for j, a in self.running.items()
+                                                      if a.started_seq is not None),
                 "free": self.concurrency - len(self.running), "draining": self._draining}
         await self.nc.publish(S.heartbeat_subject(self.worker_id), dumps(body))
 
@@ -158,18 +160,23 @@ class Worker:
     async def _work_loop(self) -> None:
         sub = await self.js.pull_subscribe(S.work_subject(self.worker_id), stream=S.WORK_STREAM,
                                            config=work_consumer(self.worker_id, self.lease_s))
-        while not self._draining:
-            free = self.concurrency - len(self.running)
-            if free <= 0:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-                continue
-            try:
-                msgs = await sub.fetch(free, timeout=1.0)
-            except TIMEOUTS:
-                continue
-            for msg in msgs:
-                self._spawn(msg)
+        try:
+            while not self._draining:
+                free = self.concurrency - len(self.running)
+                if free <= 0:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+                    continue
+                try:
+                    msgs = await sub.fetch(free, timeout=1.0)
+                except TIMEOUTS:
+                    await sub.consumer_info()  # NotFound after a server restart: resubscribe
+                    continue
+                for msg in msgs:
+                    self._spawn(msg)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     def _spawn(self, msg: Msg) -> None:
         try:
