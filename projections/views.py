@@ -1,75 +1,287 @@
-"""How one batch of events changes the views: pure functions from events (and the prior
-job states) to rows. No clock, no randomness: the same events always give the same rows."""
+"""How a batch of events changes the read models: pure functions from the events (and the
+views they touch, as they were before the batch) to rows.
+
+No clock, no randomness, no I/O: the same events always give the same rows, which is what
+makes a replay equal to the live projection. Times come from the events (``at``).
+Anything that cannot be applied (undecodable, unknown type, impossible transition) becomes
+a projection error row with its reason, and the batch goes on.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
+
+import orjson
 
 from core.codec import CodecError, decode_event
 from core.events import Event
 from core.job import IllegalTransition, JobState, apply
 
-__all__ = ["BatchRows", "fold_batch", "job_row", "state_from_json"]
+__all__ = [
+    "Raw",
+    "JobView",
+    "WorkerView",
+    "BatchRows",
+    "fold_batch",
+    "job_row",
+    "job_view_from_row",
+    "worker_row",
+    "worker_view_from_row",
+    "trace_id_of",
+    "SUMMARY_CHARS",
+]
 
-StateLoader = Callable[[str], JobState | None]
+SUMMARY_CHARS = 200  # of a job's result kept in the jobs table (the timeline has it all)
+_RAW_CHARS = 2000  # of an unusable message kept in projection_errors
+
+
+class Raw(NamedTuple):
+    """One stored message as the projection sees it."""
+
+    seq: int
+    subject: str
+    data: bytes
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """A job's state plus what only the projection tracks."""
+
+    state: JobState
+    trace_id: str | None = None
+    queued_at: float | None = None  # when it last entered the queue
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    worker_id: str
+    host: str = ""
+    pid: int = 0
+    handlers: str = ""
+    queues: str = ""
+    concurrency: int = 0
+    status: str = "unknown"  # live, lost, stopped (idle/busy/draining are read-time)
+    joined_at: float | None = None
+    left_at: float | None = None
+    reason: str | None = None
+    succeeded: int = 0
+    failed: int = 0
+    last_seq: int = 0
+
+
+JobLookup = Callable[[str], JobView | None]
+WorkerLookup = Callable[[str], WorkerView | None]
+Key = tuple[Any, ...]
 
 
 @dataclass
 class BatchRows:
-    jobs: dict[str, JobState] = field(default_factory=dict)
+    """Everything one batch changes. ``before`` holds each touched job as it was before
+    the batch (None if new), so the counters move by the net change."""
+
+    jobs: dict[str, JobView] = field(default_factory=dict)
+    before: dict[str, JobView | None] = field(default_factory=dict)
+    workers: dict[str, WorkerView] = field(default_factory=dict)
     timeline: list[tuple[int, str, str, str, float, str]] = field(default_factory=list)
-    workers: list[Event] = field(default_factory=list)
-    errors: list[tuple[int, str, str, str]] = field(default_factory=list)
+    errors: list[tuple[int, str, str, str, str]] = field(default_factory=list)
+    throughput: dict[Key, list[int]] = field(default_factory=dict)
     last_seq: int = 0
+    last_at: float | None = None
+
+    def queue_states(self) -> dict[Key, int]:
+        """Net change of the per (queue, state) job counts."""
+        return self._deltas(lambda v: (v.state.queue, v.state.state))
+
+    def queue_depth(self) -> dict[Key, int]:
+        """Net change of the per (queue, priority) counts of queued jobs."""
+        return self._deltas(lambda v: (v.state.queue, v.state.priority)
+                            if v.state.state == "queued" else None)
+
+    def _deltas(self, key: Callable[[JobView], Key | None]) -> dict[Key, int]:
+        out: dict[Key, int] = {}
+        for job_id, after in self.jobs.items():
+            old = self.before.get(job_id)
+            old_key = key(old) if old is not None else None
+            new_key = key(after)
+            if old_key == new_key:
+                continue
+            if old_key is not None:
+                out[old_key] = out.get(old_key, 0) - 1
+            if new_key is not None:
+                out[new_key] = out.get(new_key, 0) + 1
+        return {k: n for k, n in out.items() if n}
 
 
-def fold_batch(messages: list[tuple[int, str, bytes]], load: StateLoader) -> BatchRows:
-    """``messages`` are (seq, subject, data); ``load`` gives a job's state before the batch."""
-    rows = BatchRows()
-    for seq, subject, data in messages:
-        rows.last_seq = max(rows.last_seq, seq)
+def fold_batch(messages: list[Raw], jobs: JobLookup, workers: WorkerLookup,
+               last_at: float | None = None) -> BatchRows:
+    """Apply ``messages`` in order; ``jobs``/``workers`` give a view as it was before the
+    batch (None if unknown); ``last_at`` is the latest event time before the batch."""
+    fold = _Fold(jobs, workers, BatchRows(last_at=last_at))
+    for raw in messages:
+        fold.add(raw)
+    fold.credit_workers()
+    return fold.rows
+
+
+class _Fold:
+    def __init__(self, jobs: JobLookup, workers: WorkerLookup, rows: BatchRows) -> None:
+        self.load_job = jobs
+        self.load_worker = workers
+        self.rows = rows
+        self.credits: dict[str, list[int]] = {}  # worker id -> [succeeded, failed]
+
+    def add(self, raw: Raw) -> None:
+        rows = self.rows
+        rows.last_seq = max(rows.last_seq, raw.seq)
         try:
-            event = decode_event(subject, data, seq)
+            event = decode_event(raw.subject, raw.data, raw.seq)
         except CodecError as exc:
-            rows.errors.append((seq, subject, f"{exc.code}: {exc.message}",
-                                data[:2000].decode("utf-8", errors="replace")))
-            continue
-        reason = _apply(rows, event, load)
-        if reason:
-            rows.errors.append((seq, subject, reason, data[:2000].decode("utf-8", "replace")))
-            continue
-        rows.timeline.append((seq, event.kind, event.id, event.type, event.at,
-                              json.dumps(event.data)))
-    return rows
+            self._error(raw, exc.code, exc.message)
+            return
+        problem = self._job(event, raw) if event.kind == "job" else self._worker(event)
+        if problem:
+            self._error(raw, *problem)
+            return
+        rows.timeline.append((raw.seq, event.kind, event.id, event.type, event.at,
+                              raw.data.decode()))
+        if rows.last_at is None or event.at > rows.last_at:
+            rows.last_at = event.at
 
+    def _error(self, raw: Raw, code: str, reason: str) -> None:
+        text = raw.data[:_RAW_CHARS].decode("utf-8", "replace")
+        self.rows.errors.append((raw.seq, raw.subject, code, reason, text))
 
-def _apply(rows: BatchRows, event: Event, load: StateLoader) -> str | None:
-    if event.kind == "worker":
-        rows.workers.append(event)
+    # -- jobs -------------------------------------------------------------------------
+    def _job(self, event: Event, raw: Raw) -> tuple[str, str] | None:
+        before = self._job_before(event.id)
+        old = before.state if before else JobState(event.id)
+        if event.type == "submitted":
+            # The projection keeps no arguments (the timeline has the whole event), so
+            # neither the state cache nor state_json grows with them.
+            event.data["args"] = None
+        try:
+            state = apply(old, event)
+        except IllegalTransition as exc:
+            return "illegal_transition", str(exc)
+        except Exception as exc:  # noqa: BLE001 - a forged field apply chokes on
+            return "apply_failed", f"{event.type}: {type(exc).__name__}: {exc}"
+        self.rows.jobs[event.id] = _next_view(before, state, event, raw)
+        self._count(old, state, event)
         return None
-    if event.kind != "job":
+
+    def _job_before(self, job_id: str) -> JobView | None:
+        rows = self.rows
+        if job_id in rows.jobs:
+            return rows.jobs[job_id]
+        if job_id not in rows.before:
+            rows.before[job_id] = self.load_job(job_id)
+        return rows.before[job_id]
+
+    def _count(self, old: JobState, new: JobState, event: Event) -> None:
+        column = _OUTCOME_COLUMN.get(event.type)
+        if column is None:
+            return
+        key = (new.queue, int(event.at // 60))
+        counts = self.rows.throughput.setdefault(key, [0, 0, 0])
+        counts[column] += 1
+        if column == 0 and new.worker:
+            self.credits.setdefault(new.worker, [0, 0])[0] += 1
+        elif column == 1 and old.state == "running" and old.worker:
+            self.credits.setdefault(old.worker, [0, 0])[1] += 1
+
+    def credit_workers(self) -> None:
+        """Add the batch's outcomes to the workers that ran them (once per worker)."""
+        for worker_id, (succeeded, failed) in self.credits.items():
+            w = self._worker_now(worker_id)
+            self.rows.workers[worker_id] = replace(w, succeeded=w.succeeded + succeeded,
+                                                   failed=w.failed + failed)
+
+    # -- workers ----------------------------------------------------------------------
+    def _worker(self, event: Event) -> tuple[str, str] | None:
+        worker = self._worker_now(event.id)
+        if event.type == "joined":
+            worker = _joined(worker, event)
+        else:
+            status = "stopped" if event.type == "left" else event.type
+            worker = replace(worker, status=status, left_at=event.at,
+                             reason=str(event.data["reason"]), last_seq=event.seq)
+        self.rows.workers[event.id] = worker
         return None
-    before = rows.jobs.get(event.id) or load(event.id) or JobState(event.id)
-    try:
-        rows.jobs[event.id] = apply(before, event)
-    except IllegalTransition as exc:
-        return f"illegal_transition: {exc}"
-    return None
+
+    def _worker_now(self, worker_id: str) -> WorkerView:
+        worker = self.rows.workers.get(worker_id) or self.load_worker(worker_id)
+        return worker or WorkerView(worker_id)
 
 
-def job_row(s: JobState) -> tuple[Any, ...]:
+# succeeded, failed (an attempt that failed or timed out), dead_lettered
+_OUTCOME_COLUMN = {"succeeded": 0, "failed": 1, "timed_out": 1, "dead_lettered": 2}
+
+
+def _next_view(before: JobView | None, state: JobState, event: Event, raw: Raw) -> JobView:
+    trace_id = before.trace_id if before else None
+    if event.type in ("submitted", "rejected"):
+        trace_id = trace_id_of(raw.traceparent)
+    queued_at = event.at if event.type == "queued" else (before.queued_at if before else None)
+    return JobView(state, trace_id, queued_at)
+
+
+def _joined(worker: WorkerView, e: Event) -> WorkerView:
+    data = e.data
+    pid = data.get("pid")
+    return replace(
+        worker, host=str(data.get("host") or ""), pid=pid if type(pid) is int else 0,
+        handlers=",".join(str(h) for h in data["handlers"]),
+        queues=",".join(str(q) for q in data["queues"]), concurrency=data["concurrency"],
+        status="live", joined_at=e.at, left_at=None, reason=None, last_seq=e.seq)
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id of a W3C ``traceparent`` (``00-<32 hex>-<16 hex>-<2 hex>``), or None."""
+    if not traceparent:
+        return None
+    parts = traceparent.strip().split("-")
+    if len(parts) < 4 or len(parts[1]) != 32:
+        return None
+    trace_id = parts[1].lower()
+    if trace_id.strip("0123456789abcdef") or trace_id == "0" * 32:
+        return None
+    return trace_id
+
+
+# -- rows -------------------------------------------------------------------------------
+
+def job_row(view: JobView) -> tuple[Any, ...]:
+    """The jobs table's row (column order of the schema)."""
+    s = view.state
     return (s.job_id, s.queue, s.handler, s.priority, s.state, s.attempt, s.max_attempts,
-            s.worker, s.correlation_id, s.submitted_at, s.started_at, s.finished_at,
-            _json_or_none(s.result), _json_or_none(s.error), s.last_seq,
-            json.dumps(asdict(s)))
+            s.worker, s.correlation_id, view.trace_id, s.submitted_at, view.queued_at,
+            s.started_at, s.finished_at, _summary(s.result), _json(s.error), s.last_seq,
+            s.events, orjson.dumps(s).decode())
 
 
-def state_from_json(text: str) -> JobState:
-    return JobState(**json.loads(text))
+def job_view_from_row(trace_id: str | None, queued_at: float | None,
+                      state_json: str) -> JobView:
+    return JobView(JobState(**orjson.loads(state_json)), trace_id, queued_at)
 
 
-def _json_or_none(value: Any) -> str | None:
-    return None if value is None else json.dumps(value)
+def worker_row(w: WorkerView) -> tuple[Any, ...]:
+    return (w.worker_id, w.host, w.pid, w.handlers, w.queues, w.concurrency, w.status,
+            w.joined_at, w.left_at, w.reason, w.succeeded, w.failed, w.last_seq)
+
+
+def worker_view_from_row(row: tuple[Any, ...]) -> WorkerView:
+    return WorkerView(*row)
+
+
+def _summary(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = orjson.dumps(value).decode()
+    return text if len(text) <= SUMMARY_CHARS else text[:SUMMARY_CHARS - 1] + "…"
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
