@@ -39,6 +39,9 @@ __all__ = [
     "DEFAULT_URL",
     "BusError",
     "Conflict",
+    "Resubscribe",
+    "check_connection",
+    "reconnects",
     "connect",
     "ensure_streams",
     "EventLog",
@@ -65,6 +68,21 @@ TIMEOUTS = (nats.errors.TimeoutError, asyncio.TimeoutError, TimeoutError)
 
 class BusError(RuntimeError):
     """A NATS/JetStream problem the user has to fix (no JetStream, a clashing stream...)."""
+
+
+class Resubscribe(Exception):
+    """The connection was re-established: a pull subscription must be made anew (nats.py
+    issue 504: after a server restart an old one may never receive messages again)."""
+
+
+def reconnects(nc: NATS) -> int:
+    """How many times this connection was re-established (compare to detect one)."""
+    return int(nc.stats["reconnects"])
+
+
+def check_connection(nc: NATS, since: int) -> None:
+    if reconnects(nc) != since:
+        raise Resubscribe()
 
 
 class Conflict(Exception):
@@ -142,9 +160,13 @@ def submit_consumer() -> ConsumerConfig:
 
 
 def work_consumer(worker_id: str, lease_s: float) -> ConsumerConfig:
-    """A worker's consumer of the offers addressed to it (gone soon after the worker)."""
-    return ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=60.0,
-                          inactive_threshold=max(60.0, 4 * lease_s),
+    """A worker's consumer of the offers addressed to it. Durable, named after the worker,
+    so that subscribing again after a server restart binds to it (a work-queue stream
+    refuses a second consumer with the same filter); removed by the server once the
+    worker has been gone for a while."""
+    name = S.work_consumer_name(worker_id)
+    return ConsumerConfig(name=name, durable_name=name, ack_policy=AckPolicy.EXPLICIT,
+                          ack_wait=60.0, inactive_threshold=max(60.0, 4 * lease_s),
                           filter_subject=S.work_subject(worker_id))
 
 
@@ -156,7 +178,8 @@ def tail_consumer(start_seq: int, filter_subjects: list[str] | None) -> Consumer
                           filter_subjects=filter_subjects, max_waiting=8)
 
 
-async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
+async def ensure_streams(js: JetStreamContext, *, replicas: int = 1,
+                         dedup_window_s: float = 120.0) -> None:
     """Create the streams if missing; refuse clearly if JetStream is off or a stream clashes."""
     try:
         await js.account_info()
@@ -165,7 +188,7 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
         raise BusError("JetStream is not enabled on this NATS server "
                        f"({type(exc).__name__}); start nats-server with -js, or use "
                        "`jetflow up`") from None
-    for config in stream_configs(replicas=replicas):
+    for config in stream_configs(replicas=replicas, dedup_window_s=dedup_window_s):
         await _ensure_stream(js, config)
 
 
@@ -312,6 +335,25 @@ class EventLog:
                                f"{exc.description}") from None
             raise
 
+    async def settle_all(self, pendings: list[Pending]) -> list[Ack | Exception]:
+        """Settle a batch against one shared deadline (a batch lost with a connection
+        must not take one full timeout per append); an Ack or the error of each."""
+        if pendings:
+            await asyncio.wait([p.future for p in pendings], timeout=self.timeout_s)
+        return [self._result(p) for p in pendings]
+
+    @staticmethod
+    def _result(pending: Pending) -> Ack | Exception:
+        fut = pending.future
+        if not fut.done():
+            fut.cancel()
+            return TimeoutError(f"no ack for {pending.event.kind} {pending.event.id} "
+                                f"{pending.event.type}")
+        exc = fut.exception()
+        if isinstance(exc, PublishError) and exc.err_code == WRONG_LAST_SEQUENCE:
+            return Conflict(f"{pending.event.kind} {pending.event.id}: {exc.description}")
+        return exc if isinstance(exc, Exception) else fut.result()
+
     async def append(self, event: Event, *, expected_seq: int | None = None,
                      msg_id: str | None = None,
                      headers: Mapping[str, str] | None = None) -> Ack:
@@ -355,6 +397,7 @@ class Tail:
         self.idle_s = idle_s
         self.caught_up = False
         self._sub: JetStreamContext.PullSubscription | None = None
+        self._epoch = 0
 
     async def batches(self) -> AsyncIterator[list[Msg]]:
         """Yield non-empty batches; yield [] after an idle period, so callers can tick."""
@@ -367,8 +410,12 @@ class Tail:
             yield msgs
 
     async def _fetch(self) -> list[Msg]:
+        nc = self.js._nc
         try:
+            if self._sub is not None and reconnects(nc) != self._epoch:
+                await self.close()  # a subscription from before a reconnect may be dead
             if self._sub is None:
+                self._epoch = reconnects(nc)
                 self._sub = await self._subscribe()
             return await self._sub.fetch(self.batch, timeout=self.idle_s)
         except TIMEOUTS:

@@ -8,7 +8,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -243,7 +242,8 @@ def _add_services(sub: Any) -> None:
                    help="handlers: built-in names or name=module:function, comma-separated")
     p.add_argument("--concurrency", type=int, default=4, help="jobs at once (4)")
     p.add_argument("--lease", type=float, default=15.0, help="lease announced (15 s)")
-    p.add_argument("--heartbeat", type=float, default=2.0, help="heartbeat interval (2 s)")
+    p.add_argument("--heartbeat", type=float,
+                   help="heartbeat interval (default: a quarter of the lease, at most 2 s)")
     p.add_argument("--prefetch", type=int,
                    help="offers buffered beyond the running slots (default: --concurrency); "
                         "0 gives strict priority at some cost in throughput")
@@ -298,6 +298,13 @@ def _add_operations(sub: Any) -> None:
     p.set_defaults(run=cmd_retry)
 
 
+async def _with_task_dump(args: argparse.Namespace) -> int:
+    from core.runtime import install_task_dump
+
+    install_task_dump()  # kill -USR1 <pid> logs where every task waits
+    return int(await args.run(args))
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -307,9 +314,13 @@ def _setup_logging(level: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.log_level)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # SIGPIPE stays ignored (Python's default): with SIG_DFL a service writing to the
+    # socket of a nats-server that just died is killed without a word.
     try:
-        return asyncio.run(args.run(args))
+        return asyncio.run(_with_task_dump(args))
+    except BrokenPipeError:  # `jetflow job X | head`: the reader left
+        sys.stderr.close()
+        return 0
     except BusError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

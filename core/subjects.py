@@ -115,6 +115,10 @@ def work_subject(worker_id: str) -> str:
     return f"{PREFIX}.work.{check_token(worker_id, 'worker id')}"
 
 
+def work_consumer_name(worker_id: str) -> str:
+    return "jf-work-" + check_token(worker_id, "worker id").replace(":", "_")
+
+
 def log_subject(job_id: str, attempt: int) -> str:
     return f"{PREFIX}.log.{check_token(job_id, 'job id')}.{int(attempt)}"
 

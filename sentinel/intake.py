@@ -77,7 +77,7 @@ class Intake:
                 "priority": sub.priority, "max_attempts": sub.max_attempts,
                 "timeout_s": sub.timeout_s, "correlation_id": correlation_id,
                 **_optional(queue_timeout_s=sub.queue_timeout_s, deadline_s=sub.deadline_s,
-                            retry=sub.retry),
+                            retry=sub.retry, msg_id=msg_id),
                 "submit_seq": raw.stream_seq, "fp": fingerprint}
         event = Event("job", job_id, "submitted", now, data)
         return Decision(Append(event, 0, f"{job_id}:submitted"), fingerprint, derived,
@@ -90,7 +90,8 @@ class Intake:
                 "queue": S.queue_of_submit_subject(raw.subject) or "",
                 "subject": raw.subject, "submit_seq": raw.stream_seq, "fp": fingerprint,
                 "body": raw.data[:KEEP_BODY_BYTES].decode("utf-8", errors="replace"),
-                "body_bytes": len(raw.data)}
+                "body_bytes": len(raw.data),
+                **_optional(msg_id=raw.headers.get(S.HDR_MSG_ID) or None)}
         event = Event("job", job_id, "rejected", now, data)
         return Decision(Append(event, 0, f"{job_id}:rejected:{raw.stream_seq}"), fingerprint,
                         derived, self.trace_headers(raw.headers, job_id))

@@ -22,12 +22,15 @@ class ReplyBook:
     def __init__(self, ttl_s: float = 60.0) -> None:
         self.ttl_s = ttl_s
         self._waiting: OrderedDict[str, deque[tuple[str, float]]] = OrderedDict()
-        self._answers: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        # fingerprint -> (answer, when, may be given again: a submission with a msg id)
+        self._answers: OrderedDict[str, tuple[bytes, float, bool]] = OrderedDict()
 
     def expect(self, fingerprint: str, inbox: str) -> bytes | None:
         """Remember an inbox; return the answer at once if the event was seen already."""
-        known = self._answers.pop(fingerprint, None)
+        known = self._answers.get(fingerprint)
         if known is not None:
+            if not known[2]:
+                del self._answers[fingerprint]
             return known[0]
         self._waiting.setdefault(fingerprint, deque()).append((inbox, time.monotonic()))
         return None
@@ -45,17 +48,23 @@ class ReplyBook:
                 return True
         return False
 
-    def answer(self, fingerprint: str, body: bytes) -> str | None:
-        """The inbox waiting for this submission, if any (else keep the answer a while)."""
+    def answer(self, fingerprint: str, body: bytes, *, everyone: bool = False) -> list[str]:
+        """The inboxes to answer: the oldest waiting one, or with ``everyone`` (a submission
+        with a Nats-Msg-Id, whose repeats are the same submission) all of them. The answer
+        is also kept a while, for a request still on its way."""
         waiting = self._waiting.get(fingerprint)
-        if waiting:
-            inbox, _ = waiting.popleft()
-            if not waiting:
-                del self._waiting[fingerprint]
-            return inbox
-        self._answers[fingerprint] = (body, time.monotonic())
-        self._expire()
-        return None
+        if everyone or not waiting:
+            self._answers[fingerprint] = (body, time.monotonic(), everyone)
+            self._expire()
+        if not waiting:
+            return []
+        if everyone:
+            del self._waiting[fingerprint]
+            return [inbox for inbox, _ in waiting]
+        inbox, _ = waiting.popleft()
+        if not waiting:
+            del self._waiting[fingerprint]
+        return [inbox]
 
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.ttl_s

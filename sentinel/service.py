@@ -20,14 +20,16 @@ from nats.aio.msg import Msg
 from core import subjects as S
 from core.bus import (
     TIMEOUTS,
+    Ack,
     Conflict,
     EventLog,
-    Pending,
     Publisher,
     Tail,
+    check_connection,
     connect,
     ensure_streams,
     last_job_event,
+    reconnects,
     submit_consumer,
 )
 from core.codec import CodecError, decode_event, dumps, loads
@@ -185,27 +187,25 @@ class Sentinel:
             pendings = [await self.log.send(a.event, expected_seq=a.expected_seq,
                                             msg_id=a.msg_id, headers=self.trace.get(a.event.id))
                         for a in appends]
-            for append, pending in zip(appends, pendings, strict=True):
-                await self._settle(append, pending, raise_conflict)
+            results = await self.log.settle_all(pendings)
         finally:
             self._inflight -= ids
+        for append, result in zip(appends, results, strict=True):
+            self._after_append(append, result, raise_conflict)
 
-    async def _settle(self, append: Append, pending: Pending, raise_conflict: bool) -> None:
-        try:
-            ack = await self.log.settle(pending)
-        except Conflict:
-            if append.event.kind == "job":
-                self.fleet.dirty.add(append.event.id)  # look again at what moved
+    def _after_append(self, append: Append, result: Ack | Exception,
+                      raise_conflict: bool) -> None:
+        if isinstance(result, Ack):
+            if not result.duplicate:
+                self._observe(replace(append.event, seq=result.seq))
+            return
+        if append.event.kind == "job":
+            self.fleet.dirty.add(append.event.id)  # look again at what moved
+        if isinstance(result, Conflict):
             if raise_conflict:
-                raise
+                raise result
             return
-        except Exception as exc:  # noqa: BLE001 - decided again on the next pump
-            log.warning("append %s %s failed: %s", append.event.id, append.event.type, exc)
-            if append.event.kind == "job":
-                self.fleet.dirty.add(append.event.id)
-            return
-        if not ack.duplicate:
-            self._observe(replace(append.event, seq=ack.seq))
+        log.warning("append %s %s failed: %s", append.event.id, append.event.type, result)
 
     async def _dispatch(self, dispatches: list[Dispatch]) -> None:
         """Offer jobs to workers. Offers are derived data: one lost with a connection is
@@ -222,9 +222,11 @@ class Sentinel:
 
     # -- intake ---------------------------------------------------------------------------
     async def _intake_loop(self) -> None:
+        epoch = reconnects(self.nc)
         sub = await self.js.pull_subscribe("", durable=S.SENTINEL_SUBMIT_CONSUMER,
                                            stream=S.SUBMIT_STREAM, config=submit_consumer())
         while True:
+            check_connection(self.nc, epoch)
             if self.fleet.sched.ready_count() > READY_BACKLOG:
                 await asyncio.sleep(0.02)  # let dispatch have the CPU; never stops intake
             try:
@@ -253,19 +255,18 @@ class Sentinel:
                 self.trace[d.append.event.id] = d.headers
         pendings = [await self.log.send(d.append.event, expected_seq=0, msg_id=d.append.msg_id,
                                         headers=d.headers) for d in decisions]
-        return [await self._settle_submission(d, p)
-                for d, p in zip(decisions, pendings, strict=True)]
+        results = await self.log.settle_all(pendings)
+        return [await self._recorded(d, r) for d, r in zip(decisions, results, strict=True)]
 
-    async def _settle_submission(self, d: Decision, pending: object) -> bool:
+    async def _recorded(self, d: Decision, result: Ack | Exception) -> bool:
+        """Whether the submission is now in the log (else it is redelivered)."""
         event = d.append.event
-        try:
-            ack = await self.log.settle(pending)  # type: ignore[arg-type]
-        except Conflict:
+        if isinstance(result, Conflict):
             return await self._on_existing(d)
-        except Exception as exc:  # noqa: BLE001 - the submission is redelivered
-            log.warning("recording submission %s failed: %s", event.id, exc)
+        if isinstance(result, Exception):
+            log.warning("recording submission %s failed: %s", event.id, result)
             return False
-        self._observe(replace(event, seq=ack.seq), duplicate=ack.duplicate)
+        self._observe(replace(event, seq=result.seq), duplicate=result.duplicate)
         return True
 
     async def _on_existing(self, d: Decision) -> bool:
@@ -344,8 +345,7 @@ class Sentinel:
         if not fingerprint:
             return
         body = ReplyBook.body_for(event, duplicate)
-        inbox = self.replies.answer(fingerprint, body)
-        if inbox:
+        for inbox in self.replies.answer(fingerprint, body, everyone=bool(event.get("msg_id"))):
             asyncio.ensure_future(self.nc.publish(inbox, body))
 
     # -- time and heartbeats ----------------------------------------------------------------

@@ -350,7 +350,7 @@ def test_random_runs_get_deep() -> None:
     seen: set[str] = set()
     attempts = 0
 
-    @settings(max_examples=100, deadline=None, database=None, derandomize=True)
+    @settings(max_examples=400, deadline=None, database=None, derandomize=True)
     @given(steps)
     def explore(seq_steps: list[tuple[str, int, int]]) -> None:
         nonlocal attempts

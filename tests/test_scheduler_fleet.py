@@ -813,13 +813,13 @@ def test_intake_always_produces_a_valid_event(data: bytes, subject: str, seq: in
 def test_reply_when_the_request_comes_first() -> None:
     book = ReplyBook()
     assert book.expect("fp1", "_INBOX.a") is None
-    assert book.answer("fp1", b'{"job_id":"j1"}') == "_INBOX.a"
-    assert book.answer("fp1", b'{"job_id":"j1"}') is None  # nobody waits any more
+    assert book.answer("fp1", b'{"job_id":"j1"}') == ["_INBOX.a"]
+    assert book.answer("fp1", b'{"job_id":"j1"}') == []  # nobody waits any more
 
 
 def test_reply_when_the_event_comes_first() -> None:
     book = ReplyBook()
-    assert book.answer("fp1", b'{"job_id":"j1"}') is None
+    assert book.answer("fp1", b'{"job_id":"j1"}') == []
     assert book.expect("fp1", "_INBOX.a") == b'{"job_id":"j1"}'
     assert book.expect("fp1", "_INBOX.b") is None  # the answer was given once
 
@@ -829,9 +829,18 @@ def test_several_requests_for_one_submission_are_answered_in_order() -> None:
     book.expect("fp", "_INBOX.1")
     book.expect("fp", "_INBOX.2")
     book.expect("other", "_INBOX.3")
-    assert book.answer("fp", b"{}") == "_INBOX.1"
-    assert book.answer("fp", b"{}") == "_INBOX.2"
-    assert book.answer("other", b"{}") == "_INBOX.3"
+    assert book.answer("fp", b"{}") == ["_INBOX.1"]
+    assert book.answer("fp", b"{}") == ["_INBOX.2"]
+    assert book.answer("other", b"{}") == ["_INBOX.3"]
+
+
+def test_repeats_of_a_msg_id_submission_all_get_the_answer() -> None:
+    book = ReplyBook()
+    book.expect("fp", "_INBOX.gave-up")  # a request the client re-asked
+    book.expect("fp", "_INBOX.retry")
+    assert book.answer("fp", b"{}", everyone=True) == ["_INBOX.gave-up", "_INBOX.retry"]
+    assert book.expect("fp", "_INBOX.later") == b"{}"
+    assert book.expect("fp", "_INBOX.again") == b"{}"
 
 
 def test_reply_bodies() -> None:

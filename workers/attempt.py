@@ -130,8 +130,9 @@ class Attempt:
     # -- record -------------------------------------------------------------------------
     async def record(self, outcome: Outcome) -> None:
         if outcome.kind == "lost":
-            log.warning("job %s attempt %d: stopped, the log recorded that this attempt "
-                        "timed out", self.job_id, self.number)
+            log.warning("job %s attempt %d: this worker lost the lease (the log recorded "
+                        "that the attempt timed out); its process was stopped", self.job_id,
+                        self.number)
             return
         event = self._outcome_event(outcome)
         expected = self.started_seq

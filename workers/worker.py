@@ -23,8 +23,10 @@ from core.bus import (
     TIMEOUTS,
     EventLog,
     Publisher,
+    check_connection,
     connect,
     ensure_streams,
+    reconnects,
     work_consumer,
 )
 from core.codec import dumps, loads
@@ -47,7 +49,7 @@ def make_worker_id() -> str:
 class Worker:
     def __init__(self, url: str | None = None, *, handlers: str | dict[str, str] = "echo",
                  queues: tuple[str, ...] = ("default",), concurrency: int = 4,
-                 heartbeat_s: float = 2.0, lease_s: float = 15.0, grace_s: float = 30.0,
+                 heartbeat_s: float | None = None, lease_s: float = 15.0, grace_s: float = 30.0,
                  prefetch: int | None = None, memory_limit_mb: int | None = None,
                  worker_id: str | None = None) -> None:
         self.url = url
@@ -58,7 +60,8 @@ class Worker:
         self.concurrency = concurrency
         self.prefetch = concurrency if prefetch is None else prefetch
         self.memory_limit_mb = memory_limit_mb
-        self.heartbeat_s = heartbeat_s
+        # several heartbeats per lease, or a busy machine makes healthy workers look lost
+        self.heartbeat_s = heartbeat_s or min(2.0, lease_s / 4)
         self.lease_s = lease_s
         self.grace_s = grace_s
         self.worker_id = S.check_token(worker_id or make_worker_id(), "worker id")
@@ -158,10 +161,13 @@ class Worker:
 
     # -- receive ------------------------------------------------------------------------
     async def _work_loop(self) -> None:
+        epoch = reconnects(self.nc)
+        config = work_consumer(self.worker_id, self.lease_s)
         sub = await self.js.pull_subscribe(S.work_subject(self.worker_id), stream=S.WORK_STREAM,
-                                           config=work_consumer(self.worker_id, self.lease_s))
+                                           durable=config.durable_name, config=config)
         try:
             while not self._draining:
+                check_connection(self.nc, epoch)
                 free = self.concurrency - len(self.running)
                 if free <= 0:
                     self._slot_freed.clear()
