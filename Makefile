@@ -20,8 +20,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP)  ## each benchmark prints its table and writes bench/results/*.json
 	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.durability
+	$(BIN)/python -m bench.replay
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
