@@ -35,6 +35,9 @@ class ReplyBook:
         self._waiting.setdefault(fingerprint, deque()).append((inbox, time.monotonic()))
         return None
 
+    def is_waiting(self, fingerprint: str, inbox: str) -> bool:
+        return any(item[0] == inbox for item in self._waiting.get(fingerprint, ()))
+
     def withdraw(self, fingerprint: str, inbox: str) -> bool:
         """Stop waiting for this inbox; False if it was answered meanwhile."""
         waiting = self._waiting.get(fingerprint)

@@ -308,6 +308,8 @@ class Sentinel:
         """A repeat of a Nats-Msg-Id inside JF_SUBMIT's dedup window never reaches the
         stream, so no event will answer it: if the job it names exists, say so."""
         await asyncio.sleep(1.0)
+        if not self.replies.is_waiting(fingerprint, msg.reply):
+            return  # answered meanwhile: the usual case
         job_id = Intake.job_id_of(msg.data, (msg.headers or {}).get(S.HDR_MSG_ID))
         if not await self._job_exists(job_id):
             return
