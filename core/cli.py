@@ -18,6 +18,7 @@ from core.bus import DEFAULT_URL, BusError
 __all__ = ["main"]
 
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+TRACED_COMMANDS = ("sentinel", "worker", "submit")  # the ones that make spans
 
 
 # -- services -----------------------------------------------------------------------------
@@ -189,6 +190,13 @@ def common_options(p: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_URL})")
     p.add_argument("--log-level", default=os.environ.get("JETFLOW_LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO, WARNING... (env JETFLOW_LOG_LEVEL)")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   default=os.environ.get("JETFLOW_LOG_FORMAT", "text"),
+                   help="text, or json for one structured object per line; both carry the "
+                        "correlation id and trace id (env JETFLOW_LOG_FORMAT)")
+    p.add_argument("--trace-console", action="store_true",
+                   help="print spans to stderr (local debugging; also sets "
+                        "OTEL_TRACES_EXPORTER for the processes this one starts)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -201,9 +209,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_services(sub)
     _add_client(sub)
     _add_operations(sub)
+    from core.trace_cli import add_commands as add_trace_commands
     from projections.cli import add_commands  # read models, replay and export
 
     add_commands(sub, common_options)
+    add_trace_commands(sub, common_options)
     return root
 
 
@@ -317,15 +327,36 @@ async def _with_task_dump(args: argparse.Namespace) -> int:
     return int(await args.run(args))
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _setup_logging(a: argparse.Namespace) -> None:
+    from core.tracing import install_logging
+
+    install_logging(a.log_level, a.log_format, service=f"jetflow-{a.command}")
     logging.getLogger("nats").setLevel(logging.CRITICAL)
+
+
+def _setup_tracing(a: argparse.Namespace) -> None:
+    """Commands that make spans install the SDK when an exporter is configured."""
+    from core import tracing
+
+    if a.trace_console:
+        tracing.ask_for_console()
+    if a.command in TRACED_COMMANDS:
+        tracing.setup(a.command)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args)
+    _setup_tracing(args)
+    try:
+        return _main(args)
+    finally:
+        from core.tracing import shutdown
+
+        shutdown()  # flush the spans still buffered
+
+
+def _main(args: argparse.Namespace) -> int:
     # SIGPIPE stays ignored (Python's default): with SIG_DFL a service writing to the
     # socket of a nats-server that just died is killed without a word.
     try:

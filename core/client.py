@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from core import subjects as S
+from core import tracing
 from core.bus import TIMEOUTS, Tail, last_job_event
 from core.bus import connect as bus_connect
 from core.codec import decode_event, dumps
@@ -98,11 +99,19 @@ class Client:
             if value is not None:
                 body[key] = value
         msg_id = msg_id or job_id or uuid.uuid4().hex
-        hdrs = {**(headers or {}), S.HDR_MSG_ID: msg_id}
-        reply = await self._request(S.submit_subject(queue), dumps(body), hdrs,
-                                    reply_timeout_s)
+        subject = S.submit_subject(queue)
+        with tracing.outgoing(f"publish {subject}", {**(headers or {}), S.HDR_MSG_ID: msg_id},
+                              attributes=_submit_attributes(subject, msg_id, body)) as hdrs:
+            found = await self._submitted(subject, dumps(body), hdrs, reply_timeout_s, job_id)
+            tracing.annotate(job_id=found)
+        return found
+
+    async def _submitted(self, subject: str, body: bytes, hdrs: dict[str, str],
+                         reply_timeout_s: float, job_id: str | None) -> str:
+        """Send the submission; the job id of the answer, or raise."""
+        reply = await self._request(subject, body, hdrs, reply_timeout_s)
         if reply is None:
-            expected = job_id or derive_job_id(msg_id, "", 0)
+            expected = job_id or derive_job_id(hdrs[S.HDR_MSG_ID], "", 0)
             raise SubmitTimeout(f"no sentinel answered within {reply_timeout_s:g}s; the "
                                 f"submission is stored in {S.SUBMIT_STREAM} and job "
                                 f"{expected} will be recorded once a sentinel runs")
@@ -153,22 +162,28 @@ class Client:
     # -- reading ------------------------------------------------------------------------
     async def history(self, job_id: str) -> list[Event]:
         """Every event of the job, straight from the stream, in order."""
+        return [event for event, _headers in await self.history_with_headers(job_id)]
+
+    async def history_with_headers(self, job_id: str) -> list[tuple[Event, dict[str, str]]]:
+        """Every event of the job with the NATS headers it was stored with (trace
+        context, correlation id, msg id), straight from the stream, in order."""
         S.check_token(job_id, "job id")
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
                                 filter_subject=S.job_filter(job_id), inactive_threshold=10.0,
                                 mem_storage=True)
         info = await self.js.add_consumer(S.EVENTS_STREAM, config=config)
         total = info.num_pending or 0
-        events: list[Event] = []
+        msgs: list[Msg] = []
         if total:
             sub = await self.js.pull_subscribe_bind(info.name, S.EVENTS_STREAM)
             try:
-                while len(events) < total:
-                    events.extend(_decode(m) for m in await sub.fetch(min(256, total), 5.0))
+                while len(msgs) < total:
+                    msgs.extend(await sub.fetch(min(256, total), 5.0))
             finally:
                 await sub.unsubscribe()
         await self.js.delete_consumer(S.EVENTS_STREAM, info.name)
-        return [e for e in events if e is not None]  # type: ignore[misc]
+        decoded = ((_decode(m), dict(m.headers or {})) for m in msgs)
+        return [(event, headers) for event, headers in decoded if event is not None]
 
     async def status(self, job_id: str) -> JobState:
         """The job's state folded from its history (state 'new' if it has no events)."""
@@ -236,6 +251,12 @@ class Client:
             except TimeoutError:
                 continue
         return {j: self.terminal[j] for j in job_ids}
+
+
+def _submit_attributes(subject: str, msg_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {**tracing.messaging(subject, "publish", msg_id),
+            **tracing.job_attributes(handler=body["handler"], job_id=body.get("job_id"),
+                                     correlation_id=body.get("correlation_id"))}
 
 
 def _decode(msg: Msg) -> Event | None:

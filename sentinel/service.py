@@ -42,6 +42,7 @@ from core.submission import submission_fingerprint
 from sentinel.control import Control
 from sentinel.intake import Decision, Intake, RawSubmission
 from sentinel.replies import ReplyBook
+from sentinel.spans import SentinelSpans
 
 __all__ = ["Sentinel"]
 
@@ -62,6 +63,7 @@ class Sentinel:
                            queue_policies=dict(queue_policies or {}))
         self.replies = ReplyBook()
         self.trace: dict[str, dict[str, str]] = {}  # job id -> trace/correlation headers
+        self.spans = SentinelSpans()
         self._wake = asyncio.Event()
         self._inflight: set[str] = set()  # ids with an append on its way
         self._tasks: list[asyncio.Task[None]] = []
@@ -138,6 +140,7 @@ class Sentinel:
 
     def _observe(self, event: Event, duplicate: bool = False) -> None:
         why = self.fleet.observe(event)
+        self.spans.observed(event)
         if why:
             log.debug("not applied: %s %s seq %d: %s", event.id, event.type, event.seq, why)
         if event.type in ("submitted", "rejected"):
@@ -184,10 +187,12 @@ class Sentinel:
         ids = {a.event.id for a in appends}
         self._inflight |= ids
         try:
-            pendings = [await self.log.send(a.event, expected_seq=a.expected_seq,
-                                            msg_id=a.msg_id, headers=self.trace.get(a.event.id))
-                        for a in appends]
-            results = await self.log.settle_all(pendings)
+            with self.spans.decisions(self.trace) as traced:
+                pendings = [await self.log.send(a.event, expected_seq=a.expected_seq,
+                                                msg_id=a.msg_id, headers=traced.headers(a))
+                            for a in appends]
+                results = await self.log.settle_all(pendings)
+                traced.settled(appends, results)
         finally:
             self._inflight -= ids
         for append, result in zip(appends, results, strict=True):
@@ -216,8 +221,9 @@ class Sentinel:
                                   headers=self._work_headers(d))
 
     def _work_headers(self, d: Dispatch) -> dict[str, str]:
-        headers = dict(self.trace.get(d.job.job_id) or {})
-        headers[S.HDR_MSG_ID] = f"work:{d.job.job_id}:{d.job.attempt + 1}:{d.worker_id}:{d.seq}"
+        msg_id = f"work:{d.job.job_id}:{d.job.attempt + 1}:{d.worker_id}:{d.seq}"
+        headers = self.spans.dispatched(d, dict(self.trace.get(d.job.job_id) or {}), msg_id)
+        headers[S.HDR_MSG_ID] = msg_id
         return headers
 
     # -- intake ---------------------------------------------------------------------------
@@ -238,16 +244,22 @@ class Sentinel:
     async def _take(self, msgs: list[Msg]) -> None:
         raws = [RawSubmission(m.subject, m.data, m.headers or {},
                               parse_ack_reply(m.reply).stream_seq) for m in msgs]
+        with self.spans.submissions(raws) as traced:
+            decisions = await self._decide(traced.raws)
+            recorded = await self._record(decisions)
+            traced.finish(decisions, recorded)
+        for msg, ok in zip(msgs, recorded, strict=True):
+            # a nak'd submission is redelivered; recording it is idempotent
+            await (msg.ack() if ok else msg.nak(delay=1.0))
+        self.wake()
+
+    async def _decide(self, raws: list[RawSubmission]) -> list[Decision]:
         decisions = [self.intake.decide(r, self.fleet.known_handlers, time.time()) for r in raws]
         if any(d.append.event.get("code") == "unknown_handler" for d in decisions):
             await self._wait_for_log_head()  # a worker may have joined a moment ago
             decisions = [self.intake.decide(r, self.fleet.known_handlers, time.time())
                          for r in raws]
-        recorded = await self._record(decisions)
-        for msg, ok in zip(msgs, recorded, strict=True):
-            # a nak'd submission is redelivered; recording it is idempotent
-            await (msg.ack() if ok else msg.nak(delay=1.0))
-        self.wake()
+        return decisions
 
     async def _record(self, decisions: list[Decision]) -> list[bool]:
         for d in decisions:

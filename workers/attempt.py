@@ -25,6 +25,7 @@ from core.bus import Conflict, EventLog, last_job_event
 from core.codec import dumps
 from core.events import Event
 from workers.pool import ChildPool, Outcome
+from workers.spans import traced_attempt, traced_claim, traced_record
 
 __all__ = ["Attempt", "Deps"]
 
@@ -53,6 +54,7 @@ class Attempt:
     work: dict[str, Any]
     headers: dict[str, str]
     started_seq: int | None = None
+    outcome: Outcome | None = None
     stop: asyncio.Future[str] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -68,15 +70,17 @@ class Attempt:
         if not self.stop.done():
             self.stop.set_result(reason)
 
+    @traced_attempt
     async def run(self) -> None:
         self.headers.pop(S.HDR_MSG_ID, None)
         self.started_seq = await self.claim()
         if self.started_seq is None:
             return
-        outcome = await self.execute()
-        await self.record(outcome)
+        self.outcome = await self.execute()
+        await self.record(self.outcome)
 
     # -- claim --------------------------------------------------------------------------
+    @traced_claim
     async def claim(self) -> int | None:
         """Append ``started``; return its sequence, or None if somebody else moved first.
 
@@ -89,7 +93,7 @@ class Attempt:
             try:
                 ack = await self.deps.log.append(event, expected_seq=self.work["seq"],
                                                  headers=self.headers,
-                                                 msg_id=self._msg_id("started"))
+                                                 msg_id=self.msg_id("started"))
             except Conflict:
                 log.debug("job %s attempt %d: claimed elsewhere or changed", self.job_id,
                           self.number)
@@ -116,7 +120,8 @@ class Attempt:
         w = self.work
         return {"job_id": w["job_id"], "attempt": w["attempt"],
                 "ref": self.deps.handlers[w["handler"]], "args": w.get("args") or {},
-                "queue": w.get("queue", ""), "correlation_id": w.get("correlation_id")}
+                "queue": w.get("queue", ""), "correlation_id": w.get("correlation_id"),
+                "handler": w["handler"], **_trace_context(self.headers)}
 
     def _sink(self) -> Any:
         subject = S.log_subject(self.job_id, self.number)
@@ -128,6 +133,7 @@ class Attempt:
         return sink
 
     # -- record -------------------------------------------------------------------------
+    @traced_record
     async def record(self, outcome: Outcome) -> None:
         if outcome.kind == "lost":
             log.warning("job %s attempt %d: this worker lost the lease (the log recorded "
@@ -139,7 +145,7 @@ class Attempt:
         for retry in range(APPEND_TRIES):
             try:
                 await self.deps.log.append(event, expected_seq=expected, headers=self.headers,
-                                           msg_id=self._msg_id(event.type))
+                                           msg_id=self.msg_id(event.type))
                 return
             except Conflict:
                 expected = await self._benign_head()
@@ -170,8 +176,13 @@ class Attempt:
     def _event(self, type_: str, **data: Any) -> Event:
         return Event("job", self.job_id, type_, time.time(), data)
 
-    def _msg_id(self, type_: str) -> str:
+    def msg_id(self, type_: str) -> str:
         return f"{self.job_id}:{type_}:{self.number}:{self.deps.worker_id}"
+
+
+def _trace_context(headers: dict[str, str]) -> dict[str, str]:
+    """What the child needs to continue the trace (the attempt span's context)."""
+    return {k: v for k in (S.HDR_TRACEPARENT, S.HDR_TRACESTATE) if (v := headers.get(k))}
 
 
 async def _pause(retry: int, exc: Exception, job_id: str, what: str) -> None:

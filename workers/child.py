@@ -16,9 +16,11 @@ from typing import IO, Any
 
 import orjson
 
+from core import tracing
 from workers.context import JobContext, PermanentError
 from workers.frames import encode_frame, read_frame_sync
 from workers.handlers import HandlerError, resolve
+from workers.spans import traced_run
 
 
 class _LineWriter:
@@ -41,6 +43,7 @@ class _LineWriter:
             self._buf = ""
 
 
+@traced_run
 def _run(job: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     ctx = JobContext(job["job_id"], job["attempt"], job.get("correlation_id"), job["queue"])
@@ -77,7 +80,15 @@ def _limit_memory() -> None:
 
 
 def main() -> None:
+    tracing.setup("plugin")  # before the memory limit: its exporter thread needs a stack
     _limit_memory()
+    try:
+        _serve()
+    finally:
+        tracing.shutdown()  # flush this child's spans
+
+
+def _serve() -> None:
     out: IO[bytes] = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
 
