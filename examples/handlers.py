@@ -45,3 +45,20 @@ def chatty(args: dict[str, Any], ctx: JobContext) -> int:
         print(f"line {i}", flush=True)
         time.sleep(float(args.get("every", 0.0)))
     return int(args.get("lines", 3))
+
+
+def trace_env(args: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """What a plugin sees of its trace, after doing some work in a span of its own.
+
+    With tracing on, the worker's child process has made its ``run <handler>`` span
+    current and put it in ``TRACEPARENT``; a span the plugin starts (here with the plain
+    OpenTelemetry API) becomes its child. ``JETFLOW_CORRELATION_ID`` is the job's
+    correlation id.
+    """
+    from opentelemetry import trace
+
+    with trace.get_tracer("examples.handlers").start_as_current_span("plugin work") as span:
+        span.set_attribute("example.items", int(args.get("items", 1)))
+    return {"traceparent": os.environ.get("TRACEPARENT"),
+            "correlation_id": os.environ.get("JETFLOW_CORRELATION_ID"),
+            "ctx_correlation_id": ctx.correlation_id}

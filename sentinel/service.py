@@ -135,7 +135,9 @@ class Sentinel:
                             exc.message)
                 continue
             if event.type == "submitted" and msg.headers:
-                self.trace[event.id] = Intake.trace_headers(msg.headers, event.id)
+                correlation_id = (msg.headers.get(S.HDR_CORRELATION_ID)
+                                  or event.get("correlation_id") or event.id)
+                self.trace[event.id] = Intake.trace_headers(msg.headers, correlation_id)
             self._observe(event)
 
     def _observe(self, event: Event, duplicate: bool = False) -> None:

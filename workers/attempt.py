@@ -146,6 +146,8 @@ class Attempt:
             try:
                 await self.deps.log.append(event, expected_seq=expected, headers=self.headers,
                                            msg_id=self.msg_id(event.type))
+                log.debug("job %s attempt %d: %s recorded", self.job_id, self.number,
+                          event.type)
                 return
             except Conflict:
                 expected = await self._benign_head()
