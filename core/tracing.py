@@ -40,6 +40,7 @@ __all__ = [
     "finish",
     "fail",
     "annotate",
+    "add_event",
     "headers_of",
     "outgoing",
     "messaging",
@@ -299,6 +300,15 @@ def fail(span_: Any, *, error_type: str, message: str, stacktrace: str | None = 
     if stacktrace:
         event["exception.stacktrace"] = stacktrace
     span_.add_event("exception", event)
+
+
+def add_event(name: str, **attributes: Any) -> None:
+    """A ``jetflow.*``-attributed event on the current span (nothing when tracing is off)."""
+    if _tracer is None:
+        return
+    from opentelemetry import trace
+
+    trace.get_current_span().add_event(name, job_attributes(**attributes))
 
 
 def annotate(**attributes: Any) -> None:

@@ -3,10 +3,12 @@
 - one ``process jf.submit.<queue>`` span per submission (continues the submitter's
   ``traceparent``; a missing or malformed one starts a new trace); the ``submitted`` /
   ``rejected`` event, and so every later event and dispatch of the job, carries it on;
-- one ``decide <event type>`` span per decision it records (queued, retry_scheduled,
+- one ``decide <event type>`` span per decision it records (retry_scheduled,
   dead_lettered, timed_out, cancelled...), a child of the job's submission span;
-- one ``dispatch`` span per offer to a worker, starting when the job became ready, so
-  its length is the job's queue wait; the worker's attempt span is its child.
+- one ``dispatch <queue>`` span per offer to a worker, starting when the job was queued
+  (a ``queued`` event marks it), so its length is the job's queue wait; the worker's
+  attempt span is its child. A ``queued`` decision gets no span of its own: the dispatch
+  span that follows shows it, and each exported span costs CPU (bench/tracing.py).
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ class DecisionSpans:
 
     def headers(self, append: Append) -> Mapping[str, str] | None:
         base = self.trace.get(append.event.id)
-        if not tracing.enabled() or append.event.kind != "job":
+        if not tracing.enabled() or append.event.kind != "job" \
+                or append.event.type == "queued":
             return base
         span = tracing.start(f"decide {append.event.type}", kind="producer", parent=base or {},
                              attributes=_decision_attributes(append.event, append.msg_id))
@@ -164,6 +167,7 @@ class SentinelSpans:
                             attempt=job.attempt + 1, worker_id=d.worker_id,
                             priority=job.priority,
                             queue_wait_ms=round((now - ready_at) * 1000, 3))})
+        span.add_event("queued", timestamp=int(ready_at * 1e9))
         out = tracing.headers_of(span, headers)
         tracing.finish(span)
         return out
