@@ -36,7 +36,7 @@ __all__ = ["SCHEMA", "ExportResult", "export_parquet", "rows_of"]
 
 SCHEMA = pa.schema([
     ("seq", pa.int64()),
-    ("stored_at", pa.timestamp("ns", tz="UTC")),
+    ("stored_at", pa.timestamp("us", tz="UTC")),
     ("subject", pa.string()),
     ("kind", pa.string()),
     ("entity_id", pa.string()),
@@ -75,7 +75,7 @@ def _row(msg: Msg) -> dict[str, Any]:
     headers = msg.headers or {}
     parts = msg.subject.split(".")
     row: dict[str, Any] = {
-        "seq": delivery.stream_seq, "stored_at": delivery.timestamp_ns,
+        "seq": delivery.stream_seq, "stored_at": delivery.timestamp_ns // 1000,
         "subject": msg.subject, "kind": parts[1] if len(parts) > 1 else None,
         "entity_id": parts[2] if len(parts) > 2 else None, "v": None, "at": None,
         "data": None, "correlation_id": headers.get(S.HDR_CORRELATION_ID),

@@ -42,9 +42,10 @@ class Projector:
         return self
 
     async def stop(self) -> None:
-        if self._task:
+        while self._task and not self._task.done():
+            # again and again: a library's wait_for may swallow one cancellation (3.11)
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait({self._task}, timeout=1.0)
         await self.nc.close()
         self.store.close()
 

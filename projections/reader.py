@@ -30,7 +30,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from core.bus import TIMEOUTS, tail_consumer
+from core.bus import tail_consumer
 from core.metadata import parse_ack_reply
 
 __all__ = ["StreamReader"]
@@ -39,6 +39,7 @@ log = logging.getLogger("jetflow.reader")
 
 _API_NEXT = "$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
 _HEARTBEAT = "100"
+_ENDED = ("404", "408")  # no (more) messages; the request expired
 _SLACK_S = 5.0  # how much longer than asked a request may take before we call it lost
 
 
@@ -65,7 +66,7 @@ class StreamReader:
         self.idle_s = idle_s
         self.linger_s = linger_s
         self.caught_up = False
-        self.prefetch = True
+        self._last_delivery = 0  # the consumer's sequence of the last message yielded
         self._consumer = ""
         self._inbox = ""
         self._sub: Subscription | None = None
@@ -77,11 +78,23 @@ class StreamReader:
         """Yield non-empty batches in stream order; [] after an idle period."""
         while True:
             msgs = await self._next()
+            if msgs and not self._contiguous(msgs):
+                log.warning("a delivery from %s went missing; resubscribing at %d",
+                            self.stream, self.next_seq)
+                await self.close()
+                continue
             if msgs:
                 last = parse_ack_reply(msgs[-1].reply)
                 self.next_seq = last.stream_seq + 1
                 self.caught_up = last.pending == 0
             yield msgs
+
+    def _contiguous(self, msgs: list[Msg]) -> bool:
+        """Whether the consumer delivered these right after the last batch, none lost."""
+        first, last = _delivery_seq(msgs[0].reply), _delivery_seq(msgs[-1].reply)
+        ok = first == self._last_delivery + 1 and last - first + 1 == len(msgs)
+        self._last_delivery = last
+        return ok
 
     async def _next(self) -> list[Msg]:
         try:
@@ -100,7 +113,7 @@ class StreamReader:
         self._ahead = None
         await self._finish(token, pull, _SLACK_S)
         if pull.msgs:
-            if self.prefetch and len(pull.msgs) == pull.size:  # more stored: ask right away
+            if len(pull.msgs) == pull.size:  # probably more stored: ask for it right away
                 self._ahead = await self._request(self.batch, no_wait=True)
             return pull.msgs
         self.caught_up = True
@@ -111,7 +124,6 @@ class StreamReader:
         token, pull = await self._request(1, no_wait=False)
         await self._finish(token, pull, self.idle_s + _SLACK_S)
         if not pull.msgs:
-            await self._check_consumer()
             return []
         if self.linger_s:
             await asyncio.sleep(self.linger_s)
@@ -134,14 +146,32 @@ class StreamReader:
         return token, pull
 
     async def _finish(self, token: str, pull: _Pull, timeout_s: float) -> None:
+        """Wait until the server ends ``pull``. A pull whose consumer vanished (deleted,
+        expired, a server restart) is never answered: every second without an answer
+        the consumer is looked up, and a pull silent for ``timeout_s`` counts as lost."""
+        loop = asyncio.get_running_loop()
+        deadline, seen = loop.time() + timeout_s, 0
+        wait_s = timeout_s - _SLACK_S + 1.0  # a long poll is not looked into before expiry
         try:
-            await asyncio.wait_for(pull.done.wait(), timeout_s)
-        except TIMEOUTS:
-            raise TimeoutError(f"pull request unanswered for {timeout_s:g}s") from None
+            while not pull.done.is_set():
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation
+                # that arrives as the event is set, and the reader would never stop
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait_s):
+                        await pull.done.wait()
+                wait_s = 1.0
+                if pull.done.is_set():
+                    break
+                if len(pull.msgs) > seen:  # still arriving: a big batch, a busy server
+                    deadline, seen = loop.time() + timeout_s, len(pull.msgs)
+                if loop.time() > deadline or not await self._consumer_exists():
+                    raise TimeoutError(f"pull request on {self.stream} unanswered")
         finally:
             self._pull = None
-        if pull.status.startswith("409") and not pull.msgs:
-            raise RuntimeError(f"consumer refused the pull: {pull.status}")
+        if not pull.msgs and pull.status and not pull.status.startswith(_ENDED):
+            # 409 (consumer deleted, server shutdown...), 503 (no such consumer): a pull
+            # that would fail the same way at once if repeated, so start afresh instead.
+            raise RuntimeError(f"pull refused: {pull.status}")
 
     async def _on_msg(self, msg: Msg) -> None:
         if self._pull is None:
@@ -160,19 +190,21 @@ class StreamReader:
         info = await self.js.add_consumer(self.stream, config=tail_consumer(self.next_seq,
                                                                             None))
         self._consumer = str(info.name)
+        self._last_delivery = 0
         self._inbox = self.nc.new_inbox()
         self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg,
                                             pending_msgs_limit=-1, pending_bytes_limit=-1)
 
-    async def _check_consumer(self) -> None:
+    async def _consumer_exists(self) -> bool:
         try:
-            await self.js.consumer_info(self.stream, self._consumer)
+            await self.js.consumer_info(self.stream, self._consumer, timeout=2.0)
         except nats.js.errors.NotFoundError:
             log.warning("consumer on %s is gone; resubscribing at %d", self.stream,
                         self.next_seq)
-            await self.close()
-        except Exception:  # noqa: BLE001 - disconnected: the next pull fails and retries
+            return False
+        except Exception:  # noqa: BLE001 - disconnected: keep waiting for the deadline
             pass
+        return True
 
     async def close(self) -> None:
         """Drop the subscription and the consumer (a new one starts at ``next_seq``)."""
@@ -186,3 +218,9 @@ class StreamReader:
             consumer, self._consumer = self._consumer, ""
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.js.delete_consumer(self.stream, consumer), 2.0)
+
+
+def _delivery_seq(reply: str) -> int:
+    """The consumer sequence in a JetStream ack subject (see core.metadata for the shapes)."""
+    tokens = reply.split(".")
+    return int(tokens[6 if len(tokens) == 9 else 8])

@@ -1,0 +1,415 @@
+"""Projections and replay against a real nats-server: rebuild equality after a real mixed
+run, kill -9 of the projector, time travel, garbage in the log, --verify, the read
+commands and the Parquet export. Real processes, real files, bounded waits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as pads
+import pytest
+
+from core import subjects as S
+from core.bus import connect, ensure_streams
+from core.client import Client, SubmissionRejected
+from core.job import fold
+from core.metadata import parse_ack_reply
+from core.server import EmbeddedServer
+from core.stack import Service
+from core.subjects import EVENTS_STREAM
+from projections.projector import Projector
+from projections.reader import StreamReader
+from projections.replay import rebuild
+from projections.synthetic import publish_log, synthetic_log
+from projections.verify import compare
+from tests.conftest import StackFactory, read_log, url_of, wait_until
+
+pytestmark = pytest.mark.e2e
+
+FAST_RETRY = ["--retry", "0.2,2,1"]
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+async def stream_head(url: str) -> int:
+    nc = await connect(url)
+    try:
+        return int((await nc.jetstream().stream_info(EVENTS_STREAM)).state.last_seq)
+    finally:
+        await nc.close()
+
+
+def checkpoint(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            row = con.execute("SELECT last_seq FROM checkpoint").fetchone()
+    except sqlite3.Error:
+        return 0
+    return int(row[0]) if row else 0
+
+
+async def caught_up(db: Path, url: str, timeout_s: float = 30.0) -> int:
+    target = await stream_head(url)
+
+    async def done() -> bool:
+        return checkpoint(db) >= target
+    await wait_until(done, timeout_s, f"projection {db.name} at seq {target}")
+    return target
+
+
+def query(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        return con.execute(sql, params).fetchall()
+
+
+async def publish_synthetic(url: str, events: int, *, seed: int = 1, skip: int = 0) -> int:
+    """Append events ``skip+1 .. events`` of a synthetic log; return the stream head."""
+    nc = await connect(url)
+    try:
+        await ensure_streams(nc.jetstream())
+        appends = synthetic_log(events, seed=seed, in_flight=32)
+        await publish_log(nc, (a for i, a in enumerate(appends) if i >= skip))
+        return int((await nc.jetstream().stream_info(EVENTS_STREAM)).state.last_seq)
+    finally:
+        await nc.close()
+
+
+async def project(url: str, db: Path) -> int:
+    """Run a projector in this process until it has applied the whole stream."""
+    async with Projector(url, db, idle_s=0.2):
+        return await caught_up(db, url)
+
+
+async def cli(url: str, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "core.cli", *args, "--nats", url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def rebuilt_equal(url: str, live: Path, fresh: Path) -> None:
+    nc = await connect(url)
+    try:
+        await rebuild(nc, fresh, to_seq=checkpoint(live))
+    finally:
+        await nc.close()
+    diffs = [t for t in compare(live, fresh) if not t.equal]
+    assert not diffs, "\n".join(f"{t.table}: {[r.describe() for r in t.rows]}" for t in diffs)
+
+
+# -- a real run ----------------------------------------------------------------------------
+
+async def test_rebuild_equals_the_live_projection_after_a_mixed_run(
+        make_stack: StackFactory, client: Client, tmp_path: Path) -> None:
+    stack = await make_stack(workers=1, projector=True, sentinel_args=FAST_RETRY)
+    live = stack.data_dir / "projections.sqlite"
+    ok = [await client.submit("echo", {"i": i}, priority=i % 3) for i in range(6)]
+    retried = await client.submit("fail", {"message": "boom"}, max_attempts=2)
+    permanent = await client.submit("fail", {"message": "no", "permanent": True})
+    with pytest.raises(SubmissionRejected):
+        await client.submit("no-such-handler", {})
+    await client.publish_raw("default", b"{not json")
+    for job_id in ok:
+        assert (await client.wait(job_id, timeout=30)).state == "succeeded"
+    for job_id in (retried, permanent):
+        assert (await client.wait(job_id, timeout=30)).state == "dead_lettered"
+
+    async def two_rejections() -> bool:
+        log = await read_log(stack.url, [f"{S.PREFIX}.job.*.rejected"])
+        return len(log) == 2
+    await wait_until(two_rejections, 20, "both rejections in the log")
+    await caught_up(live, stack.url)
+
+    states = dict(query(live, "SELECT state, jobs FROM queue_states WHERE queue = 'default'"))
+    assert states == {"succeeded": 6, "dead_lettered": 2, "rejected": 2}
+    (succeeded, failed), = query(live, "SELECT succeeded, failed FROM workers")
+    assert (succeeded, failed) == (6, 3)  # the retried job failed twice
+    assert query(live, "SELECT attempt, error FROM jobs WHERE job_id = ?", retried)[0][0] == 2
+    await rebuilt_equal(stack.url, live, tmp_path / "rebuilt.sqlite")
+    code, out, err = await cli(stack.url, "replay", "--verify", "--db", str(live))
+    assert code == 0 and "all 8 tables equal" in out, out + err
+
+
+# A projector whose third batch dies by SIGKILL in the middle of its transaction, after
+# some of the batch's rows are written: fault injection at an exact point, real kill -9.
+KILL_MID_TRANSACTION = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from projections import store
+from projections.projector import Projector
+
+writes = 0
+original = store.Store.write
+
+def write(self, rows):
+    global writes
+    writes += 1
+    if writes == 3:
+        self.db.execute("BEGIN")
+        for sql, params in store._statements(rows)[:3]:
+            if params:
+                self.db.executemany(sql, params)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, rows)
+
+store.Store.write = write
+
+async def main():
+    async with Projector(sys.argv[1], Path(sys.argv[2]), batch=1000):
+        await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_killed_projector_resumes_exactly_where_it_was(server: EmbeddedServer,
+                                                            tmp_path: Path) -> None:
+    head = await publish_synthetic(server.url, 40_000)
+    live = tmp_path / "live.sqlite"
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", KILL_MID_TRANSACTION,
+                                                server.url, str(live))
+    assert await asyncio.wait_for(proc.wait(), 30) == -9
+    assert checkpoint(live) == 2000  # two whole batches; the third rolled back
+    assert query(live, "SELECT count(*), max(seq) FROM timeline") == [(2000, 2000)]
+    seen = checkpoint(live)
+    for _ in range(3):  # kill -9 of the real service at three points of the backlog
+        projector = await Service("projector", ["projector", "--db", str(live)], server.url,
+                                  tmp_path / "logs").start()
+        started = seen
+
+        async def moved(since: int = started) -> bool:
+            return checkpoint(live) > since + 2000
+        await wait_until(moved, 30, "the projector moving on")
+        await projector.kill()
+        seen = checkpoint(live)
+        assert seen < head, "the backlog was applied before the kill; make it larger"
+    projector = await Service("projector", ["projector", "--db", str(live)], server.url,
+                              tmp_path / "logs").start()
+    try:
+        await caught_up(live, server.url, timeout_s=60)
+    finally:
+        await projector.stop()
+    assert query(live, "SELECT count(*), min(seq), max(seq) FROM timeline")[0] == (head, 1,
+                                                                                   head)
+    await rebuilt_equal(server.url, live, tmp_path / "clean.sqlite")
+
+
+async def test_time_travel_gives_the_counts_at_a_sequence(server: EmbeddedServer,
+                                                          tmp_path: Path) -> None:
+    cut = await publish_synthetic(server.url, 1700)
+    await asyncio.sleep(0.05)  # a gap in stored time between the two halves
+    head = await publish_synthetic(server.url, 3000, skip=1700)
+    assert (cut, head) == (1700, 3000)
+    expected = expected_view(await read_log(server.url), cut)
+
+    back = tmp_path / "at-1700.sqlite"
+    code, out, err = await cli(server.url, "replay", "--db", str(back), "--to-seq", str(cut))
+    assert code == 0 and f"up to seq {cut}" in out, out + err
+    assert "replay: seq 1700/1700 (100%)" in err  # plain progress lines off a terminal
+    code, out, err = await cli(server.url, "status", "--db", str(back), "--json")
+    assert code == 0, err
+    assert status_summary(json.loads(out)) == expected
+
+    nc = await connect(server.url)
+    stored = (await nc.jetstream().get_msg(EVENTS_STREAM, cut)).time
+    await nc.close()
+    assert stored is not None
+    until = tmp_path / "until.sqlite"
+    code, out, err = await cli(server.url, "replay", "--db", str(until), "--until",
+                               str(stored.timestamp() + 0.01))
+    assert code == 0 and f"up to seq {cut}" in out, out + err
+    assert not [t for t in compare(back, until) if not t.equal]
+
+
+def expected_view(events: list[Any], upto: int) -> dict[str, Any]:
+    """The queue view at ``upto``, computed independently with core.job.fold."""
+    by_job: dict[str, list[Any]] = {}
+    for e in events:
+        if e.kind == "job" and e.seq <= upto:
+            by_job.setdefault(e.id, []).append(e)
+    jobs = {job_id: fold(evs, job_id) for job_id, evs in by_job.items()}
+    queued_at = {job_id: max(e.at for e in evs if e.type == "queued")
+                 for job_id, evs in by_job.items() if jobs[job_id].state == "queued"}
+    last_at = max(e.at for e in events if e.seq <= upto)
+    oldest: dict[str, tuple[str, float]] = {}
+    for job_id, at in sorted(queued_at.items(), key=lambda kv: (kv[1], kv[0])):
+        oldest.setdefault(jobs[job_id].queue, (job_id, round(last_at - at, 6)))
+    return {
+        "states": dict(Counter(f"{j.queue}/{j.state}" for j in jobs.values())),
+        "depth": dict(Counter(f"{j.queue}/{j.priority}" for j in jobs.values()
+                              if j.state == "queued")),
+        "oldest": oldest,
+    }
+
+
+def status_summary(view: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "states": {f"{q['queue']}/{s}": n for q in view["queues"] for s, n in q["states"].items()},
+        "depth": {f"{q['queue']}/{p}": n for q in view["queues"] for p, n in q["depth"].items()},
+        "oldest": {q["queue"]: (q["oldest_queued"]["job_id"],
+                                round(q["oldest_queued"]["age_s"], 6))
+                   for q in view["queues"] if q["oldest_queued"]},
+    }
+
+
+# -- bad input and tampering --------------------------------------------------------------------
+
+async def test_garbage_is_recorded_and_later_events_still_apply(server: EmbeddedServer,
+                                                                tmp_path: Path) -> None:
+    await publish_synthetic(server.url, 200)
+    nc = await connect(server.url)
+    await nc.jetstream().publish("jf.job.x.succeeded", b"\x00 not an event")
+    await nc.jetstream().publish("jf.job.x.succeeded",
+                                 b'{"type":"succeeded","job_id":"x","v":1,"at":1,"data":{}}')
+    await nc.close()
+    head = await publish_synthetic(server.url, 400, skip=200)
+    db = tmp_path / "p.sqlite"
+    await project(server.url, db)
+    errors = query(db, "SELECT seq, subject, code FROM projection_errors ORDER BY seq")
+    assert errors == [(201, "jf.job.x.succeeded", "invalid_json"),
+                      (202, "jf.job.x.succeeded", "bad_field")]
+    assert query(db, "SELECT max(seq) FROM timeline")[0][0] == head
+    last, _headers = list(synthetic_log(400, seed=1, in_flight=32))[-1]
+    assert query(db, "SELECT last_seq FROM jobs WHERE job_id = ?", last.id) == [(head,)]
+    code, out, _ = await cli(server.url, "status", "--db", str(db))
+    assert code == 0 and "2 projection error(s)" in out
+
+
+async def test_verify_finds_a_deliberately_altered_row(server: EmbeddedServer,
+                                                       tmp_path: Path) -> None:
+    await publish_synthetic(server.url, 600)
+    live = tmp_path / "live.sqlite"
+    await project(server.url, live)
+    code, out, err = await cli(server.url, "replay", "--verify", "--db", str(live))
+    assert code == 0, out + err
+    (job_id,), = query(live, "SELECT job_id FROM jobs WHERE state = 'succeeded' LIMIT 1")
+    with contextlib.closing(sqlite3.connect(live)) as con:
+        con.execute("UPDATE jobs SET state = 'running' WHERE job_id = ?", (job_id,))
+        con.execute("DELETE FROM timeline WHERE seq = 5")
+        con.commit()
+    code, out, err = await cli(server.url, "replay", "--verify", "--db", str(live))
+    assert code == 1, out + err
+    assert f"job_id={job_id!r}: state: live='running' rebuilt='succeeded'" in out
+    assert "seq=5: missing from the live projection" in out
+    code, out, _ = await cli(server.url, "replay", "--verify", "--db", str(live), "--json")
+    report = json.loads(out)
+    assert code == 1 and not report["ok"]
+    assert {t["table"] for t in report["tables"] if t["rows"]} == {"jobs", "timeline"}
+
+
+# -- the read commands -----------------------------------------------------------------------
+
+async def test_read_commands(make_stack: StackFactory, client: Client, tmp_path: Path) -> None:
+    stack = await make_stack(workers=1, projector=True)
+    url = url_of(client)
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    done = await client.submit("echo", {"hi": 1}, headers={"traceparent": trace},
+                               queue="default")
+    assert (await client.wait(done, timeout=20)).state == "succeeded"
+    live = stack.data_dir / "projections.sqlite"
+    await caught_up(live, url)
+    data = ["--data", str(stack.data_dir)]
+
+    code, out, err = await cli(url, "job", done, "--json", *data)
+    job = json.loads(out)
+    assert code == 0 and job["source"] == "projection" and job["state"] == "succeeded"
+    assert job["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    assert [e["type"] for e in job["events"]] == ["submitted", "queued", "started",
+                                                  "succeeded"]
+    assert job["result"] == {"hi": 1} and job["events"][0]["data"]["args"] == {"hi": 1}
+    code, out, _ = await cli(url, "history", done, "--json")
+    history = json.loads(out)
+    assert history["source"] == "stream"
+    assert history["events"] == job["events"] and history["state"] == "succeeded"
+    code, out, _ = await cli(url, "job", done, "--json", "--data", str(tmp_path / "none"))
+    assert code == 0 and json.loads(out)["source"] == "stream"  # no projection: the stream
+
+    code, out, _ = await cli(url, "jobs", "--json", "--state", "succeeded", *data)
+    assert [j["job_id"] for j in json.loads(out)["jobs"]] == [done]
+    code, out, _ = await cli(url, "jobs", "--json", "--handler", "nope", *data)
+    assert json.loads(out)["jobs"] == []
+    code, out, _ = await cli(url, "workers", "--json", *data)
+    (worker,) = json.loads(out)["workers"]
+    assert worker["status"] == "idle" and worker["succeeded"] == 1
+    assert worker["last_heartbeat"] is not None and worker["last_heartbeat"]["age_s"] < 10
+    code, out, _ = await cli(url, "workers", *data)
+    assert code == 0 and "idle" in out and "ago" in out
+    code, out, _ = await cli(url, "jobs", *data)
+    assert code == 0 and done in out
+
+    code, _, err = await cli(url, "status", "--data", str(tmp_path / "none"))
+    assert code == 1 and "no projection at" in err and "jetflow projector" in err
+    with contextlib.closing(sqlite3.connect(live)) as con:
+        con.execute("UPDATE checkpoint SET schema_version = 99")
+        con.commit()
+    code, _, err = await cli(url, "status", *data)
+    assert code == 1 and "schema v99" in err and "upgrade jetflow" in err
+
+
+async def test_projector_rebuilds_a_file_of_an_older_schema(server: EmbeddedServer,
+                                                            tmp_path: Path) -> None:
+    head = await publish_synthetic(server.url, 300)
+    db = tmp_path / "old.sqlite"
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        con.executescript("CREATE TABLE checkpoint (id INTEGER PRIMARY KEY, last_seq INTEGER,"
+                          " schema_version INTEGER); INSERT INTO checkpoint VALUES (1, 250, 1);"
+                          "CREATE TABLE jobs (job_id TEXT PRIMARY KEY, state_json TEXT);")
+    await project(server.url, db)
+    assert query(db, "SELECT last_seq, schema_version FROM checkpoint") == [(head, 2)]
+    assert query(db, "SELECT count(*) FROM timeline") == [(head,)]
+
+
+# -- export and the reader ---------------------------------------------------------------------
+
+async def test_export_to_parquet(server: EmbeddedServer, tmp_path: Path) -> None:
+    head = await publish_synthetic(server.url, 500)
+    nc = await connect(server.url)
+    await nc.jetstream().publish("jf.job.x.succeeded", b"garbage")
+    await nc.close()
+    out_dir = tmp_path / "parquet"
+    code, out, err = await cli(server.url, "export", "--parquet", str(out_dir))
+    assert code == 0 and f"exported {head + 1} events" in out, out + err
+    table = pads.dataset(out_dir, partitioning="hive").to_table()
+    assert table.num_rows == head + 1 and sorted(table["seq"].to_pylist()) == \
+        list(range(1, head + 2))
+    types = Counter(table["type"].to_pylist())
+    assert types["submitted"] > 0 and types["joined"] == 4
+    bad = table.filter(pads.field("seq") == head + 1).to_pylist()[0]
+    assert bad["error"].startswith("invalid_json") and bad["data"] == "garbage"
+    assert {p.name.split("=")[0] for p in out_dir.iterdir()} == {"day"}
+    again = tmp_path / "tail"
+    code, out, _ = await cli(server.url, "export", "--parquet", str(again), "--from-seq", "401")
+    assert code == 0
+    assert pads.dataset(again, partitioning="hive").to_table().num_rows == head + 1 - 400
+
+
+async def test_reader_carries_on_after_its_consumer_is_deleted(server: EmbeddedServer) -> None:
+    head = await publish_synthetic(server.url, 3000)
+    nc = await connect(server.url)
+    reader = StreamReader(nc, EVENTS_STREAM, batch=500, idle_s=0.2)
+    started = time.monotonic()
+    seqs: list[int] = []
+    try:
+        async for msgs in reader.batches():
+            seqs += [parse_ack_reply(m.reply).stream_seq for m in msgs]
+            if len(seqs) == 500 and msgs:
+                await nc.jetstream().delete_consumer(EVENTS_STREAM, reader._consumer)
+            if reader.next_seq > head or time.monotonic() - started > 20:
+                break
+    finally:
+        await reader.close()
+        await nc.close()
+    assert seqs == list(range(1, head + 1))
+    assert time.monotonic() - started < 5  # noticed within a second or so
