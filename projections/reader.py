@@ -3,9 +3,9 @@
 It has :class:`core.bus.Tail`'s contract (batches from a sequence onwards, an empty batch
 after an idle period, a new ephemeral consumer right after the last sequence seen when
 anything fails) but not its speed limit: nats-py's ``fetch()`` waits for every message
-with a fresh task and ``wait_for``, which caps a replay at ~18k events/s on this machine.
-Here each pull request has its own reply subject and a plain callback collects the
-messages, so a batch costs one request and no task per message.
+with a fresh task and ``wait_for``, which caps reading at ~21k messages/s on this machine;
+here a plain callback collects each pull's messages, so a batch costs one request and no
+task per message (~53k messages/s; ``bench/replay.py`` measures both).
 
 Protocol: one pull request open at a time (a delivered message carries its original
 subject, not the request's, so only the status that ends a request names it). A

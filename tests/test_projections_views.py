@@ -26,6 +26,7 @@ from projections.applier import Applier, JobCache
 from projections.heartbeats import parse_heartbeat
 from projections.progress import progress_reporter
 from projections.queries import worker_status
+from projections.reader import _delivery_seq
 from projections.render import status_view
 from projections.schema import SCHEMA_VERSION, TABLES, ProjectionError
 from projections.store import Store, file_version, open_reader
@@ -341,3 +342,10 @@ def test_timeline_keeps_the_whole_event() -> None:
 def test_credit_for_an_unknown_worker_creates_its_row() -> None:
     rows = fold_batch(lifecycle(worker="ghost"), nothing, lambda _w: None)
     assert rows.workers["ghost"] == WorkerView("ghost", succeeded=1, failed=1)
+
+
+def test_delivery_sequence_of_ack_subjects() -> None:
+    assert _delivery_seq("$JS.ACK.JF_EVENTS.c1.1.1234.77.1795319285788380563.0") == 77
+    assert _delivery_seq("$JS.ACK.dom.acc.JF_EVENTS.c1.1.1234.78.1795319285788380563.5") == 78
+    assert _delivery_seq("$JS.ACK.dom.acc.JF_EVENTS.c1.1.1234.79.1795319285788380563.5.tok") \
+        == 79
