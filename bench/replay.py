@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -229,8 +230,7 @@ async def _append_at_rate(nc: Any, appended: dict[int, float], rate: int,
             event, headers = next(log)
             fut = await publisher.publish(S.event_subject(event.kind, event.id, event.type),
                                           encode_event(event), headers)
-            sent_at = time.time()
-            fut.add_done_callback(lambda f, t=sent_at: _record(appended, f, t))
+            fut.add_done_callback(functools.partial(_record, appended, sent_at=time.time()))
             pending.append(fut)
             sent += 1
         await asyncio.sleep(tick - (time.monotonic() - started) % tick)
@@ -238,7 +238,7 @@ async def _append_at_rate(nc: Any, appended: dict[int, float], rate: int,
     return sent
 
 
-def _record(appended: dict[int, float], fut: asyncio.Future[Any], sent_at: float) -> None:
+def _record(appended: dict[int, float], fut: asyncio.Future[Any], *, sent_at: float) -> None:
     if not fut.exception():
         appended[fut.result().seq] = sent_at
 
@@ -322,8 +322,8 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
              f"target >= {TARGET_RATE:,}"),
             ("raw floor: projector's reader", f"{summary['floor_reader_events_per_s']:,} "
                                                "events/s", ""),
-            ("raw floor: core.bus.Tail", f"{summary['floor_tail_events_per_s'] or 0:,} "
-                                          "events/s", "" if not args.no_tail else "skipped"),
+            ("raw floor: core.bus.Tail", "skipped (--no-tail)" if args.no_tail else
+             f"{summary['floor_tail_events_per_s']:,} events/s", ""),
             ("replay / reader floor", f"{summary['replay_to_floor_ratio']:.2f}", ""),
             ("replay peak RSS", f"{summary['replay_peak_rss_mb']:.0f} MB",
              "by decile: " + " ".join(f"{m:.0f}" for m in replay["rss_mb_by_decile"])),

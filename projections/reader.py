@@ -177,13 +177,14 @@ class StreamReader:
         if self._pull is None:
             return
         token, pull = self._pull
-        status = msg.headers.get("Status") if msg.headers else None
+        headers = msg.headers or {}
+        status = headers.get("Status")
         if status is None:
             pull.msgs.append(msg)
             if len(pull.msgs) >= pull.size:
                 pull.done.set()
         elif status != _HEARTBEAT and msg.subject == f"{self._inbox}.{token}":
-            pull.status = f"{status} {msg.headers.get('Description', '')}".strip()
+            pull.status = f"{status} {headers.get('Description', '')}".strip()
             pull.done.set()
 
     async def _subscribe(self) -> None:
