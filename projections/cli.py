@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import nats.errors
 from rich.console import RenderableType
 from rich.live import Live
 
@@ -127,8 +128,8 @@ class _Heartbeats:
 
                 self.nc = await connect(self.url, name="jetflow-workers", wait_s=2.0)
             beats = await read_heartbeats(self.nc)
-        except (BusError, OSError, TimeoutError) as exc:
-            self.note = f"heartbeats unavailable: {exc}"
+        except (BusError, OSError, TimeoutError, nats.errors.Error) as exc:
+            self.note = f"heartbeats unavailable: {exc or type(exc).__name__}"
             return
         now = time.time()
         for w in workers:
