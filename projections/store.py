@@ -30,7 +30,7 @@ from projections.views import (
     worker_view_from_row,
 )
 
-__all__ = ["Store", "open_reader", "file_version", "remove_db"]
+__all__ = ["Store", "open_reader", "file_version", "remove_db", "read_only_uri"]
 
 log = logging.getLogger("jetflow.projector")
 
@@ -57,10 +57,15 @@ _LOAD_JOBS = """SELECT job_id, trace_id, queued_at, state_json FROM jobs
 WHERE job_id IN (SELECT value FROM json_each(?))"""
 
 
+def read_only_uri(path: Path) -> str:
+    """An SQLite URI that opens ``path`` read-only (any characters in the path)."""
+    return Path(path).resolve().as_uri() + "?mode=ro"
+
+
 def file_version(path: Path) -> int | None:
     """The schema version recorded in a projection file; None if it has none."""
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        with contextlib.closing(sqlite3.connect(read_only_uri(path), uri=True)) as db:
             row = db.execute("SELECT schema_version FROM checkpoint WHERE id = 1").fetchone()
     except sqlite3.Error:
         return None
@@ -175,4 +180,4 @@ async def open_reader(path: Path) -> aiosqlite.Connection:
             + ("upgrade jetflow" if newer else
                "the projector rebuilds it when it starts, or run "
                "`jetflow replay --db NEW.sqlite`"))
-    return await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
+    return await aiosqlite.connect(read_only_uri(path), uri=True)

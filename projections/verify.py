@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 
 from projections.replay import Progress, rebuild
 from projections.schema import TABLES
-from projections.store import open_reader
+from projections.store import open_reader, read_only_uri
 
 __all__ = ["RowDiff", "TableDiff", "VerifyResult", "snapshot", "compare", "verify"]
 
@@ -65,7 +65,7 @@ class VerifyResult:
 
 def snapshot(live: Path, dest: Path) -> int:
     """Copy ``live`` to ``dest`` as of one instant; return its checkpoint sequence."""
-    with contextlib.closing(sqlite3.connect(f"file:{live}?mode=ro", uri=True)) as src, \
+    with contextlib.closing(sqlite3.connect(read_only_uri(live), uri=True)) as src, \
             contextlib.closing(sqlite3.connect(dest)) as dst:
         src.backup(dst)
         row = dst.execute("SELECT last_seq FROM checkpoint WHERE id = 1").fetchone()
@@ -74,8 +74,8 @@ def snapshot(live: Path, dest: Path) -> int:
 
 def compare(live: Path, rebuilt: Path, *, limit: int = 20) -> list[TableDiff]:
     """Table by table, the rows that are not the same in both files."""
-    with contextlib.closing(sqlite3.connect(f"file:{live}?mode=ro", uri=True)) as db:
-        db.execute("ATTACH DATABASE ? AS rebuilt", (f"file:{rebuilt}?mode=ro",))
+    with contextlib.closing(sqlite3.connect(read_only_uri(live), uri=True)) as db:
+        db.execute("ATTACH DATABASE ? AS rebuilt", (read_only_uri(rebuilt),))
         return [_compare_table(db, table, keys, limit) for table, keys in TABLES.items()]
 
 
