@@ -59,8 +59,13 @@ async def wait_for_signal(*signals: signal.Signals) -> signal.Signals:
     loop = asyncio.get_running_loop()
     got: asyncio.Future[signal.Signals] = loop.create_future()
     chosen = signals or (signal.SIGINT, signal.SIGTERM)
+
+    def arrived(sig: signal.Signals) -> None:
+        if not got.done():
+            got.set_result(sig)
+
     for sig in chosen:
-        loop.add_signal_handler(sig, lambda s=sig: got.done() or got.set_result(s))
+        loop.add_signal_handler(sig, arrived, sig)
     try:
         return await got
     finally:
