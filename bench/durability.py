@@ -9,13 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from bench.throughput import RESULTS_DIR, jetflow_burst, machine_info, say
+from bench.throughput import jetflow_burst, machine_info, save_result, say
 from core.client import connect
 from core.stack import Stack
 
@@ -51,10 +48,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=3000)
     args = parser.parse_args()
     report = asyncio.run(run(args.jobs))
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"durability-{stamp}.json"
-    path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    path = save_result("durability", report)
     print(f"\njobs/s, {args.jobs:,} echo jobs, 2 workers x 8:")
     print(f"  default profile (fsync every 2 min)   {report['default']['jobs_per_s']:8,.0f}")
     print(f"  --durable (sync_interval: always)     {report['durable']['jobs_per_s']:8,.0f}")

@@ -716,11 +716,17 @@ def row(name: str, jobs_per_s: float | None, latency: dict[str, Any]) -> str:
     return f"{name:38}" + "".join(f"{c:>9}" for c in cells)
 
 
-def write_json(report: dict[str, Any], stamp: str) -> Path:
+def save_result(name: str, report: dict[str, Any], stamp: str | None = None) -> Path:
+    """Write ``bench/results/<name>-<UTC stamp>.json``; the path written."""
+    stamp = stamp or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"throughput-{stamp}.json"
+    path = RESULTS_DIR / f"{name}-{stamp}.json"
     path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     return path
+
+
+def write_json(report: dict[str, Any], stamp: str) -> Path:
+    return save_result("throughput", report, stamp)
 
 
 def main(argv: list[str] | None = None) -> int:

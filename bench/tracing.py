@@ -24,14 +24,11 @@ import signal
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from bench.throughput import RESULTS_DIR, jetflow_burst, machine_info, say
+from bench.throughput import jetflow_burst, machine_info, save_result, say
 from core.client import connect
 from core.stack import Stack
 
@@ -134,10 +131,7 @@ def main() -> int:
                         help="jobs run first on each stack, not measured (300)")
     args = parser.parse_args()
     report = asyncio.run(run(args.jobs, args.rounds, args.warmup))
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"tracing-{stamp}.json"
-    path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    path = save_result("tracing", report)
     print(f"\njobs/s, {args.jobs:,} echo jobs, 2 workers x 8, median of {args.rounds}:")
     print(f"  tracing off (no exporter configured)   {report['off_jobs_per_s']:8,.0f}")
     print(f"  tracing on, OTLP/HTTP export           {report['on_jobs_per_s']:8,.0f}"
