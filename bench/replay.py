@@ -46,8 +46,9 @@ from typing import Any
 from core import subjects as S
 from core.bus import Publisher, Tail, connect, ensure_streams
 from core.codec import encode_event
+from core.metadata import parse_ack_reply
+from core.runtime import loop_name, run
 from core.server import EmbeddedServer
-from projections.applier import raw_of
 from projections.reader import StreamReader
 from projections.replay import rebuild
 from projections.synthetic import Appended, publish_log, synthetic_log
@@ -95,7 +96,7 @@ async def _drain_reader(nc: Any, head: int) -> int:
     events = 0
     try:
         async for msgs in reader.batches():
-            events += len([raw_of(m) for m in msgs])  # what the projector does before folding
+            events += len(msgs)  # already the projector's input (core.metadata.Stored)
             if reader.next_seq > head:
                 return events
     finally:
@@ -108,30 +109,12 @@ async def _drain_tail(nc: Any, head: int) -> int:
     events = 0
     try:
         async for msgs in tail.batches():
-            events += len([raw_of(m) for m in msgs])
+            events += len([parse_ack_reply(m.reply).stream_seq for m in msgs])
             if tail.next_seq > head:
                 return events
     finally:
         await tail.close()
     return events
-
-
-def run_loop(coro: Any) -> Any:
-    """The event loop the ``jetflow`` commands use: uvloop when installed, unless
-    JETFLOW_UVLOOP=0 (see core/cli.py)."""
-    if loop_name() == "uvloop":
-        import uvloop
-
-        return uvloop.run(coro)
-    return asyncio.run(coro)
-
-
-def loop_name() -> str:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "asyncio" if os.environ.get("JETFLOW_UVLOOP") == "0" else "uvloop"
 
 
 def run_child(mode: str, url: str, arg: str, batch: int) -> dict[str, Any]:
@@ -356,10 +339,10 @@ def write(args: argparse.Namespace, results: dict[str, Any], summary: dict[str, 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
-        print(json.dumps(run_loop(child(*args.child))))
+        print(json.dumps(run(child(*args.child))))
         return 0
     with tempfile.TemporaryDirectory(prefix="jetflow-bench-replay-") as tmp:
-        results = run_loop(measure(args, Path(tmp)))
+        results = run(measure(args, Path(tmp)))
     summary = report(args, results)
     path = write(args, results, summary)
     print(f"\nresults: {path.relative_to(REPO)}")

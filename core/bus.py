@@ -34,6 +34,7 @@ from core import subjects as S
 from core.codec import encode_event
 from core.events import Event
 from core.metadata import parse_ack_reply
+from core.natsclient import Client
 
 __all__ = [
     "DEFAULT_URL",
@@ -94,20 +95,23 @@ def default_url() -> str:
 
 
 async def connect(url: str | None = None, *, name: str = "jetflow",
-                  wait_s: float = 10.0) -> NATS:
-    """Connect (retrying for up to ``wait_s``), reconnecting forever afterwards."""
+                  wait_s: float = 10.0) -> Client:
+    """Connect (retrying for up to ``wait_s``), reconnecting forever afterwards. The
+    client is nats-py's with raw subscriptions (:mod:`core.natsclient`)."""
     url = url or default_url()
     deadline = time.monotonic() + wait_s
     while True:
         left = deadline - time.monotonic()
         try:
             # nats-py retries a first connect forever when reconnects are unlimited: bound it.
-            return await asyncio.wait_for(nats.connect(
+            nc = Client()
+            await asyncio.wait_for(nc.connect(
                 url, name=name, connect_timeout=2, reconnect_time_wait=0.5,
                 max_reconnect_attempts=-1, ping_interval=5, max_outstanding_pings=3,
                 error_cb=_log_error, disconnected_cb=_log_disconnect,
                 reconnected_cb=_log_reconnect,
             ), timeout=max(left, 0.5))
+            return nc
         except (OSError, nats.errors.NoServersError, *TIMEOUTS) as exc:
             if time.monotonic() >= deadline:
                 raise BusError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}. "

@@ -4,7 +4,6 @@ only by the command that runs them."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -308,18 +307,6 @@ def _add_operations(sub: Any) -> None:
     p.set_defaults(run=cmd_retry)
 
 
-def _run(main_coro: Coroutine[Any, Any, int]) -> int:
-    """uvloop when installed (its socket I/O is markedly cheaper), else asyncio's loop;
-    JETFLOW_UVLOOP=0 forces asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        uvloop = None
-    if uvloop is None or os.environ.get("JETFLOW_UVLOOP") == "0":
-        return asyncio.run(main_coro)
-    return uvloop.run(main_coro)
-
-
 async def _with_task_dump(args: argparse.Namespace) -> int:
     from core.runtime import install_task_dump
 
@@ -360,7 +347,9 @@ def _main(args: argparse.Namespace) -> int:
     # SIGPIPE stays ignored (Python's default): with SIG_DFL a service writing to the
     # socket of a nats-server that just died is killed without a word.
     try:
-        return _run(_with_task_dump(args))
+        from core.runtime import run
+
+        return run(_with_task_dump(args))
     except BrokenPipeError:  # `jetflow job X | head`: the reader left
         sys.stderr.close()
         return 0

@@ -7,7 +7,8 @@ build views and the replay tooling to rebuild them, so all three agree by constr
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
+from operator import attrgetter
 from typing import Any
 
 from core.events import Event
@@ -19,7 +20,10 @@ __all__ = [
     "TERMINAL",
     "ACTIVE",
     "apply",
+    "step",
     "fold",
+    "as_fields",
+    "from_fields",
 ]
 
 NEW = "new"  # the state before a job's first event
@@ -92,123 +96,153 @@ class JobState:
         return self.state in TERMINAL
 
 
-Mutator = Callable[[JobState, Event], JobState]
+Fields = dict[str, Any]  # a JobState's fields by name, in declaration order
+Mutator = Callable[[Fields, Event], None]
+
+_NAMES = tuple(f.name for f in fields(JobState))
+_values = attrgetter(*_NAMES)
+
+
+def as_fields(state: JobState) -> Fields:
+    """A new dict of ``state``'s fields (what :func:`step` works on)."""
+    return dict(zip(_NAMES, _values(state), strict=True))
+
+
+def from_fields(values: Fields) -> JobState:
+    return JobState(**values)
 
 
 def apply(state: JobState, event: Event) -> JobState:
     """Return the state after ``event``; raise IllegalTransition if it may not happen."""
+    values = as_fields(state)
+    step(values, event)
+    return from_fields(values)
+
+
+def step(values: Fields, event: Event) -> None:
+    """:func:`apply` on a field dict, in place: the fold path of the projector and the
+    replay, which build no JobState per event. On any error ``values`` is left as it was
+    (each mutator checks first, then makes one ``dict.update``)."""
     allowed = TRANSITIONS.get(event.type)
     if allowed is None:
-        raise IllegalTransition(state.state, event.type, f"unknown job event {event.type!r}")
-    if state.state not in allowed:
-        raise IllegalTransition(state.state, event.type)
-    new = _MUTATORS[event.type](state, event)
-    return replace(new, last_seq=max(event.seq, state.last_seq), events=state.events + 1)
+        raise IllegalTransition(values["state"], event.type,
+                                f"unknown job event {event.type!r}")
+    if values["state"] not in allowed:
+        raise IllegalTransition(values["state"], event.type)
+    _MUTATORS[event.type](values, event)
+    if event.seq > values["last_seq"]:
+        values["last_seq"] = event.seq
+    values["events"] += 1
 
 
 def fold(events: Iterable[Event], job_id: str | None = None) -> JobState:
     """Apply events one after another from the empty state."""
-    state: JobState | None = None
+    values: Fields | None = None
     for event in events:
-        state = apply(state or JobState(job_id or event.id), event)
-    if state is None:
+        if values is None:
+            values = as_fields(JobState(job_id or event.id))
+        step(values, event)
+    if values is None:
         if job_id is None:
             raise ValueError("fold of no events needs a job_id")
         return JobState(job_id)
-    return state
+    return from_fields(values)
 
 
-# -- one small function per event type --------------------------------------------------
+# -- one small function per event type: check, then one update ---------------------------
 
-def _submitted(s: JobState, e: Event) -> JobState:
-    return replace(
-        s, state="submitted", queue=e.data["queue"], handler=e.data["handler"],
+def _submitted(s: Fields, e: Event) -> None:
+    get = e.data.get
+    s.update(
+        state="submitted", queue=e.data["queue"], handler=e.data["handler"],
         args=e.data["args"], priority=e.data["priority"], max_attempts=e.data["max_attempts"],
-        timeout_s=e.get("timeout_s"), queue_timeout_s=e.get("queue_timeout_s"),
-        deadline_s=e.get("deadline_s"), retry=e.get("retry"),
-        correlation_id=e.get("correlation_id"), submitted_at=e.at,
+        timeout_s=get("timeout_s"), queue_timeout_s=get("queue_timeout_s"),
+        deadline_s=get("deadline_s"), retry=get("retry"),
+        correlation_id=get("correlation_id"), submitted_at=e.at,
     )
 
 
-def _rejected(s: JobState, e: Event) -> JobState:
+def _rejected(s: Fields, e: Event) -> None:
     error = {"type": "rejected", "code": e.data["code"], "message": e.data["reason"]}
-    return replace(s, state="rejected", queue=e.get("queue", ""), error=error, finished_at=e.at,
-                   submitted_at=e.at)
+    s.update(state="rejected", queue=e.data.get("queue", ""), error=error, finished_at=e.at,
+             submitted_at=e.at)
 
 
-def _queued(s: JobState, e: Event) -> JobState:
+def _queued(s: Fields, e: Event) -> None:
     """Queued for the next attempt. A hand-back (from running) does not use up the budget;
     a re-drive (from dead_lettered) carries a new ``max_attempts``."""
+    attempt, state = e.data["attempt"], s["state"]
+    if attempt != s["attempt"] + 1:
+        raise IllegalTransition(state, "queued", f"queued attempt {attempt} after "
+                                                 f"{s['attempt']}")
+    if state == "running" and not e.data.get("handback"):
+        raise IllegalTransition(state, "queued", "only a hand-back re-queues a running job")
+    budget = s["max_attempts"] + 1 if state == "running" else s["max_attempts"]
+    if state == "dead_lettered":
+        budget = int(e.data.get("max_attempts") or s["attempt"] + 1)
+    s.update(state="queued", worker=None, not_before=None, finished_at=None,
+             max_attempts=budget)
+
+
+def _started(s: Fields, e: Event) -> None:
     attempt = e.data["attempt"]
-    if attempt != s.attempt + 1:
-        raise IllegalTransition(s.state, "queued", f"queued attempt {attempt} after {s.attempt}")
-    if s.state == "running" and not e.get("handback"):
-        raise IllegalTransition(s.state, "queued", "only a hand-back re-queues a running job")
-    budget = s.max_attempts + 1 if s.state == "running" else s.max_attempts
-    if s.state == "dead_lettered":
-        budget = int(e.get("max_attempts") or s.attempt + 1)
-    return replace(s, state="queued", worker=None, not_before=None, finished_at=None,
-                   max_attempts=budget)
+    if attempt != s["attempt"] + 1:
+        raise IllegalTransition(s["state"], "started",
+                                f"started attempt {attempt} after {s['attempt']}")
+    s.update(state="running", attempt=attempt, worker=e.data["worker"],
+             lease_s=e.data["lease_s"], started_at=e.at, error=None)
 
 
-def _started(s: JobState, e: Event) -> JobState:
-    attempt = e.data["attempt"]
-    if attempt != s.attempt + 1:
-        raise IllegalTransition(s.state, "started", f"started attempt {attempt} after {s.attempt}")
-    return replace(s, state="running", attempt=attempt, worker=e.data["worker"],
-                   lease_s=e.data["lease_s"], started_at=e.at, error=None)
-
-
-def _progress(s: JobState, e: Event) -> JobState:
+def _progress(s: Fields, e: Event) -> None:
     _same_attempt(s, e)
-    return s
 
 
-def _succeeded(s: JobState, e: Event) -> JobState:
+def _succeeded(s: Fields, e: Event) -> None:
     _same_attempt(s, e)
-    return replace(s, state="succeeded", result=e.get("result"), finished_at=e.at)
+    s.update(state="succeeded", result=e.data.get("result"), finished_at=e.at)
 
 
-def _failed(s: JobState, e: Event) -> JobState:
+def _failed(s: Fields, e: Event) -> None:
     _same_attempt(s, e)
     error = {k: e.data.get(k) for k in ("error_type", "message", "retryable", "exit_code")}
-    return replace(s, state="failed", error=error, finished_at=e.at)
+    s.update(state="failed", error=error, finished_at=e.at)
 
 
 NOT_RETRYABLE_TIMEOUTS = frozenset({"queue", "deadline"})
 
 
-def _timed_out(s: JobState, e: Event) -> JobState:
-    kind = e.get("kind", "run")
+def _timed_out(s: Fields, e: Event) -> None:
+    kind = e.data.get("kind", "run")
     error = {"error_type": "timeout", "kind": kind, "message": e.data["reason"],
              "retryable": kind not in NOT_RETRYABLE_TIMEOUTS}
-    return replace(s, state="timed_out", error=error, finished_at=e.at)
+    s.update(state="timed_out", error=error, finished_at=e.at)
 
 
-def _retry_scheduled(s: JobState, e: Event) -> JobState:
-    return replace(s, state="retry_wait", not_before=e.data["not_before"])
+def _retry_scheduled(s: Fields, e: Event) -> None:
+    s.update(state="retry_wait", not_before=e.data["not_before"])
 
 
-def _dead_lettered(s: JobState, e: Event) -> JobState:
-    return replace(s, state="dead_lettered", finished_at=e.at)
+def _dead_lettered(s: Fields, e: Event) -> None:
+    s.update(state="dead_lettered", finished_at=e.at)
 
 
-def _cancel_requested(s: JobState, e: Event) -> JobState:
-    return replace(s, cancel_requested=True)
+def _cancel_requested(s: Fields, e: Event) -> None:
+    s["cancel_requested"] = True
 
 
-def _cancelled(s: JobState, e: Event) -> JobState:
-    return replace(s, state="cancelled", finished_at=e.at)
+def _cancelled(s: Fields, e: Event) -> None:
+    s.update(state="cancelled", finished_at=e.at)
 
 
-def _skipped(s: JobState, e: Event) -> JobState:
-    return replace(s, state="skipped", finished_at=e.at)
+def _skipped(s: Fields, e: Event) -> None:
+    s.update(state="skipped", finished_at=e.at)
 
 
-def _same_attempt(s: JobState, e: Event) -> None:
-    if e.data["attempt"] != s.attempt:
-        raise IllegalTransition(s.state, e.type,
-                                f"{e.type} for attempt {e.data['attempt']}, running {s.attempt}")
+def _same_attempt(s: Fields, e: Event) -> None:
+    if e.data["attempt"] != s["attempt"]:
+        raise IllegalTransition(s["state"], e.type,
+                                f"{e.type} for attempt {e.data['attempt']}, "
+                                f"running {s['attempt']}")
 
 
 _MUTATORS: dict[str, Mutator] = {

@@ -11,22 +11,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from nats.aio.msg import Msg
-
 from core.job import TERMINAL
-from core.metadata import parse_ack_reply
-from core.subjects import HDR_TRACEPARENT
 from projections.store import Store
 from projections.views import JobView, Raw, WorkerView, fold_batch
 
-__all__ = ["Applier", "JobCache", "raw_of"]
-
-
-def raw_of(msg: Msg, seq: int | None = None) -> Raw:
-    """The parts of a delivered message the projection uses (``seq`` if already parsed)."""
-    headers = msg.headers
-    return Raw(parse_ack_reply(msg.reply).stream_seq if seq is None else seq, msg.subject,
-               msg.data, headers.get(HDR_TRACEPARENT) if headers else None)
+__all__ = ["Applier", "JobCache"]
 
 
 class JobCache:
@@ -49,7 +38,7 @@ class JobCache:
     def remember(self, views: dict[str, JobView]) -> None:
         """Keep the views a batch just wrote: terminal ones go, the others move to the end."""
         for job_id, view in views.items():
-            if view.state.state in TERMINAL:
+            if view.fields["state"] in TERMINAL:
                 self._views.pop(job_id, None)
             else:
                 self._views[job_id] = view

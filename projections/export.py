@@ -23,12 +23,11 @@ from typing import Any
 import orjson
 import pyarrow as pa
 import pyarrow.dataset as ds
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from core import subjects as S
 from core.codec import CodecError, decode_event
-from core.metadata import parse_ack_reply
+from core.metadata import Stored
+from core.natsclient import Client
 from projections.reader import StreamReader
 from projections.replay import Progress, stream_head
 
@@ -61,7 +60,7 @@ class ExportResult:
     seconds: float
 
 
-def rows_of(msgs: list[Msg]) -> dict[str, list[Any]]:
+def rows_of(msgs: list[Stored]) -> dict[str, list[Any]]:
     """Column lists (in :data:`SCHEMA` order) for a batch of stored messages."""
     columns: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
     for msg in msgs:
@@ -70,20 +69,18 @@ def rows_of(msgs: list[Msg]) -> dict[str, list[Any]]:
     return columns
 
 
-def _row(msg: Msg) -> dict[str, Any]:
-    delivery = parse_ack_reply(msg.reply)
-    headers = msg.headers or {}
+def _row(msg: Stored) -> dict[str, Any]:
     parts = msg.subject.split(".")
     row: dict[str, Any] = {
-        "seq": delivery.stream_seq, "stored_at": delivery.timestamp_ns // 1000,
+        "seq": msg.seq, "stored_at": msg.time_ns // 1000,
         "subject": msg.subject, "kind": parts[1] if len(parts) > 1 else None,
         "entity_id": parts[2] if len(parts) > 2 else None, "v": None, "at": None,
-        "data": None, "correlation_id": headers.get(S.HDR_CORRELATION_ID),
-        "traceparent": headers.get(S.HDR_TRACEPARENT), "error": None,
-        "day": datetime.fromtimestamp(delivery.timestamp_ns / 1e9, UTC).strftime("%Y-%m-%d"),
+        "data": None, "correlation_id": msg.header(S.HDR_CORRELATION_ID),
+        "traceparent": msg.header(S.HDR_TRACEPARENT), "error": None,
+        "day": datetime.fromtimestamp(msg.time_ns / 1e9, UTC).strftime("%Y-%m-%d"),
         "type": _type_of(parts)}
     try:
-        event = decode_event(msg.subject, msg.data, delivery.stream_seq)
+        event = decode_event(msg.subject, msg.data, msg.seq)
     except CodecError as exc:
         row["error"] = f"{exc.code}: {exc.message}"
         row["data"] = msg.data[:4096].decode("utf-8", "replace")
@@ -102,7 +99,7 @@ def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-async def export_parquet(nc: NATS, out_dir: Path, *, from_seq: int = 1,
+async def export_parquet(nc: Client, out_dir: Path, *, from_seq: int = 1,
                          chunk: int = 100_000, progress: Progress | None = None
                          ) -> ExportResult:
     """Write the log from ``from_seq`` up to the head as it is now into ``out_dir``."""
@@ -111,15 +108,15 @@ async def export_parquet(nc: NATS, out_dir: Path, *, from_seq: int = 1,
     events = files = last = 0
     if head >= from_seq:
         reader = StreamReader(nc, S.EVENTS_STREAM, start_seq=from_seq, batch=5000, idle_s=0.5)
-        pending: list[Msg] = []
+        pending: list[Stored] = []
         try:
             async for msgs in reader.batches():
-                pending += [m for m in msgs if parse_ack_reply(m.reply).stream_seq <= head]
+                pending += [m for m in msgs if m.seq <= head]
                 end = reader.next_seq > head or (not msgs and reader.caught_up)
                 if len(pending) >= chunk or (end and pending):
                     files += _write(out_dir, pending)
                     events += len(pending)
-                    last = parse_ack_reply(pending[-1].reply).stream_seq
+                    last = pending[-1].seq
                     pending = []
                 if progress:
                     progress(reader.next_seq - 1, head, events + len(pending))
@@ -130,9 +127,9 @@ async def export_parquet(nc: NATS, out_dir: Path, *, from_seq: int = 1,
     return ExportResult(events, files, last, time.perf_counter() - started)
 
 
-def _write(out_dir: Path, msgs: list[Msg]) -> int:
+def _write(out_dir: Path, msgs: list[Stored]) -> int:
     table = pa.Table.from_pydict(rows_of(msgs), schema=SCHEMA)
-    first = parse_ack_reply(msgs[0].reply).stream_seq
+    first = msgs[0].seq
     written: list[str] = []
     ds.write_dataset(table, out_dir, format="parquet", partitioning=_PARTITIONING,
                      basename_template=f"part-{first:012d}-{{i}}.parquet",

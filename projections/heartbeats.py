@@ -9,11 +9,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-
 from core import subjects as S
 from core.codec import CodecError, loads
+from core.metadata import Stored
+from core.natsclient import Client
 from projections.reader import StreamReader
 
 __all__ = ["Heartbeat", "read_heartbeats", "parse_heartbeat"]
@@ -48,7 +47,7 @@ def parse_heartbeat(subject: str, data: bytes) -> Heartbeat | None:
                      free if type(free) is int else None, body.get("draining") is True)
 
 
-async def read_heartbeats(nc: NATS, *, timeout_s: float = 3.0) -> dict[str, Heartbeat]:
+async def read_heartbeats(nc: Client, *, timeout_s: float = 3.0) -> dict[str, Heartbeat]:
     """The latest heartbeat of every worker that sent one recently."""
     info = await nc.jetstream().stream_info(S.HEARTBEAT_STREAM)
     if not info.state.messages:
@@ -67,7 +66,7 @@ async def read_heartbeats(nc: NATS, *, timeout_s: float = 3.0) -> dict[str, Hear
     return beats
 
 
-def _collect(beats: dict[str, Heartbeat], msgs: list[Msg]) -> None:
+def _collect(beats: dict[str, Heartbeat], msgs: list[Stored]) -> None:
     for msg in msgs:
         beat = parse_heartbeat(msg.subject, msg.data)
         if beat is not None:

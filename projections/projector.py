@@ -15,7 +15,7 @@ from pathlib import Path
 from core import subjects as S
 from core.bus import connect, ensure_streams
 from core.runtime import supervise
-from projections.applier import Applier, raw_of
+from projections.applier import Applier
 from projections.reader import StreamReader
 from projections.store import Store
 
@@ -66,6 +66,6 @@ class Projector:
         try:
             async for msgs in reader.batches():
                 if msgs:
-                    applier.apply([raw_of(m) for m in msgs])
+                    applier.apply(msgs)
         finally:
             await reader.close()

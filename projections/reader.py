@@ -1,11 +1,15 @@
-"""A fast, resilient batch reader of a stream: what the projector and replay read with.
+"""A fast, resilient batch reader of a stream: what the projector, the replay and the
+export read with.
 
 It has :class:`core.bus.Tail`'s contract (batches from a sequence onwards, an empty batch
 after an idle period, a new ephemeral consumer right after the last sequence seen when
 anything fails) but not its speed limit: nats-py's ``fetch()`` waits for every message
-with a fresh task and ``wait_for``, which caps reading at ~21k messages/s on this machine;
-here a plain callback collects each pull's messages, so a batch costs one request and no
-task per message (~53k messages/s; ``bench/replay.py`` measures both).
+with a fresh task and ``wait_for`` (~21k messages/s on this machine), and even a plain
+callback subscription parses every header block into a dict and queues a ``Msg`` for a
+task (~50k/s). Here a raw subscription (:mod:`core.natsclient`) hands the wire's bytes to
+a synchronous callback that keeps them; a batch is turned into
+:class:`core.metadata.Stored` tuples in one pass, with only the ack subject parsed and the
+header block kept unparsed for whoever needs a header (``bench/replay.py`` measures it).
 
 Protocol: one pull request open at a time (a delivered message carries its original
 subject, not the request's, so only the status that ends a request names it). A
@@ -26,12 +30,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import nats.js.errors
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from core.bus import tail_consumer
-from core.metadata import parse_ack_reply
+from core.metadata import Stored, ack_numbers, status_of
+from core.natsclient import Client
 
 __all__ = ["StreamReader"]
 
@@ -39,6 +42,8 @@ log = logging.getLogger("jetflow.reader")
 
 _API_NEXT = "$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
 _HEARTBEAT = "100"
+# (reply, subject, data, header block) of a delivered message, as the wire had them
+_Wire = tuple[bytes, bytes, bytes, bytes | None]
 _ENDED = ("404", "408")  # no (more) messages; the request expired
 _SLACK_S = 5.0  # how much longer than asked a request may take before we call it lost
 
@@ -48,15 +53,17 @@ class _Pull:
     """One pull request: the messages it brought and whether the server ended it."""
 
     size: int
-    msgs: list[Msg] = field(default_factory=list)
+    msgs: list[_Wire] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     status: str = ""
 
 
 class StreamReader:
-    """``async for msgs in StreamReader(nc, "JF_EVENTS", start_seq=1).batches(): ...``"""
+    """``async for msgs in StreamReader(nc, "JF_EVENTS", start_seq=1).batches(): ...``
+    where ``nc`` comes from :func:`core.bus.connect` and each batch is a list of
+    :class:`core.metadata.Stored`."""
 
-    def __init__(self, nc: NATS, stream: str, *, start_seq: int = 1, batch: int = 2000,
+    def __init__(self, nc: Client, stream: str, *, start_seq: int = 1, batch: int = 2000,
                  idle_s: float = 1.0, linger_s: float = 0.0) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -74,29 +81,35 @@ class StreamReader:
         self._tokens = itertools.count(1)
         self._ahead: tuple[str, _Pull] | None = None
 
-    async def batches(self) -> AsyncIterator[list[Msg]]:
+    async def batches(self) -> AsyncIterator[list[Stored]]:
         """Yield non-empty batches in stream order; [] after an idle period."""
         while True:
-            msgs = await self._next()
-            if msgs and not self._contiguous(msgs):
+            wire = await self._next()
+            if not wire:
+                yield []
+                continue
+            try:
+                msgs, first, last, pending = _stored(wire)
+            except ValueError as exc:  # not a JetStream delivery: start afresh
+                log.warning("%s; resubscribing to %s at %d", exc, self.stream, self.next_seq)
+                await self.close()
+                continue
+            if not self._contiguous(first, last, len(msgs)):
                 log.warning("a delivery from %s went missing; resubscribing at %d",
                             self.stream, self.next_seq)
                 await self.close()
                 continue
-            if msgs:
-                last = parse_ack_reply(msgs[-1].reply)
-                self.next_seq = last.stream_seq + 1
-                self.caught_up = last.pending == 0
+            self.next_seq = msgs[-1].seq + 1
+            self.caught_up = pending == 0
             yield msgs
 
-    def _contiguous(self, msgs: list[Msg]) -> bool:
+    def _contiguous(self, first: int, last: int, count: int) -> bool:
         """Whether the consumer delivered these right after the last batch, none lost."""
-        first, last = _delivery_seq(msgs[0].reply), _delivery_seq(msgs[-1].reply)
-        ok = first == self._last_delivery + 1 and last - first + 1 == len(msgs)
+        ok = first == self._last_delivery + 1 and last - first + 1 == count
         self._last_delivery = last
         return ok
 
-    async def _next(self) -> list[Msg]:
+    async def _next(self) -> list[_Wire]:
         try:
             if self._sub is None:
                 await self._subscribe()
@@ -108,7 +121,7 @@ class StreamReader:
             await asyncio.sleep(0.5)
             return []
 
-    async def _fetch(self) -> list[Msg]:
+    async def _fetch(self) -> list[_Wire]:
         token, pull = self._ahead or await self._request(self.batch, no_wait=True)
         self._ahead = None
         await self._finish(token, pull, _SLACK_S)
@@ -119,7 +132,7 @@ class StreamReader:
         self.caught_up = True
         return await self._long_poll()
 
-    async def _long_poll(self) -> list[Msg]:
+    async def _long_poll(self) -> list[_Wire]:
         """Wait up to ``idle_s`` for the next message, then take what else came with it."""
         token, pull = await self._request(1, no_wait=False)
         await self._finish(token, pull, self.idle_s + _SLACK_S)
@@ -173,18 +186,18 @@ class StreamReader:
             # that would fail the same way at once if repeated, so start afresh instead.
             raise RuntimeError(f"pull refused: {pull.status}")
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, subject: bytes, reply: bytes, data: bytes,
+                headers: bytes | None) -> None:
         if self._pull is None:
             return
         token, pull = self._pull
-        headers = msg.headers or {}
-        status = headers.get("Status")
+        status = status_of(headers)
         if status is None:
-            pull.msgs.append(msg)
+            pull.msgs.append((reply, subject, data, headers))
             if len(pull.msgs) >= pull.size:
                 pull.done.set()
-        elif status != _HEARTBEAT and msg.subject == f"{self._inbox}.{token}":
-            pull.status = f"{status} {headers.get('Description', '')}".strip()
+        elif status[0] != _HEARTBEAT and subject.decode() == f"{self._inbox}.{token}":
+            pull.status = " ".join(status).strip()
             pull.done.set()
 
     async def _subscribe(self) -> None:
@@ -193,8 +206,7 @@ class StreamReader:
         self._consumer = str(info.name)
         self._last_delivery = 0
         self._inbox = self.nc.new_inbox()
-        self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg,
-                                            pending_msgs_limit=-1, pending_bytes_limit=-1)
+        self._sub = await self.nc.subscribe_raw(f"{self._inbox}.*", self._on_msg)
 
     async def _consumer_exists(self) -> bool:
         try:
@@ -214,14 +226,22 @@ class StreamReader:
         self._ahead = None
         if sub is not None:
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await self.nc.unsubscribe_raw(sub)
         if self._consumer:
             consumer, self._consumer = self._consumer, ""
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.js.delete_consumer(self.stream, consumer), 2.0)
 
 
-def _delivery_seq(reply: str) -> int:
-    """The consumer sequence in a JetStream ack subject (see core.metadata for the shapes)."""
-    tokens = reply.split(".")
-    return int(tokens[6 if len(tokens) == 9 else 8])
+def _stored(wire: list[_Wire]) -> tuple[list[Stored], int, int, int]:
+    """The batch as :class:`Stored`, with the consumer sequences of its first and last
+    message and the pending count after it; ValueError if a reply is no ack subject."""
+    msgs: list[Stored] = []
+    append = msgs.append
+    first = last = pending = 0
+    for reply, subject, data, headers in wire:
+        seq, last, time_ns, pending = ack_numbers(reply)
+        append(Stored(seq, subject.decode(), data, headers, time_ns))
+        if not first:
+            first = last
+    return msgs, first, last, pending

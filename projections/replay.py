@@ -1,5 +1,6 @@
 """Rebuilding a projection from the log: from sequence 1 up to the head, a sequence or a
-time (time travel), with the same :class:`Applier` as the live projector."""
+time (time travel), with the same :class:`Applier` as the live projector. The log is read
+by a child process (:mod:`projections.fetcher`) while this one folds and writes."""
 
 from __future__ import annotations
 
@@ -8,39 +9,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-
 from core import subjects as S
-from core.metadata import parse_ack_reply
-from projections.applier import Applier, raw_of
-from projections.reader import StreamReader
+from core.natsclient import Client
+from projections.applier import Applier
+from projections.fetcher import Bounds, FetchError, fetch
 from projections.store import Store
-from projections.views import Raw
 
 __all__ = ["ReplayResult", "Progress", "rebuild", "Bounds"]
 
 # (last sequence read, the sequence it stops at, events applied so far)
 Progress = Callable[[int, int, int], None]
-
-
-@dataclass(frozen=True, slots=True)
-class Bounds:
-    """Where a replay stops: the stream head when it started, or earlier."""
-
-    to_seq: int
-    until_ns: int | None = None  # the stream's store time, in Unix nanoseconds
-
-    def cut(self, msgs: list[Msg]) -> tuple[list[Raw], bool]:
-        """The messages within bounds, and whether the end was reached."""
-        raws: list[Raw] = []
-        for msg in msgs:
-            delivery = parse_ack_reply(msg.reply)
-            if delivery.stream_seq > self.to_seq or (
-                    self.until_ns is not None and delivery.timestamp_ns > self.until_ns):
-                return raws, True
-            raws.append(raw_of(msg, delivery.stream_seq))
-        return raws, bool(raws) and raws[-1].seq >= self.to_seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +32,12 @@ class ReplayResult:
         return self.events / self.seconds if self.seconds > 0 else 0.0
 
 
-async def stream_head(nc: NATS) -> int:
+async def stream_head(nc: Client) -> int:
     info = await nc.jetstream().stream_info(S.EVENTS_STREAM)
     return int(info.state.last_seq)
 
 
-async def rebuild(nc: NATS, db_path: Path, *, to_seq: int | None = None,
+async def rebuild(nc: Client, db_path: Path, *, to_seq: int | None = None,
                   until: float | None = None, batch: int = 5000,
                   progress: Progress | None = None) -> ReplayResult:
     """Apply the log from sequence 1 into ``db_path`` (a new or empty file) up to the head
@@ -78,22 +56,22 @@ async def rebuild(nc: NATS, db_path: Path, *, to_seq: int | None = None,
     return ReplayResult(events, last, time.perf_counter() - started)
 
 
-async def _replay(nc: NATS, applier: Applier, bounds: Bounds, batch: int,
+async def _replay(nc: Client, applier: Applier, bounds: Bounds, batch: int,
                   progress: Progress | None) -> int:
     if bounds.to_seq <= applier.last_seq:
         return 0
-    reader = StreamReader(nc, S.EVENTS_STREAM, start_seq=applier.last_seq + 1, batch=batch,
-                          idle_s=0.5)
     events = 0
-    try:
-        async for msgs in reader.batches():
-            raws, done = bounds.cut(msgs)
-            applier.apply(raws)
-            events += len(raws)
-            if progress:
-                progress(applier.last_seq, bounds.to_seq, events)
-            if done or (not msgs and reader.caught_up):
-                break
-    finally:
-        await reader.close()
+    async for msgs in fetch(url_of(nc), applier.last_seq + 1, bounds, batch=batch):
+        applier.apply(msgs)
+        events += len(msgs)
+        if progress:
+            progress(applier.last_seq, bounds.to_seq, events)
     return events
+
+
+def url_of(nc: Client) -> str:
+    """The URL ``nc`` is connected with (credentials included), for a child process."""
+    uri = nc.connected_url
+    if uri is None:
+        raise FetchError("not connected to NATS")
+    return uri.geturl()

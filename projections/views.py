@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 
 from core.codec import CodecError, decode_event
 from core.events import Event
-from core.job import IllegalTransition, JobState, apply
+from core.job import Fields, IllegalTransition, JobState, as_fields, from_fields, step
+from core.metadata import Stored, header_value
+from core.subjects import HDR_TRACEPARENT
 
 __all__ = [
     "Raw",
@@ -37,22 +39,31 @@ SUMMARY_CHARS = 200  # of a job's result kept in the jobs table (the timeline ha
 _RAW_CHARS = 2000  # of an unusable message kept in projection_errors
 
 
-class Raw(NamedTuple):
-    """One stored message as the projection sees it."""
-
-    seq: int
-    subject: str
-    data: bytes
-    traceparent: str | None = None
+Raw = Stored  # one stored message as the projection sees it
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobView:
-    """A job's state plus what only the projection tracks."""
+    """A job's fields (:func:`core.job.as_fields`) plus what only the projection tracks.
 
-    state: JobState
+    The fold never changes a view it was given: a batch works on its own copy of each job
+    it touches, so the views in a cache stay as the rows written before the batch."""
+
+    fields: Fields
     trace_id: str | None = None
     queued_at: float | None = None  # when it last entered the queue
+
+    @classmethod
+    def of(cls, state: JobState, trace_id: str | None = None,
+           queued_at: float | None = None) -> JobView:
+        return cls(as_fields(state), trace_id, queued_at)
+
+    @property
+    def state(self) -> JobState:
+        return from_fields(self.fields)
+
+    def copy(self) -> JobView:
+        return JobView(dict(self.fields), self.trace_id, self.queued_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +104,12 @@ class BatchRows:
 
     def queue_states(self) -> dict[Key, int]:
         """Net change of the per (queue, state) job counts."""
-        return self._deltas(lambda v: (v.state.queue, v.state.state))
+        return self._deltas(lambda v: (v.fields["queue"], v.fields["state"]))
 
     def queue_depth(self) -> dict[Key, int]:
         """Net change of the per (queue, priority) counts of queued jobs."""
-        return self._deltas(lambda v: (v.state.queue, v.state.priority)
-                            if v.state.state == "queued" else None)
+        return self._deltas(lambda v: (v.fields["queue"], v.fields["priority"])
+                            if v.fields["state"] == "queued" else None)
 
     def _deltas(self, key: Callable[[JobView], Key | None]) -> dict[Key, int]:
         out: dict[Key, int] = {}
@@ -156,41 +167,52 @@ class _Fold:
 
     # -- jobs -------------------------------------------------------------------------
     def _job(self, event: Event, raw: Raw) -> tuple[str, str] | None:
-        before = self._job_before(event.id)
-        old = before.state if before else JobState(event.id)
+        view = self._working(event.id)
+        values = view.fields
+        old_state, old_worker = values["state"], values["worker"]
         if event.type == "submitted":
             # The projection keeps no arguments (the timeline has the whole event), so
             # neither the state cache nor state_json grows with them.
             event.data["args"] = None
         try:
-            state = apply(old, event)
+            step(values, event)  # leaves ``values`` as it was if it raises
         except IllegalTransition as exc:
             return "illegal_transition", str(exc)
         except Exception as exc:  # noqa: BLE001 - a forged field apply chokes on
             return "apply_failed", f"{event.type}: {type(exc).__name__}: {exc}"
-        self.rows.jobs[event.id] = _next_view(before, state, event, raw)
-        self._count(old, state, event)
+        if event.type == "queued":
+            view.queued_at = event.at
+        elif event.type in ("submitted", "rejected"):
+            view.trace_id = trace_id_of(header_value(raw.headers, HDR_TRACEPARENT))
+        self.rows.jobs[event.id] = view
+        self._count(old_state, old_worker, values, event)
         return None
 
-    def _job_before(self, job_id: str) -> JobView | None:
+    def _working(self, job_id: str) -> JobView:
+        """The batch's own copy of a job's view (a new job's, if unknown)."""
         rows = self.rows
-        if job_id in rows.jobs:
-            return rows.jobs[job_id]
+        view = rows.jobs.get(job_id)
+        if view is not None:
+            return view
         if job_id not in rows.before:
             rows.before[job_id] = self.load_job(job_id)
-        return rows.before[job_id]
+        before = rows.before[job_id]
+        if before is not None:
+            return before.copy()
+        return JobView({**_NEW_JOB, "job_id": job_id})
 
-    def _count(self, old: JobState, new: JobState, event: Event) -> None:
+    def _count(self, old_state: str, old_worker: str | None, new: Fields,
+               event: Event) -> None:
         column = _OUTCOME_COLUMN.get(event.type)
         if column is None:
             return
-        key = (new.queue, int(event.at // 60))
+        key = (new["queue"], int(event.at // 60))
         counts = self.rows.throughput.setdefault(key, [0, 0, 0])
         counts[column] += 1
-        if column == 0 and new.worker:
-            self.credits.setdefault(new.worker, [0, 0])[0] += 1
-        elif column == 1 and old.state == "running" and old.worker:
-            self.credits.setdefault(old.worker, [0, 0])[1] += 1
+        if column == 0 and new["worker"]:
+            self.credits.setdefault(new["worker"], [0, 0])[0] += 1
+        elif column == 1 and old_state == "running" and old_worker:
+            self.credits.setdefault(old_worker, [0, 0])[1] += 1
 
     def credit_workers(self) -> None:
         """Add the batch's outcomes to the workers that ran them (once per worker)."""
@@ -216,16 +238,10 @@ class _Fold:
         return worker or WorkerView(worker_id)
 
 
+_NEW_JOB = as_fields(JobState(""))
+
 # succeeded, failed (an attempt that failed or timed out), dead_lettered
 _OUTCOME_COLUMN = {"succeeded": 0, "failed": 1, "timed_out": 1, "dead_lettered": 2}
-
-
-def _next_view(before: JobView | None, state: JobState, event: Event, raw: Raw) -> JobView:
-    trace_id = before.trace_id if before else None
-    if event.type in ("submitted", "rejected"):
-        trace_id = trace_id_of(raw.traceparent)
-    queued_at = event.at if event.type == "queued" else (before.queued_at if before else None)
-    return JobView(state, trace_id, queued_at)
 
 
 def _joined(worker: WorkerView, e: Event) -> WorkerView:
@@ -255,16 +271,17 @@ def trace_id_of(traceparent: str | None) -> str | None:
 
 def job_row(view: JobView) -> tuple[Any, ...]:
     """The jobs table's row (column order of the schema)."""
-    s = view.state
-    return (s.job_id, s.queue, s.handler, s.priority, s.state, s.attempt, s.max_attempts,
-            s.worker, s.correlation_id, view.trace_id, s.submitted_at, view.queued_at,
-            s.started_at, s.finished_at, _summary(s.result), _json(s.error), s.last_seq,
-            s.events, orjson.dumps(s).decode())
+    s = view.fields
+    return (s["job_id"], s["queue"], s["handler"], s["priority"], s["state"], s["attempt"],
+            s["max_attempts"], s["worker"], s["correlation_id"], view.trace_id,
+            s["submitted_at"], view.queued_at, s["started_at"], s["finished_at"],
+            _summary(s["result"]), _json(s["error"]), s["last_seq"], s["events"],
+            orjson.dumps(s).decode())
 
 
 def job_view_from_row(trace_id: str | None, queued_at: float | None,
                       state_json: str) -> JobView:
-    return JobView(JobState(**orjson.loads(state_json)), trace_id, queued_at)
+    return JobView(orjson.loads(state_json), trace_id, queued_at)
 
 
 def worker_row(w: WorkerView) -> tuple[Any, ...]:

@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 
 from core.codec import MAX_EVENT_BYTES, CodecError, decode_event, dumps, encode_event, loads
 from core.events import FIELDS, SCHEMA_VERSION, Event
-from core.metadata import Delivery, parse_ack_reply
+from core.metadata import (
+    Delivery,
+    ack_numbers,
+    header_block,
+    header_value,
+    parse_ack_reply,
+    status_of,
+)
 from core.subjects import event_subject
 
 PROPERTY = settings(max_examples=200, deadline=None)
@@ -364,3 +371,52 @@ def test_ack_reply_eleven_tokens() -> None:
 def test_ack_reply_of_another_shape_raises_value_error(reply: str) -> None:
     with pytest.raises(ValueError):
         parse_ack_reply(reply)
+    with pytest.raises(ValueError):
+        ack_numbers(reply.encode())
+
+
+@pytest.mark.parametrize("reply", [
+    "$JS.ACK.JF_EVENTS.c1.1.1234.77.1795319285788380563.5",
+    "$JS.ACK.dom.acc.JF_EVENTS.c1.1.1234.77.1795319285788380563.5",
+    "$JS.ACK.dom.acc.JF_EVENTS.c1.1.1234.77.1795319285788380563.5.tok",
+])
+def test_ack_numbers_read_the_wire_bytes_like_parse_ack_reply(reply: str) -> None:
+    """(stream seq, consumer seq, stored time, pending): what the bulk reader needs."""
+    delivery = parse_ack_reply(reply)
+    assert ack_numbers(reply.encode()) == (delivery.stream_seq, 77, delivery.timestamp_ns,
+                                           delivery.pending) == (1234, 77,
+                                                                 1795319285788380563, 5)
+
+
+# -- header blocks ---------------------------------------------------------------------------
+
+def test_header_value_reads_one_header_of_a_block() -> None:
+    block = b"NATS/1.0\r\nNats-Msg-Id: a:1\r\ntraceparent:  00-ab-cd-01 \r\nX: \xc3\xa9\r\n\r\n"
+    assert header_value(block, "traceparent") == "00-ab-cd-01"
+    assert header_value(block, "Nats-Msg-Id") == "a:1"
+    assert header_value(block, "X") == "é"
+    assert header_value(block, "missing") is None
+    assert header_value(None, "traceparent") is None
+    assert header_value(b"NATS/1.0\r\n\r\n", "traceparent") is None
+
+
+def test_header_block_round_trips_through_header_value() -> None:
+    headers = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+               "Jf-Correlation-Id": "order-7"}
+    block = header_block(headers)
+    assert block.startswith(b"NATS/1.0\r\n") and block.endswith(b"\r\n\r\n")
+    assert {k: header_value(block, k) for k in headers} == headers
+    assert status_of(block) is None
+
+
+@pytest.mark.parametrize(("block", "status"), [
+    (b"NATS/1.0 404 No Messages\r\n\r\n", ("404", "No Messages")),
+    (b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 1\r\n\r\n",
+     ("408", "Request Timeout")),
+    (b"NATS/1.0 100 Idle Heartbeat\r\n\r\n", ("100", "Idle Heartbeat")),
+    (b"NATS/1.0 503\r\n\r\n", ("503", "")),
+    (b"NATS/1.0\r\nStatus: 404\r\n\r\n", None),  # a header, not a status line
+    (None, None),
+])
+def test_status_of_a_header_block(block: bytes | None, status: tuple[str, str] | None) -> None:
+    assert status_of(block) == status

@@ -11,7 +11,18 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from core.events import FIELDS, JOB_EVENTS, Event
-from core.job import ACTIVE, TERMINAL, TRANSITIONS, IllegalTransition, JobState, apply, fold
+from core.job import (
+    ACTIVE,
+    TERMINAL,
+    TRANSITIONS,
+    IllegalTransition,
+    JobState,
+    apply,
+    as_fields,
+    fold,
+    from_fields,
+)
+from core.job import step as step_fields
 
 JOB = "job-1"
 NEW = "new"
@@ -406,6 +417,34 @@ def test_fold_equals_applying_one_by_one(seq_steps: list[tuple[str, int, int]]) 
     assert len(distinct) == len(accepted)
     for n, expected in enumerate(distinct, start=1):
         assert fold(accepted[:n], JOB) == expected
+
+
+@PROPERTY
+@given(steps, st.data())
+def test_step_changes_the_fields_as_apply_does_or_not_at_all(
+        seq_steps: list[tuple[str, int, int]], data: st.DataObject) -> None:
+    """The projector's in-place fold path: the same result as ``apply``; on any error
+    (an illegal move, a field missing from a forged event) the fields stay as they were."""
+    state = JobState(JOB)
+    values = as_fields(state)
+    for i, (mode, index, offset) in enumerate(seq_steps, start=1):
+        type_ = pick(mode, index, state)
+        e = event(type_, state, seq=i, attempt=right_attempt(type_, state) + offset)
+        if e.data and data.draw(st.integers(0, 9)) == 0:  # a forged event lacking a field
+            gone = data.draw(st.sampled_from(sorted(e.data)))
+            e = Event(e.kind, e.id, e.type, e.at, {k: v for k, v in e.data.items()
+                                                   if k != gone}, seq=e.seq)
+        before = dict(values)
+        try:
+            expected = apply(state, e)
+        except Exception as exc:  # noqa: BLE001 - whatever apply raises, step raises too
+            with pytest.raises(type(exc)):
+                step_fields(values, e)
+            assert values == before
+            continue
+        step_fields(values, e)
+        assert from_fields(values) == expected and list(values) == list(before)
+        state = expected
 
 
 class JobLifecycle(RuleBasedStateMachine):

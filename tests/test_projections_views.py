@@ -22,11 +22,11 @@ from core import subjects as S
 from core.codec import encode_event
 from core.events import Event
 from core.job import JobState
+from core.metadata import header_block
 from projections.applier import Applier, JobCache
 from projections.heartbeats import parse_heartbeat
 from projections.progress import progress_reporter
 from projections.queries import worker_status
-from projections.reader import _delivery_seq
 from projections.render import status_view
 from projections.schema import SCHEMA_VERSION, TABLES, ProjectionError
 from projections.store import Store, file_version, open_reader
@@ -49,7 +49,12 @@ TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 def raw(seq: int, kind: str, id_: str, type_: str, at: float, tp: str | None = None,
         **data: Any) -> Raw:
     return Raw(seq, S.event_subject(kind, id_, type_),
-               encode_event(Event(kind, id_, type_, at, data)), tp)
+               encode_event(Event(kind, id_, type_, at, data)), traced(tp))
+
+
+def traced(traceparent: str | None) -> bytes | None:
+    """The header block of a message carrying ``traceparent`` (None: no headers)."""
+    return header_block({S.HDR_TRACEPARENT: traceparent}) if traceparent else None
 
 
 def lifecycle(job_id: str = "j1", start: int = 1, worker: str = "w1") -> list[Raw]:
@@ -94,7 +99,7 @@ def test_fold_of_a_lifecycle() -> None:
 
 def test_fold_is_pure_and_deterministic() -> None:
     batch = lifecycle()
-    before = JobView(JobState("j9", state="queued", queue="q", attempt=0))
+    before = JobView.of(JobState("j9", state="queued", queue="q", attempt=0))
     first = fold_batch(batch, lambda _j: before, nothing)
     second = fold_batch(batch, lambda _j: before, nothing)
     assert first == second
@@ -188,11 +193,11 @@ def test_heartbeat_parsing() -> None:
 
 def test_job_cache_forgets_finished_jobs_and_stays_bounded() -> None:
     cache = JobCache(capacity=3)
-    running = JobView(JobState("a", state="running"))
-    done = JobView(JobState("b", state="succeeded"))
+    running = JobView.of(JobState("a", state="running"))
+    done = JobView.of(JobState("b", state="succeeded"))
     cache.remember({"a": running, "b": done})
     assert "a" in cache and "b" not in cache
-    cache.remember({k: JobView(JobState(k, state="queued")) for k in "cdef"})
+    cache.remember({k: JobView.of(JobState(k, state="queued")) for k in "cdef"})
     assert len(cache) == 3 and "a" not in cache and cache.get("f") is not None
 
 
@@ -218,7 +223,7 @@ def build(path: Path, raws: list[Raw], batch: int, cache_size: int = 50_000) -> 
 
 def synthetic_raws(events: int, seed: int = 3) -> list[Raw]:
     return [Raw(i + 1, S.event_subject(e.kind, e.id, e.type), encode_event(e),
-                h.get(S.HDR_TRACEPARENT)) for i, (e, h) in
+                header_block(h)) for i, (e, h) in
             enumerate(synthetic_log(events, seed=seed, in_flight=16))]
 
 
@@ -260,7 +265,7 @@ def test_rows_agree_with_the_synthetic_log(tmp_path: Path) -> None:
 
 def golden_raws() -> list[Raw]:
     lines = (GOLDEN / "projection-mixed.jsonl").read_text().splitlines()
-    return [Raw(o["seq"], o["subject"], o["data"].encode(), o["traceparent"])
+    return [Raw(o["seq"], o["subject"], o["data"].encode(), traced(o["traceparent"]))
             for o in map(json.loads, lines)]
 
 
@@ -342,10 +347,3 @@ def test_timeline_keeps_the_whole_event() -> None:
 def test_credit_for_an_unknown_worker_creates_its_row() -> None:
     rows = fold_batch(lifecycle(worker="ghost"), nothing, lambda _w: None)
     assert rows.workers["ghost"] == WorkerView("ghost", succeeded=1, failed=1)
-
-
-def test_delivery_sequence_of_ack_subjects() -> None:
-    assert _delivery_seq("$JS.ACK.JF_EVENTS.c1.1.1234.77.1795319285788380563.0") == 77
-    assert _delivery_seq("$JS.ACK.dom.acc.JF_EVENTS.c1.1.1234.78.1795319285788380563.5") == 78
-    assert _delivery_seq("$JS.ACK.dom.acc.JF_EVENTS.c1.1.1234.79.1795319285788380563.5.tok") \
-        == 79

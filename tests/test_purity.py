@@ -29,8 +29,8 @@ PURE = [
 ]
 # Adapters: NATS, the server process, the client, the CLI, the process runtime, the
 # stack of service processes.
-IMPURE = ["bus", "server", "client", "cli", "runtime", "stack", "tracing", "collector",
-          "trace_cli"]
+IMPURE = ["bus", "natsclient", "server", "client", "cli", "runtime", "stack", "tracing",
+          "collector", "trace_cli"]
 
 # Pure helpers of the sentinel (the service module itself is the adapter).
 SENTINEL_PURE = ["intake", "replies"]

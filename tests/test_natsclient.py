@@ -1,0 +1,108 @@
+"""Raw subscriptions (core.natsclient) against a real nats-server: the wire's bytes reach
+the callback untouched, other subscriptions on the connection are not affected, and the
+bulk reader and the replay's reading child work through them."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+
+from nats.aio.msg import Msg
+
+from core import subjects as S
+from core.bus import connect, ensure_streams
+from core.metadata import header_value, status_of
+from core.server import EmbeddedServer
+from projections.fetcher import Bounds, FetchError, fetch
+from projections.reader import StreamReader
+from tests.test_projections_e2e import publish_synthetic
+
+Wire = tuple[bytes, bytes, bytes, bytes | None]
+
+
+async def test_raw_subscription_gets_the_wire_bytes(server: EmbeddedServer) -> None:
+    nc = await connect(server.url)
+    got: list[Wire] = []
+    plain: list[bytes] = []
+    try:
+        sub = await nc.subscribe_raw("raw.>", lambda *wire: got.append(wire))
+        await nc.subscribe("raw.>", cb=partial(_append, plain))
+        await nc.publish("raw.a", b"one", reply="r.1",
+                         headers={"traceparent": "00-ab-cd-01", "X": "\u00e9"})
+        await nc.publish("raw.b", b"two")
+        await nc.flush()
+        await _until(lambda: len(got) == 2 and len(plain) == 2)
+        (subject, reply, data, headers), second = got
+        assert (subject, reply, data) == (b"raw.a", b"r.1", b"one")
+        assert header_value(headers, "traceparent") == "00-ab-cd-01"
+        assert header_value(headers, "X") == "\u00e9" and status_of(headers) is None
+        assert second == (b"raw.b", b"", b"two", None)
+        assert plain == [b"one", b"two"]  # an ordinary subscription still gets Msgs
+
+        await nc.unsubscribe_raw(sub)
+        await nc.publish("raw.c", b"three")
+        await nc.flush()
+        await _until(lambda: len(plain) == 3)
+        assert len(got) == 2
+    finally:
+        await nc.close()
+
+
+async def _append(out: list[bytes], msg: Msg) -> None:
+    out.append(msg.data)
+
+
+async def _until(check: object, timeout_s: float = 5.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not check():  # type: ignore[operator]
+            await asyncio.sleep(0.01)
+
+
+async def test_reader_yields_stored_messages_with_headers_and_times(
+        server: EmbeddedServer) -> None:
+    head = await publish_synthetic(server.url, 1200)
+    nc = await connect(server.url)
+    reader = StreamReader(nc, S.EVENTS_STREAM, batch=500, idle_s=0.2)
+    msgs = []
+    try:
+        async for batch in reader.batches():
+            msgs += batch
+            if reader.next_seq > head:
+                break
+    finally:
+        await reader.close()
+        await nc.close()
+    assert [m.seq for m in msgs] == list(range(1, head + 1))
+    assert all(m.subject.startswith("jf.") and m.data.startswith(b"{") for m in msgs)
+    times = [m.time_ns for m in msgs]
+    assert times == sorted(times) and times[0] > 1_600_000_000 * 10**9
+    assert any(m.header(S.HDR_TRACEPARENT) for m in msgs)  # synthetic appends carry them
+
+
+async def test_fetcher_child_reads_up_to_its_bounds(server: EmbeddedServer) -> None:
+    head = await publish_synthetic(server.url, 2500)
+    got = [m async for batch in fetch(server.url, 101, Bounds(2000), batch=300)
+           for m in batch]
+    assert [m.seq for m in got] == list(range(101, 2001)) and head > 2000
+    everything = [m async for batch in fetch(server.url, 1, Bounds(head)) for m in batch]
+    cut = everything[1199].time_ns  # time travel: stop at a store time
+    timed = [m async for batch in fetch(server.url, 1, Bounds(head, cut)) for m in batch]
+    assert timed[-1].time_ns <= cut and len(timed) >= 1200
+    assert all(m.time_ns > cut for m in everything[len(timed):])
+
+
+async def test_fetcher_child_failure_is_an_error_not_a_short_replay(
+        server: EmbeddedServer) -> None:
+    nc = await connect(server.url)
+    await ensure_streams(nc.jetstream())
+    await nc.close()
+    url = server.url
+    await server.stop()  # the child cannot connect: it must fail loudly
+    try:
+        async with asyncio.timeout(30):
+            async for _batch in fetch(url, 1, Bounds(10)):
+                raise AssertionError("no batch can come from a stopped server")
+    except FetchError as exc:
+        assert "exit code" in str(exc)
+    else:
+        raise AssertionError("fetch ended quietly")
