@@ -13,6 +13,7 @@ from typing import Any
 
 __all__ = [
     "Event",
+    "stored_event",
     "JOB_EVENTS",
     "WORKER_EVENTS",
     "FIELDS",
@@ -84,6 +85,28 @@ class Event:
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.data.get(key, default)
+
+
+_new = object.__new__
+_SET = tuple(Event.__dict__[name].__set__ for name in ("kind", "id", "type", "at", "data", "v",
+                                                          "seq"))
+
+
+def stored_event(kind: str, id_: str, type_: str, at: float, data: dict[str, Any], v: int,
+                 seq: int) -> Event:
+    """``Event(kind, id_, type_, at, data, v, seq)`` for the codec, which builds one per
+    stored event: set through the slots, as the frozen dataclass's ``__init__`` does with
+    ``object.__setattr__`` per field, at half the cost. (A test checks they agree.)"""
+    set_kind, set_id, set_type, set_at, set_data, set_v, set_seq = _SET
+    event = _new(Event)
+    set_kind(event, kind)
+    set_id(event, id_)
+    set_type(event, type_)
+    set_at(event, at)
+    set_data(event, data)
+    set_v(event, v)
+    set_seq(event, seq)
+    return event
 
 
 def job_event(job_id: str, type_: str, at: float, **data: Any) -> Event:

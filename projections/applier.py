@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from core import subjects as S
 from core.job import TERMINAL
 from projections.store import Store
 from projections.views import JobView, Raw, WorkerView, fold_batch
@@ -85,9 +86,11 @@ class Applier:
         return self.jobs.get(job_id) or self._loaded.get(job_id)
 
     def _uncached(self, batch: Iterable[Raw]) -> set[str]:
-        ids: set[str] = set()
-        for raw in batch:
-            parts = raw.subject.split(".", 3)
-            if len(parts) == 4 and parts[1] == "job" and parts[2] not in self.jobs:
-                ids.add(parts[2])
-        return ids
+        """The ids of the jobs ``batch`` touches that are not in the cache."""
+        prefix, cut = _JOB_SUBJECT, len(_JOB_SUBJECT)
+        ids = {s[cut:s.rfind(".")] for s in (raw.subject for raw in batch)
+               if s.startswith(prefix)}
+        return {job_id for job_id in ids if job_id not in self.jobs}
+
+
+_JOB_SUBJECT = f"{S.PREFIX}.job."  # jf.job.<id>.<type>

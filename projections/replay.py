@@ -45,12 +45,13 @@ async def rebuild(nc: Client, db_path: Path, *, to_seq: int | None = None,
     head = await stream_head(nc)
     bounds = Bounds(min(head, to_seq) if to_seq is not None else head,
                     None if until is None else int(until * 1e9))
-    store = Store.open(db_path)
+    store = Store.open(db_path, bulk=True)
     started = time.perf_counter()
     try:
         applier = Applier(store)
         events = await _replay(nc, applier, bounds, batch, progress)
         last = applier.last_seq
+        store.finish()
     finally:
         store.close()
     return ReplayResult(events, last, time.perf_counter() - started)

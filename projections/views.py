@@ -146,9 +146,11 @@ class _Fold:
 
     def add(self, raw: Raw) -> None:
         rows = self.rows
-        rows.last_seq = max(rows.last_seq, raw.seq)
+        seq = raw.seq
+        if seq > rows.last_seq:
+            rows.last_seq = seq
         try:
-            event = decode_event(raw.subject, raw.data, raw.seq)
+            event = decode_event(raw.subject, raw.data, seq)
         except CodecError as exc:
             self._error(raw, exc.code, exc.message)
             return
@@ -156,10 +158,10 @@ class _Fold:
         if problem:
             self._error(raw, *problem)
             return
-        rows.timeline.append((raw.seq, event.kind, event.id, event.type, event.at,
-                              raw.data.decode()))
-        if rows.last_at is None or event.at > rows.last_at:
-            rows.last_at = event.at
+        at = event.at
+        rows.timeline.append((seq, event.kind, event.id, event.type, at, raw.data.decode()))
+        if rows.last_at is None or at > rows.last_at:
+            rows.last_at = at
 
     def _error(self, raw: Raw, code: str, reason: str) -> None:
         text = raw.data[:_RAW_CHARS].decode("utf-8", "replace")
@@ -167,10 +169,11 @@ class _Fold:
 
     # -- jobs -------------------------------------------------------------------------
     def _job(self, event: Event, raw: Raw) -> tuple[str, str] | None:
-        view = self._working(event.id)
+        type_ = event.type
+        view = self.rows.jobs.get(event.id) or self._working(event.id)
         values = view.fields
         old_state, old_worker = values["state"], values["worker"]
-        if event.type == "submitted":
+        if type_ == "submitted":
             # The projection keeps no arguments (the timeline has the whole event), so
             # neither the state cache nor state_json grows with them.
             event.data["args"] = None
@@ -179,21 +182,20 @@ class _Fold:
         except IllegalTransition as exc:
             return "illegal_transition", str(exc)
         except Exception as exc:  # noqa: BLE001 - a forged field apply chokes on
-            return "apply_failed", f"{event.type}: {type(exc).__name__}: {exc}"
-        if event.type == "queued":
+            return "apply_failed", f"{type_}: {type(exc).__name__}: {exc}"
+        if type_ == "queued":
             view.queued_at = event.at
-        elif event.type in ("submitted", "rejected"):
+        elif type_ == "submitted" or type_ == "rejected":
             view.trace_id = trace_id_of(header_value(raw.headers, HDR_TRACEPARENT))
         self.rows.jobs[event.id] = view
-        self._count(old_state, old_worker, values, event)
+        if type_ in _OUTCOME_COLUMN:
+            self._count(old_state, old_worker, values, event)
         return None
 
     def _working(self, job_id: str) -> JobView:
-        """The batch's own copy of a job's view (a new job's, if unknown)."""
+        """A new copy of a job's view as it was before the batch (a new job's, if
+        unknown), for the batch to work on."""
         rows = self.rows
-        view = rows.jobs.get(job_id)
-        if view is not None:
-            return view
         if job_id not in rows.before:
             rows.before[job_id] = self.load_job(job_id)
         before = rows.before[job_id]
@@ -203,9 +205,7 @@ class _Fold:
 
     def _count(self, old_state: str, old_worker: str | None, new: Fields,
                event: Event) -> None:
-        column = _OUTCOME_COLUMN.get(event.type)
-        if column is None:
-            return
+        column = _OUTCOME_COLUMN[event.type]
         key = (new["queue"], int(event.at // 60))
         counts = self.rows.throughput.setdefault(key, [0, 0, 0])
         counts[column] += 1
