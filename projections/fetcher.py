@@ -116,7 +116,7 @@ async def _serve(start_seq: int, bounds: Bounds, batch: int, out: BinaryIO) -> N
         async for msgs in reader.batches():
             within, done = bounds.cut(msgs)
             if within:
-                _write(out, pickle.dumps([tuple(m) for m in within], protocol=5))
+                _write(out, pickle.dumps(list(map(tuple, within)), protocol=5))
             if done or (not msgs and reader.caught_up):
                 break
         _write(out, b"")

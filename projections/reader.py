@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import nats.js.errors
 from nats.aio.subscription import Subscription
@@ -191,7 +193,8 @@ class StreamReader:
         if self._pull is None:
             return
         token, pull = self._pull
-        status = status_of(headers)
+        # a status ("NATS/1.0 404 No Messages") has a space where headers have "\r\n"
+        status = None if headers is None or headers[8:9] != b" " else status_of(headers)
         if status is None:
             pull.msgs.append((reply, subject, data, headers))
             if len(pull.msgs) >= pull.size:
@@ -233,6 +236,9 @@ class StreamReader:
                 await asyncio.wait_for(self.js.delete_consumer(self.stream, consumer), 2.0)
 
 
+_as_stored: Callable[[tuple[Any, ...]], Stored] = functools.partial(tuple.__new__, Stored)
+
+
 def _stored(wire: list[_Wire]) -> tuple[list[Stored], int, int, int]:
     """The batch as :class:`Stored`, with the consumer sequences of its first and last
     message and the pending count after it; ValueError if a reply is no ack subject."""
@@ -241,7 +247,7 @@ def _stored(wire: list[_Wire]) -> tuple[list[Stored], int, int, int]:
     first = last = pending = 0
     for reply, subject, data, headers in wire:
         seq, last, time_ns, pending = ack_numbers(reply)
-        append(Stored(seq, subject.decode(), data, headers, time_ns))
+        append(_as_stored((seq, subject.decode(), data, headers, time_ns)))
         if not first:
             first = last
     return msgs, first, last, pending
