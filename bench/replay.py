@@ -15,7 +15,8 @@ directory:
    (:class:`projections.reader.StreamReader`, turning each message into the projection's
    input) and by :class:`core.bus.Tail`; each in a child process, like the replay.
 3. **replay** - ``jetflow replay``'s :func:`projections.replay.rebuild` of the whole log
-   into a new SQLite file, in a child process whose RSS is sampled every 0.2 s.
+   into a new SQLite file, in a child process whose RSS (with its own reading child's,
+   :mod:`projections.fetcher`) is sampled every 0.2 s.
 4. **live lag** - a fresh server, the real ``jetflow projector`` process, and ``--rate``
    events/s appended for ``--seconds``; every 0.1 s the lag is measured as the age of the
    oldest appended event the projection's checkpoint has not reached (0 when caught up),
@@ -138,11 +139,26 @@ def run_child(mode: str, url: str, arg: str, batch: int) -> dict[str, Any]:
 
 
 def _rss_mb(pid: int) -> float:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    """The resident memory of ``pid`` and all its descendants (the replay's reading child
+    included), in MiB."""
+    total = 0.0
+    for proc in _tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{proc}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+    return total
+
+
+def _tree(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 # -- phases ------------------------------------------------------------------------------------

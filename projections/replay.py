@@ -4,6 +4,7 @@ by a child process (:mod:`projections.fetcher`) while this one folds and writes.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,11 +63,13 @@ async def _replay(nc: Client, applier: Applier, bounds: Bounds, batch: int,
     if bounds.to_seq <= applier.last_seq:
         return 0
     events = 0
-    async for msgs in fetch(url_of(nc), applier.last_seq + 1, bounds, batch=batch):
-        applier.apply(msgs)
-        events += len(msgs)
-        if progress:
-            progress(applier.last_seq, bounds.to_seq, events)
+    batches = fetch(url_of(nc), applier.last_seq + 1, bounds, batch=batch)
+    async with contextlib.aclosing(batches):  # a failed apply stops the reading child now
+        async for msgs in batches:
+            applier.apply(msgs)
+            events += len(msgs)
+            if progress:
+                progress(applier.last_seq, bounds.to_seq, events)
     return events
 
 

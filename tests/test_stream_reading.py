@@ -5,16 +5,21 @@ bulk reader and the replay's reading child work through them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from functools import partial
+from pathlib import Path
 
+import pytest
 from nats.aio.msg import Msg
 
 from core import subjects as S
 from core.bus import connect, ensure_streams
-from core.metadata import header_value, status_of
+from core.metadata import Stored, header_value, status_of
 from core.server import EmbeddedServer
+from projections.applier import Applier
 from projections.fetcher import Bounds, FetchError, fetch
 from projections.reader import StreamReader
+from projections.replay import rebuild
 from tests.test_projections_e2e import publish_synthetic
 
 Wire = tuple[bytes, bytes, bytes, bytes | None]
@@ -106,3 +111,38 @@ async def test_fetcher_child_failure_is_an_error_not_a_short_replay(
         assert "exit code" in str(exc)
     else:
         raise AssertionError("fetch ended quietly")
+
+
+def fetcher_processes() -> list[int]:
+    """Running `python -m projections.fetcher` children of this test process."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+                if b"projections.fetcher" in cmdline:
+                    found.append(int(proc.name))
+    return found
+
+
+async def test_a_failing_replay_stops_its_reading_child(
+        server: EmbeddedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    await publish_synthetic(server.url, 3000)
+    calls = 0
+
+    def apply_then_fail(self: Applier, batch: list[Stored]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError("disk full")
+        original(self, batch)
+
+    original = Applier.apply
+    monkeypatch.setattr(Applier, "apply", apply_then_fail)
+    nc = await connect(server.url)
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            await rebuild(nc, tmp_path / "r.sqlite", batch=500)
+    finally:
+        await nc.close()
+    assert calls == 2 and fetcher_processes() == []
