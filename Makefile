@@ -27,6 +27,7 @@ bench: $(STAMP)  ## each benchmark prints its table and writes bench/results/*.j
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .jetflow .pytest_cache

@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -203,7 +203,7 @@ async def until_complete(step: Callable[[float], Awaitable[bool]],
     return True
 
 
-async def paced(n: int, rate: float, fire: Callable[[int], Awaitable[None]]) -> None:
+async def paced(n: int, rate: float, fire: Callable[[int], Coroutine[Any, Any, None]]) -> None:
     """Start ``fire(0..n-1)`` at ``rate`` per second, each as its own task; wait for all."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()

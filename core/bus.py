@@ -106,7 +106,8 @@ async def connect(url: str | None = None, *, name: str = "jetflow",
             # nats-py retries a first connect forever when reconnects are unlimited: bound it.
             nc = Client()
             await asyncio.wait_for(nc.connect(
-                url, name=name, connect_timeout=2, reconnect_time_wait=0.5,
+                url, name=name, connect_timeout=2,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py says int; a float works
                 max_reconnect_attempts=-1, ping_interval=5, max_outstanding_pings=3,
                 error_cb=_log_error, disconnected_cb=_log_disconnect,
                 reconnected_cb=_log_reconnect,

@@ -107,7 +107,7 @@ def _explain_envelope(body: dict[str, Any], kind: str, id_: str, type_: str) -> 
     if type(v) is not int or not 1 <= v <= SCHEMA_VERSION:
         raise CodecError("bad_version", f"unsupported event version {v!r}")
     at = body.get("at")
-    if type(at) not in _NUMBER or at < 0:
+    if not isinstance(at, _NUMBER) or isinstance(at, bool) or at < 0:
         raise CodecError("bad_time", f"'at' must be a non-negative number, got {at!r}")
     raise CodecError("bad_data", "'data' must be a JSON object")
 

@@ -137,11 +137,11 @@ class Fleet:
             slots = info.concurrency + int(event.get("prefetch", 0))
             self.sched.add_worker(WorkerSlots(wid, info.handlers, info.queues, slots))
             return
-        info = self.workers.get(wid)
-        if info is None:
+        known = self.workers.get(wid)
+        if known is None:
             return
-        info.status = event.type  # lost | left
-        info.last_seq = event.seq
+        known.status = event.type  # lost | left
+        known.last_seq = event.seq
         self._requeue(self.sched.remove_worker(wid))
         self.dirty |= {j.job_id for j in self.jobs.values()
                        if j.state == "running" and j.worker == wid}

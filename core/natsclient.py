@@ -49,7 +49,8 @@ class Client(NATS):
                            headers: bytes | None) -> None:
         cb = self._raw_callbacks.get(sid)
         if cb is None:
-            await super()._process_msg(sid, subject, reply, data, headers)
+            # nats-py annotates ``headers`` as bytes but passes None for a message without
+            await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
         else:
             cb(subject, reply, data, headers)
 

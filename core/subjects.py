@@ -71,7 +71,7 @@ class InvalidToken(ValueError):
     """A value that cannot be used as one token of a NATS subject."""
 
 
-def check_token(value: str, what: str = "token") -> str:
+def check_token(value: object, what: str = "token") -> str:
     """Return ``value`` if it is safe as a single subject token, else raise InvalidToken."""
     if not isinstance(value, str) or not _TOKEN.match(value):
         raise InvalidToken(

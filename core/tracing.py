@@ -194,7 +194,7 @@ SETTER = _HeaderSetter()
 def extract(headers: Mapping[str, str] | None) -> Any:
     """The OpenTelemetry context the headers carry (an empty one for a missing or
     malformed ``traceparent``: a span started in it begins a new trace)."""
-    return _w3c().extract(headers or {}, getter=GETTER)  # type: ignore[arg-type]
+    return _w3c().extract(headers or {}, getter=GETTER)
 
 
 def inject(headers: Mapping[str, str] | None, context: Any = None) -> dict[str, str]:
@@ -202,7 +202,7 @@ def inject(headers: Mapping[str, str] | None, context: Any = None) -> dict[str, 
     (default: the current one); unchanged when that context has no valid span."""
     out = dict(headers or {})
     carrier: dict[str, str] = {}
-    _w3c().inject(carrier, context=context, setter=SETTER)  # type: ignore[arg-type]
+    _w3c().inject(carrier, context=context, setter=SETTER)
     if carrier.get(S.HDR_TRACEPARENT):
         out.pop(S.HDR_TRACESTATE, None)
         out.update(carrier)

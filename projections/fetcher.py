@@ -27,7 +27,7 @@ import os
 import pickle
 import struct
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -64,7 +64,7 @@ class Bounds:
 
 
 async def fetch(url: str, start_seq: int, bounds: Bounds, *, batch: int = 5000
-                ) -> AsyncIterator[list[Stored]]:
+                ) -> AsyncGenerator[list[Stored], None]:
     """Batches of ``JF_EVENTS`` from ``start_seq`` to ``bounds``, read by a child process."""
     args = [sys.executable, "-m", "projections.fetcher", str(start_seq), str(bounds.to_seq),
             str(batch)]

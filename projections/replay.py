@@ -10,8 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from nats.aio.client import Client
+
 from core import subjects as S
-from core.natsclient import Client
 from projections.applier import Applier
 from projections.fetcher import Bounds, FetchError, fetch
 from projections.store import Store

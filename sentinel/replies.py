@@ -70,14 +70,11 @@ class ReplyBook:
         return [inbox]
 
     def _expire(self) -> None:
-        cutoff = time.monotonic() - self.ttl_s
-        for book in (self._answers, self._waiting):
-            while book:
-                first = next(iter(book.values()))
-                stamp = first[1] if isinstance(first, tuple) else first[0][1]
-                if stamp >= cutoff:
-                    break
-                book.popitem(last=False)
+        cutoff = time.monotonic() - self.ttl_s  # both books are oldest first
+        while self._answers and next(iter(self._answers.values()))[1] < cutoff:
+            self._answers.popitem(last=False)
+        while self._waiting and next(iter(self._waiting.values()))[0][1] < cutoff:
+            self._waiting.popitem(last=False)
 
     @staticmethod
     def body_for(event: Event, duplicate: bool = False) -> bytes:

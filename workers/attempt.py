@@ -108,7 +108,8 @@ class Attempt:
     async def execute(self) -> Outcome:
         running = asyncio.create_task(self.deps.pool.run(self._job(), self._sink(),
                                                          self.work.get("timeout_s")))
-        await asyncio.wait({running, self.stop}, return_when=asyncio.FIRST_COMPLETED)
+        either: list[asyncio.Future[Any]] = [running, self.stop]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if running.done():
             return running.result()
         running.cancel()  # the pool kills the child

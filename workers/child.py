@@ -95,7 +95,7 @@ def _serve() -> None:
     def send(frame: dict[str, Any]) -> None:
         out.write(encode_frame(frame))
 
-    sys.stdout = _LineWriter(send)  # type: ignore[assignment]
+    sys.stdout = _LineWriter(send)
     stdin = sys.stdin.buffer
     while True:
         job = read_frame_sync(stdin)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["BUILTINS", "HandlerError", "parse_handlers", "resolve"]
 
@@ -52,4 +52,4 @@ def resolve(ref: str) -> Callable[..., Any]:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise HandlerError(f"{ref!r}: {module_name} has no callable {attr!r}")
-    return fn
+    return cast(Callable[..., Any], fn)

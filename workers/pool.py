@@ -81,7 +81,8 @@ class Child:
             body = await self.proc.stdout.readexactly(HEADER.unpack(head)[0])
         except asyncio.IncompleteReadError:
             return None
-        return orjson.loads(body)
+        frame: dict[str, Any] = orjson.loads(body)
+        return frame
 
     async def _pump_stderr(self, sink: LineSink) -> None:
         assert self.proc.stderr

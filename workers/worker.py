@@ -230,6 +230,6 @@ class Worker:
 def _by_someone_else(data: bytes, worker_id: str) -> bool:
     """A timed_out the sentinel wrote (lease, deadline), not our own run timeout."""
     try:
-        return loads(data).get("data", {}).get("worker") != worker_id
+        return bool(loads(data).get("data", {}).get("worker") != worker_id)
     except Exception:  # noqa: BLE001 - not a real event: ignore it
         return False
