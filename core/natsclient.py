@@ -9,6 +9,12 @@ reads a stream in bulk parses only the little it needs (:mod:`core.metadata`).
 
 Everything else (connecting, reconnecting and re-subscribing, unsubscribing) stays
 nats-py's: a raw subscription is an ordinary subscription whose messages are diverted.
+
+Two guards protect every subscription of the connection, raw or not. A subject that is not
+UTF-8 (any client can publish one, and a stream then keeps it) reaches subscribers with
+its bad bytes replaced by U+FFFD, where nats-py would raise decoding it, drop the
+connection and get the same message again after reconnecting, for ever. A raw callback
+that raises is reported to the error callback, not allowed to end the reading loop.
 The diversion overrides ``Client._process_msg(sid, subject, reply, data, headers)``,
 whose signature nats-py has kept through 2.x (pyproject pins ``nats-py<3``); a test reads
 a stream through it against the real server.
@@ -47,14 +53,21 @@ class Client(NATS):
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                            headers: bytes | None) -> None:
+        if not subject.isascii():  # ~30 ns; almost every subject is plain ASCII
+            subject = subject.decode(errors="replace").encode()
         cb = self._raw_callbacks.get(sid)
         if cb is None:
             # nats-py annotates ``headers`` as bytes but passes None for a message without
             await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
-        else:
+            return
+        try:
             cb(subject, reply, data, headers)
+        except Exception as exc:  # noqa: BLE001 - the connection must go on reading
+            await self._error_cb(exc)
 
 
 async def _diverted(msg: Msg) -> None:
-    """Never called: a raw subscription's messages do not reach nats-py's queue."""
+    """A raw subscription's messages do not reach nats-py's queue; only one arriving
+    before :meth:`Client.subscribe_raw` returns could, and is dropped here (the readers
+    ask for nothing before then)."""
 

@@ -229,6 +229,7 @@ async def cmd_replay(a: argparse.Namespace) -> int:
 
 async def _rebuild(a: argparse.Namespace) -> int:
     from core.bus import connect
+    from projections.fetcher import FetchError
     from projections.progress import progress_reporter
     from projections.replay import rebuild
     from projections.store import remove_db
@@ -244,6 +245,9 @@ async def _rebuild(a: argparse.Namespace) -> int:
         with progress_reporter("replay") as report:
             result = await rebuild(nc, path, to_seq=a.to_seq, until=a.until,
                                    batch=a.batch, progress=report)
+    except FetchError as exc:
+        print(f"error: {exc}; {path} was not written", file=sys.stderr)
+        return 1
     finally:
         await nc.close()
     summary = {"db": str(path), "events": result.events, "last_seq": result.last_seq,
@@ -257,6 +261,7 @@ async def _rebuild(a: argparse.Namespace) -> int:
 
 async def _verify(a: argparse.Namespace) -> int:
     from core.bus import connect
+    from projections.fetcher import FetchError
     from projections.progress import progress_reporter
     from projections.verify import verify
 
@@ -266,6 +271,9 @@ async def _verify(a: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="jetflow-verify-") as tmp, \
                 progress_reporter("verify") as report:
             result = await verify(nc, live, Path(tmp), batch=a.batch, progress=report)
+    except FetchError as exc:
+        print(f"error: {exc}; nothing was verified", file=sys.stderr)
+        return 2
     finally:
         await nc.close()
     _print_verify(result, live, a.json)
@@ -393,6 +401,7 @@ def _add_replay(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> 
         "replay", help="rebuild a projection from the stream (time travel), or --verify",
         description="Rebuild a projection from sequence 1 into a new file, up to the head, "
                     "--to-seq or --until (time travel: then `jetflow status --db FILE`). "
+                    "The file is built as FILE.partial and appears only when complete. "
                     "--verify compares a rebuild with the live projection instead.")
     common(p)
     _projection_options(p)
@@ -403,7 +412,8 @@ def _add_replay(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> 
                             "(Unix seconds or ISO 8601)")
     p.add_argument("--verify", action="store_true",
                    help="rebuild into a temporary file and compare it table by table with "
-                        "the live projection (--db) at its sequence; exit 1 on differences")
+                        "the live projection (--db) at its sequence; exit 1 on differences, "
+                        "2 if it could not be done")
     p.add_argument("--force", action="store_true", help="replace an existing --db file")
     p.add_argument("--batch", type=_positive, default=5000, help="events per transaction")
     p.set_defaults(run=cmd_replay)

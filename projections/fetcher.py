@@ -9,9 +9,10 @@ The child reads ``JF_EVENTS`` with :class:`projections.reader.StreamReader` from
 sequence up to a bound (a sequence, and optionally a store time) and writes batches to
 its stdout as frames: an 8-byte big-endian length, then a pickle of the batch's
 :class:`core.metadata.Stored` fields as plain tuples. A frame of length 0 ends the
-stream; anything else (a crash, a lost server) ends it with a non-zero exit, reported
-by the parent with the child's own log on stderr. The URL comes through the environment
-(``JETFLOW_NATS_URL``), so credentials in it never show in a process listing.
+stream; anything else (a crash; a server lost for ``give_up_s``, 30 s by default) ends it
+with a non-zero exit, reported by the parent with the child's own log on stderr. The URL
+comes through the environment (``JETFLOW_NATS_URL``), so credentials in it never show in a
+process listing.
 
 The frames are private to the two halves of one replay, which run the same code: pickle
 is safe here because the parent only reads what its own child wrote.
@@ -63,29 +64,34 @@ class Bounds:
         return msgs, bool(msgs) and msgs[-1].seq >= self.to_seq
 
 
-async def fetch(url: str, start_seq: int, bounds: Bounds, *, batch: int = 5000
-                ) -> AsyncGenerator[list[Stored], None]:
-    """Batches of ``JF_EVENTS`` from ``start_seq`` to ``bounds``, read by a child process."""
+async def fetch(url: str, start_seq: int, bounds: Bounds, *, batch: int = 5000,
+                give_up_s: float = 30.0) -> AsyncGenerator[list[Stored], None]:
+    """Batches of ``JF_EVENTS`` from ``start_seq`` to ``bounds``, read by a child process
+    that gives up (:class:`FetchError` here) when reading fails for ``give_up_s``."""
     args = [sys.executable, "-m", "projections.fetcher", str(start_seq), str(bounds.to_seq),
-            str(batch)]
+            str(batch), "--give-up-s", str(give_up_s)]
     if bounds.until_ns is not None:
         args += ["--until-ns", str(bounds.until_ns)]
     proc = await asyncio.create_subprocess_exec(
         *args, stdout=asyncio.subprocess.PIPE, limit=_PIPE_LIMIT,
         env={**os.environ, "JETFLOW_NATS_URL": url})
     assert proc.stdout is not None
+    ended = False  # by the end frame: a child that dies mid-frame did not end the stream
     try:
         while True:
             header = await _read(proc.stdout, _LENGTH.size)
-            size = _LENGTH.unpack(header)[0] if header else 0
+            if not header:
+                break
+            size = _LENGTH.unpack(header)[0]
             if not size:
+                ended = True
                 break
             frame = await _read(proc.stdout, size)
             if not frame:
                 break
             yield list(map(_as_stored, pickle.loads(frame)))
         code = await proc.wait()
-        if code != 0 or not header:
+        if code != 0 or not ended:
             raise FetchError(f"reading the stream failed (reader exit code {code}; its log "
                              "is above)")
     finally:
@@ -105,13 +111,15 @@ async def _read(stream: asyncio.StreamReader, size: int) -> bytes:
 
 # -- the child ------------------------------------------------------------------------------
 
-async def _serve(start_seq: int, bounds: Bounds, batch: int, out: BinaryIO) -> None:
+async def _serve(start_seq: int, bounds: Bounds, batch: int, give_up_s: float,
+                 out: BinaryIO) -> None:
     from core.bus import connect
     from projections.reader import StreamReader
 
     nc = await connect(os.environ.get("JETFLOW_NATS_URL"), name="jetflow-replay-reader",
                        wait_s=5.0)
-    reader = StreamReader(nc, S.EVENTS_STREAM, start_seq=start_seq, batch=batch, idle_s=0.5)
+    reader = StreamReader(nc, S.EVENTS_STREAM, start_seq=start_seq, batch=batch, idle_s=0.5,
+                          give_up_s=give_up_s)
     try:
         async for msgs in reader.batches():
             within, done = bounds.cut(msgs)
@@ -122,7 +130,8 @@ async def _serve(start_seq: int, bounds: Bounds, batch: int, out: BinaryIO) -> N
         _write(out, b"")
     finally:
         await reader.close()
-        await nc.close()
+        with contextlib.suppress(Exception):  # the end frame, if written, stands
+            await nc.close()
 
 
 def _write(out: BinaryIO, frame: bytes) -> None:
@@ -138,15 +147,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("to_seq", type=int)
     p.add_argument("batch", type=int)
     p.add_argument("--until-ns", type=int)
+    p.add_argument("--give-up-s", type=float, default=30.0)
     a = p.parse_args(argv)
+    from core.bus import BusError
     from core.runtime import run
     from core.tracing import install_logging
+    from projections.reader import StreamUnreadable
 
     install_logging("warning", os.environ.get("JETFLOW_LOG_FORMAT", "text"),
                     service="jetflow-replay-reader")
     try:
-        run(_serve(a.start_seq, Bounds(a.to_seq, a.until_ns), a.batch, sys.stdout.buffer))
+        run(_serve(a.start_seq, Bounds(a.to_seq, a.until_ns), a.batch, a.give_up_s,
+                   sys.stdout.buffer))
     except BrokenPipeError:  # the parent stopped reading (it was interrupted): not ours
+        return 1
+    except (StreamUnreadable, BusError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -38,7 +38,7 @@ from core.bus import tail_consumer
 from core.metadata import Stored, ack_numbers, status_of
 from core.natsclient import Client
 
-__all__ = ["StreamReader"]
+__all__ = ["StreamReader", "StreamUnreadable"]
 
 log = logging.getLogger("jetflow.reader")
 
@@ -48,6 +48,11 @@ _HEARTBEAT = "100"
 _Wire = tuple[bytes, bytes, bytes, bytes | None]
 _ENDED = ("404", "408")  # no (more) messages; the request expired
 _SLACK_S = 5.0  # how much longer than asked a request may take before we call it lost
+_RETRY_S = 0.5  # the pause before a fresh consumer, after a failure
+
+
+class StreamUnreadable(RuntimeError):
+    """Reading failed again and again for longer than the reader's ``give_up_s``."""
 
 
 @dataclass(eq=False)
@@ -63,10 +68,16 @@ class _Pull:
 class StreamReader:
     """``async for msgs in StreamReader(nc, "JF_EVENTS", start_seq=1).batches(): ...``
     where ``nc`` comes from :func:`core.bus.connect` and each batch is a list of
-    :class:`core.metadata.Stored`."""
+    :class:`core.metadata.Stored`.
+
+    A failure (a lost server, a deleted consumer, a bad delivery) is retried with a fresh
+    consumer after a pause, for ever by default (the live projector waits out any outage);
+    with ``give_up_s`` (a replay, which someone is waiting for), :class:`StreamUnreadable`
+    is raised once reading has failed for that long without a batch in between."""
 
     def __init__(self, nc: Client, stream: str, *, start_seq: int = 1, batch: int = 2000,
-                 idle_s: float = 1.0, linger_s: float = 0.0) -> None:
+                 idle_s: float = 1.0, linger_s: float = 0.0,
+                 give_up_s: float | None = None) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.stream = stream
@@ -82,6 +93,8 @@ class StreamReader:
         self._pull: tuple[str, _Pull] | None = None
         self._tokens = itertools.count(1)
         self._ahead: tuple[str, _Pull] | None = None
+        self.give_up_s = give_up_s
+        self._failing_since: float | None = None
 
     async def batches(self) -> AsyncIterator[list[Stored]]:
         """Yield non-empty batches in stream order; [] after an idle period."""
@@ -93,14 +106,12 @@ class StreamReader:
             try:
                 msgs, first, last, pending = _stored(wire)
             except ValueError as exc:  # not a JetStream delivery: start afresh
-                log.warning("%s; resubscribing to %s at %d", exc, self.stream, self.next_seq)
-                await self.close()
+                await self._failed(str(exc))
                 continue
             if not self._contiguous(first, last, len(msgs)):
-                log.warning("a delivery from %s went missing; resubscribing at %d",
-                            self.stream, self.next_seq)
-                await self.close()
+                await self._failed("a delivery went missing")
                 continue
+            self._failing_since = None
             self.next_seq = msgs[-1].seq + 1
             self.caught_up = pending == 0
             yield msgs
@@ -115,13 +126,27 @@ class StreamReader:
         try:
             if self._sub is None:
                 await self._subscribe()
-            return await self._fetch()
+            wire = await self._fetch()
         except Exception as exc:  # noqa: BLE001 - any failure: a fresh consumer
-            log.warning("reading %s failed (%s: %s); resubscribing at %d", self.stream,
-                        type(exc).__name__, exc, self.next_seq)
-            await self.close()
-            await asyncio.sleep(0.5)
+            await self._failed(f"{type(exc).__name__}: {exc}")
             return []
+        if not wire:  # an answered request, nothing new: reading works
+            self._failing_since = None
+        return wire
+
+    async def _failed(self, reason: str) -> None:
+        """Drop the consumer and pause; give up if failing for over ``give_up_s``."""
+        now = asyncio.get_running_loop().time()
+        if self._failing_since is None:
+            self._failing_since = now
+        failing_s = now - self._failing_since
+        await self.close()
+        if self.give_up_s is not None and failing_s >= self.give_up_s:
+            raise StreamUnreadable(f"cannot read {self.stream} from seq {self.next_seq}: "
+                                   f"failing for {failing_s:.0f}s, last: {reason}")
+        log.warning("reading %s failed (%s); resubscribing at %d", self.stream, reason,
+                    self.next_seq)
+        await asyncio.sleep(_RETRY_S)
 
     async def _fetch(self) -> list[_Wire]:
         token, pull = self._ahead or await self._request(self.batch, no_wait=True)
@@ -140,6 +165,8 @@ class StreamReader:
         await self._finish(token, pull, self.idle_s + _SLACK_S)
         if not pull.msgs:
             return []
+        if self.batch == 1:
+            return pull.msgs
         if self.linger_s:
             await asyncio.sleep(self.linger_s)
         token, more = await self._request(self.batch - 1, no_wait=True)

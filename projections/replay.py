@@ -15,7 +15,7 @@ from nats.aio.client import Client
 from core import subjects as S
 from projections.applier import Applier
 from projections.fetcher import Bounds, FetchError, fetch
-from projections.store import Store
+from projections.store import Store, remove_db
 
 __all__ = ["ReplayResult", "Progress", "rebuild", "Bounds"]
 
@@ -42,20 +42,33 @@ async def stream_head(nc: Client) -> int:
 async def rebuild(nc: Client, db_path: Path, *, to_seq: int | None = None,
                   until: float | None = None, batch: int = 5000,
                   progress: Progress | None = None) -> ReplayResult:
-    """Apply the log from sequence 1 into ``db_path`` (a new or empty file) up to the head
-    as it is now, ``to_seq``, or the last event stored at or before ``until`` (Unix s)."""
+    """Apply the log from sequence 1 into ``db_path`` up to the head as it is now,
+    ``to_seq``, or the last event stored at or before ``until`` (Unix s).
+
+    The file is built as ``<db_path>.partial`` and renamed to ``db_path`` (replacing it)
+    only when complete: a failed or interrupted replay leaves no half-built file that a
+    read command would take for the system as it was."""
     head = await stream_head(nc)
     bounds = Bounds(min(head, to_seq) if to_seq is not None else head,
                     None if until is None else int(until * 1e9))
-    store = Store.open(db_path, bulk=True)
+    partial = db_path.with_name(db_path.name + ".partial")
+    remove_db(partial)
+    store = Store.open(partial, bulk=True)
     started = time.perf_counter()
+    complete = False
     try:
         applier = Applier(store)
         events = await _replay(nc, applier, bounds, batch, progress)
         last = applier.last_seq
         store.finish()
+        complete = True
     finally:
         store.close()
+        if not complete:
+            remove_db(partial)
+    remove_db(db_path)
+    partial.replace(db_path)
+    remove_db(partial)  # an empty -wal or -shm left by the checkpoint, if any
     return ReplayResult(events, last, time.perf_counter() - started)
 
 

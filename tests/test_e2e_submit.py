@@ -15,6 +15,8 @@ from core import subjects as S
 from core.client import Client, SubmissionRejected
 from core.submission import MAX_SUBMISSION_BYTES, derive_job_id
 from tests.conftest import StackFactory, read_log, url_of
+from tests.test_projections_e2e import caught_up, query
+from tests.test_stream_reading import raw_publish
 
 JETFLOW = str(Path(sys.executable).with_name("jetflow"))
 
@@ -122,3 +124,21 @@ async def test_every_bad_submission_is_rejected_with_a_reason(
     assert codes.count("bad_job_id") == len(BAD_IDS)
     assert all(e.data["reason"] and "body" in e.data for e in rejected)
 
+
+
+async def test_subjects_that_are_not_utf8_stall_nothing(make_stack: StackFactory,
+                                                        client: Client) -> None:
+    """Any client can publish a subject that is not UTF-8, and the streams keep it; every
+    service reads on past it (nats-py alone would drop the connection for ever)."""
+    stack = await make_stack(workers=1, projector=True)
+    await raw_publish(url_of(client), b"jf.submit.q\xff", b'{"handler": "echo"}')
+    await raw_publish(url_of(client), b"jf.job.j\xff.succeeded", b"{}")
+    good = await client.submit("echo", {"after": "garbage"})
+    assert (await client.wait(good, timeout=30)).state == "succeeded"
+    rejected = await read_log(url_of(client), ["jf.job.*.rejected"])
+    assert [e.data["code"] for e in rejected] == ["bad_subject"], rejected
+    live = stack.data_dir / "projections.sqlite"
+    await caught_up(live, url_of(client))
+    assert query(live, "SELECT subject, code FROM projection_errors") == [
+        ("jf.job.j\ufffd.succeeded", "mismatch")]
+    assert query(live, "SELECT state FROM jobs WHERE job_id = ?", good) == [("succeeded",)]

@@ -18,7 +18,7 @@ from core.metadata import Stored, header_value, status_of
 from core.server import EmbeddedServer
 from projections.applier import Applier
 from projections.fetcher import Bounds, FetchError, fetch
-from projections.reader import StreamReader
+from projections.reader import StreamReader, StreamUnreadable
 from projections.replay import rebuild
 from tests.test_projections_e2e import publish_synthetic
 
@@ -55,6 +55,61 @@ async def test_raw_subscription_gets_the_wire_bytes(server: EmbeddedServer) -> N
 
 async def _append(out: list[bytes], msg: Msg) -> None:
     out.append(msg.data)
+
+
+async def raw_publish(url: str, subject: bytes, payload: bytes) -> None:
+    """Publish as a client in another language could: any bytes in the subject."""
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        await reader.readline()  # INFO
+        writer.write(b'CONNECT {"verbose":false}\r\nPUB ' + subject
+                     + b" %d\r\n" % len(payload) + payload + b"\r\nPING\r\n")
+        await writer.drain()
+        assert await reader.readline() == b"PONG\r\n"
+    finally:
+        writer.close()
+
+
+async def test_a_subject_that_is_not_utf8_does_not_break_the_connection(
+        server: EmbeddedServer) -> None:
+    nc = await connect(server.url)
+    raw: list[Wire] = []
+    plain: list[Msg] = []
+    try:
+        await nc.subscribe_raw("odd.>", lambda *wire: raw.append(wire))
+
+        async def keep(msg: Msg) -> None:
+            plain.append(msg)
+        await nc.subscribe("odd.>", cb=keep)
+        await nc.flush()
+        await raw_publish(server.url, b"odd.\xff\xfe", b"bad")
+        await nc.publish("odd.fine", b"good")
+        await _until(lambda: len(raw) == 2 and len(plain) == 2)
+        assert [w[0] for w in raw] == [b"odd.\xef\xbf\xbd\xef\xbf\xbd", b"odd.fine"]
+        assert [(m.subject, m.data) for m in plain] == [("odd.\ufffd\ufffd", b"bad"),
+                                                        ("odd.fine", b"good")]
+        assert nc.stats["reconnects"] == 0
+    finally:
+        await nc.close()
+
+
+async def test_a_raw_callback_that_raises_does_not_stop_the_connection(
+        server: EmbeddedServer) -> None:
+    nc = await connect(server.url)
+    plain: list[bytes] = []
+    try:
+        def explode(*_wire: bytes | None) -> None:
+            raise RuntimeError("a bug in a raw callback")
+        await nc.subscribe_raw("boom", explode)
+        await nc.subscribe("after", cb=partial(_append, plain))
+        await nc.publish("boom", b"x")
+        await nc.publish("after", b"still here")
+        await nc.flush()
+        await _until(lambda: plain == [b"still here"])
+        assert nc.stats["reconnects"] == 0
+    finally:
+        await nc.close()
 
 
 async def _until(check: object, timeout_s: float = 5.0) -> None:
@@ -113,6 +168,60 @@ async def test_fetcher_child_failure_is_an_error_not_a_short_replay(
         raise AssertionError("fetch ended quietly")
 
 
+async def test_a_stored_subject_that_is_not_utf8_is_read_like_any_other(
+        server: EmbeddedServer) -> None:
+    nc = await connect(server.url)
+    await ensure_streams(nc.jetstream())
+    await raw_publish(server.url, b"jf.job.\xff.submitted", b"{}")
+    await nc.jetstream().publish("jf.job.j1.progress", b"{}")
+    reader = StreamReader(nc, S.EVENTS_STREAM, batch=100, idle_s=0.2)
+    got: list[Stored] = []
+    try:
+        async with asyncio.timeout(10):
+            async for batch in reader.batches():
+                got += batch
+                if len(got) >= 2:
+                    break
+    finally:
+        await reader.close()
+        await nc.close()
+    assert [(m.seq, m.subject) for m in got] == [(1, "jf.job.\ufffd.submitted"),
+                                                 (2, "jf.job.j1.progress")]
+
+
+async def test_reader_with_a_deadline_gives_up_when_the_server_is_gone(
+        server: EmbeddedServer) -> None:
+    await publish_synthetic(server.url, 300)
+    nc = await connect(server.url)
+    reader = StreamReader(nc, S.EVENTS_STREAM, batch=100, idle_s=0.2, give_up_s=2.0)
+    seen = 0
+    try:
+        with pytest.raises(StreamUnreadable, match="cannot read JF_EVENTS from seq 101"):
+            async with asyncio.timeout(30):
+                async for batch in reader.batches():
+                    seen += len(batch)
+                    if seen == 100:
+                        await server.kill()
+    finally:
+        await reader.close()
+        with contextlib.suppress(OSError):  # nats-py's close, on a connection reset
+            await nc.close()
+    assert seen == 100
+
+
+async def test_fetch_fails_when_the_server_goes_away_mid_read(server: EmbeddedServer) -> None:
+    await publish_synthetic(server.url, 3000)
+    batches = 0
+    with pytest.raises(FetchError, match="exit code 1"):
+        async with asyncio.timeout(60):
+            async for _batch in fetch(server.url, 1, Bounds(3000), batch=500, give_up_s=2.0):
+                batches += 1
+                if batches == 1:
+                    await server.kill()
+    assert 1 <= batches < 6  # what the child had already read may still arrive
+    assert fetcher_processes() == []
+
+
 def fetcher_processes() -> list[int]:
     """Running `python -m projections.fetcher` children of this test process."""
     found = []
@@ -146,3 +255,4 @@ async def test_a_failing_replay_stops_its_reading_child(
     finally:
         await nc.close()
     assert calls == 2 and fetcher_processes() == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["srv"]  # no half-built file
