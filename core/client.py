@@ -29,9 +29,9 @@ from core import subjects as S
 from core import tracing
 from core.bus import TIMEOUTS, Tail, last_job_event
 from core.bus import connect as bus_connect
-from core.codec import decode_event, dumps
+from core.codec import CodecError, Unreadable, decode_event, dumps
 from core.events import Event
-from core.job import TERMINAL, JobState, fold
+from core.job import TERMINAL, JobState, fold_skipping
 from core.metadata import parse_ack_reply
 from core.submission import derive_job_id
 
@@ -167,6 +167,24 @@ class Client:
     async def history_with_headers(self, job_id: str) -> list[tuple[Event, dict[str, str]]]:
         """Every event of the job with the NATS headers it was stored with (trace
         context, correlation id, msg id), straight from the stream, in order."""
+        decoded = ((_decode(m), dict(m.headers or {})) for m in await self._messages(job_id))
+        return [(event, headers) for event, headers in decoded if event is not None]
+
+    async def history_report(self, job_id: str) -> tuple[list[Event], list[Unreadable]]:
+        """The job's events, and the messages on its subjects that are not events (a
+        hand-published body, a forged envelope) with the reason, both in stream order."""
+        events: list[Event] = []
+        unreadable: list[Unreadable] = []
+        for msg in await self._messages(job_id):
+            seq = parse_ack_reply(msg.reply).stream_seq
+            try:
+                events.append(decode_event(msg.subject, msg.data, seq))
+            except Exception as exc:  # noqa: BLE001 - whatever it is, it is not an event
+                code = exc.code if isinstance(exc, CodecError) else "invalid"
+                unreadable.append(Unreadable(seq, msg.subject, code, str(exc)))
+        return events, unreadable
+
+    async def _messages(self, job_id: str) -> list[Msg]:
         S.check_token(job_id, "job id")
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
                                 filter_subject=S.job_filter(job_id), inactive_threshold=10.0,
@@ -182,12 +200,12 @@ class Client:
             finally:
                 await sub.unsubscribe()
         await self.js.delete_consumer(S.EVENTS_STREAM, info.name)
-        decoded = ((_decode(m), dict(m.headers or {})) for m in msgs)
-        return [(event, headers) for event, headers in decoded if event is not None]
+        return msgs
 
     async def status(self, job_id: str) -> JobState:
-        """The job's state folded from its history (state 'new' if it has no events)."""
-        return fold(await self.history(job_id), job_id)
+        """The job's state folded from its history (state 'new' if it has no events), as
+        the projector folds it: an event that may not happen is left out."""
+        return fold_skipping(await self.history(job_id), job_id)[0]
 
     async def last_event(self, job_id: str) -> Event | None:
         found = await last_job_event(self.nc, S.check_token(job_id, "job id"))

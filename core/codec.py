@@ -9,20 +9,30 @@ verbatim by whoever rejects the message.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from core.events import FIELDS, SCHEMA_VERSION, Event, stored_event
 from core.subjects import parse_event_subject
 
-__all__ = ["CodecError", "encode_event", "decode_event", "MAX_EVENT_BYTES", "dumps", "loads"]
+__all__ = ["CodecError", "Unreadable", "encode_event", "decode_event", "MAX_EVENT_BYTES",
+           "dumps", "loads"]
 
 MAX_EVENT_BYTES = 1024 * 1024
 
 # (kind, type, from_version) -> function turning data of that version into the next one.
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 UPCASTERS: dict[tuple[str, str, int], Upcaster] = {}
+
+
+class Unreadable(NamedTuple):
+    """A stored message that is not a valid event, and why (:class:`CodecError`)."""
+
+    seq: int
+    subject: str
+    code: str
+    reason: str
 
 
 class CodecError(ValueError):

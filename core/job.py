@@ -22,6 +22,7 @@ __all__ = [
     "apply",
     "step",
     "fold",
+    "fold_skipping",
     "as_fields",
     "from_fields",
 ]
@@ -147,6 +148,22 @@ def fold(events: Iterable[Event], job_id: str | None = None) -> JobState:
             raise ValueError("fold of no events needs a job_id")
         return JobState(job_id)
     return from_fields(values)
+
+
+def fold_skipping(events: Iterable[Event], job_id: str) -> tuple[JobState, dict[int, str]]:
+    """Fold as the projector does: an event that may not happen (one published by hand,
+    say) leaves the state as it was. Returns the state and, by stream sequence, why each
+    skipped event was not applied."""
+    values = as_fields(JobState(job_id))
+    skipped: dict[int, str] = {}
+    for event in events:
+        try:
+            step(values, event)
+        except IllegalTransition as exc:
+            skipped[event.seq] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a forged field, as the projector says
+            skipped[event.seq] = f"{event.type}: {type(exc).__name__}: {exc}"
+    return from_fields(values), skipped
 
 
 # -- one small function per event type: check, then one update ---------------------------

@@ -11,11 +11,12 @@ import argparse
 import asyncio
 import functools
 import json
+import math
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from rich.console import RenderableType
 from rich.live import Live
 
 from core.bus import BusError
+from core.subjects import InvalidToken, check_token
+from projections.queries import STATE_ORDER
 from projections.schema import ProjectionError
 
 __all__ = ["add_commands"]
@@ -34,12 +37,13 @@ Producer = Callable[[aiosqlite.Connection], Awaitable[tuple[Any, RenderableType]
 
 
 def _clear_errors(cmd: Command) -> Command:
-    """A projection that cannot be read is a message and exit status 1, not a traceback."""
+    """A projection that cannot be read, or a job id that cannot be one, is a message and
+    exit status 1, not a traceback."""
     @functools.wraps(cmd)
     async def run(a: argparse.Namespace) -> int:
         try:
             return await cmd(a)
-        except ProjectionError as exc:
+        except (ProjectionError, InvalidToken) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     return run
@@ -159,59 +163,86 @@ async def cmd_jobs(a: argparse.Namespace) -> int:
 
 
 @_clear_errors
+async def cmd_errors(a: argparse.Namespace) -> int:
+    from projections.queries import as_of, list_errors
+    from projections.render import errors_view
+
+    async def produce(db: aiosqlite.Connection) -> tuple[Any, RenderableType]:
+        errors, position = await list_errors(db, limit=a.limit), await as_of(db)
+        return {"as_of": position, "errors": errors}, errors_view(errors, position)
+
+    return await _show(a, produce)
+
+
+@_clear_errors
 async def cmd_job(a: argparse.Namespace) -> int:
     """The projection's view of a job when it has it, else the stream's."""
     from core.render import job_json, job_lines
 
+    check_token(a.job_id, "job id")
     found = await _job_from_projection(a) if (a.db or _db_path(a).exists()) else None
     if found is None:
-        return await _print_history(a, source="stream")
-    state, events, trace_id, seq = found
+        return await _print_history(a, source="stream", fallback=True)
+    state, events, trace_id, seq, errors = found
+    seqs = {e.seq for e in events}
+    skipped = {u.seq: u.reason for u in errors if u.seq in seqs}
+    unreadable = [u for u in errors if u.seq not in seqs]
     if a.json:
-        print(json.dumps({**job_json(state, events), "trace_id": trace_id,
-                          "source": "projection", "as_of_seq": seq}))
+        print(json.dumps({**job_json(state, events, skipped, unreadable),
+                          "trace_id": trace_id, "source": "projection", "as_of_seq": seq}))
     else:
-        print("\n".join(job_lines(state, events)))
+        print("\n".join(job_lines(state, events, skipped, unreadable)))
         print(f"  (from the projection at seq {seq}"
               + (f", trace {trace_id})" if trace_id else ")"))
     return 0
 
 
 async def _job_from_projection(a: argparse.Namespace) -> Any:
-    from projections.queries import as_of, job_from_projection
+    from projections.queries import as_of, job_errors, job_from_projection
     from projections.store import open_reader
 
     db = await open_reader(_db_path(a))
     try:
         found = await job_from_projection(db, a.job_id)
-        return None if found is None else (*found, (await as_of(db))["seq"])
+        if found is None:
+            return None
+        return (*found, (await as_of(db))["seq"], await job_errors(db, a.job_id))
     finally:
         await db.close()
 
 
+@_clear_errors
 async def cmd_history(a: argparse.Namespace) -> int:
     return await _print_history(a, source="stream")
 
 
-async def _print_history(a: argparse.Namespace, *, source: str) -> int:
+async def _print_history(a: argparse.Namespace, *, source: str,
+                         fallback: bool = False) -> int:
+    """The job from its events in the stream; an event that may not happen is shown and
+    marked as not applied, a message on its subjects that is no event as unreadable."""
     from core.client import connect
-    from core.job import fold
+    from core.job import fold_skipping
     from core.render import job_json, job_lines
 
+    check_token(a.job_id, "job id")
     client = await connect(a.nats)
     try:
-        events = await client.history(a.job_id)
+        events, unreadable = await client.history_report(a.job_id)
     finally:
         await client.close()
-    if not events:
+    if not events and not unreadable:
         print(f"no job {a.job_id!r} in the log", file=sys.stderr)
         return 1
-    job = fold(events, a.job_id)
+    job, skipped = fold_skipping(events, a.job_id)
     if a.json:
-        print(json.dumps({**job_json(job, events), "source": source}))
+        print(json.dumps({**job_json(job, events, skipped, unreadable), "source": source}))
     else:
-        print("\n".join(job_lines(job, events)))
-    return 0
+        print("\n".join(job_lines(job, events, skipped, unreadable)))
+        if fallback:
+            print("  (from the stream: the projection does not have this job)")
+        if not events:
+            print(f"  (no valid event of {a.job_id!r}: only unreadable messages)")
+    return 0 if events else 1
 
 
 # -- replay, verify, export ----------------------------------------------------------------
@@ -219,6 +250,12 @@ async def _print_history(a: argparse.Namespace, *, source: str) -> int:
 @_clear_errors
 async def cmd_replay(a: argparse.Namespace) -> int:
     if a.verify:
+        ignored = [flag for flag, value in (("--to-seq", a.to_seq), ("--until", a.until),
+                                            ("--force", a.force)) if value]
+        if ignored:
+            print(f"error: --verify compares at the live projection's own sequence; it takes "
+                  f"no {', '.join(ignored)}", file=sys.stderr)
+            return 2
         return await _verify(a)
     if not a.db:
         print("error: replay needs --db NEW.sqlite (a new file), or --verify",
@@ -232,13 +269,14 @@ async def _rebuild(a: argparse.Namespace) -> int:
     from projections.fetcher import FetchError
     from projections.progress import progress_reporter
     from projections.replay import rebuild
-    from projections.store import remove_db
+    from projections.store import check_replaceable, remove_db
 
     path = Path(a.db)
     if path.exists() and not a.force:
         print(f"error: {path} exists; replay builds a new file (--force replaces it)",
               file=sys.stderr)
         return 1
+    check_replaceable(path)  # a projection no projector is writing, nothing else
     remove_db(path)
     nc = await connect(a.nats, name="jetflow-replay")
     try:
@@ -256,7 +294,20 @@ async def _rebuild(a: argparse.Namespace) -> int:
           f"rebuilt {path}: {result.events} events up to seq {result.last_seq} in "
           f"{result.seconds:.1f}s ({result.rate:,.0f} events/s); "
           f"`jetflow status --db {path}` shows the system as of then")
+    for note in _range_notes(a, result.last_seq):
+        print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def _range_notes(a: argparse.Namespace, last_seq: int) -> list[str]:
+    """What the user may not expect of the range the replay covered."""
+    notes = []
+    if a.to_seq is not None and last_seq < a.to_seq:
+        notes.append(f"--to-seq {a.to_seq} is past the end of the stream (seq {last_seq})")
+    if a.until is not None and last_seq == 0:
+        when = datetime.fromtimestamp(a.until, UTC).isoformat()
+        notes.append(f"no event was stored at or before {when}: the file is empty")
+    return notes
 
 
 async def _verify(a: argparse.Namespace) -> int:
@@ -299,6 +350,7 @@ def _print_verify(result: Any, live: Path, as_json: bool) -> None:
                 print(f"    {row.describe()}")
 
 
+@_clear_errors
 async def cmd_export(a: argparse.Namespace) -> int:
     from core.bus import connect
     from projections.export import export_parquet
@@ -321,25 +373,41 @@ async def cmd_export(a: argparse.Namespace) -> int:
 def _unix_time(text: str) -> float:
     """Unix seconds, or ISO 8601 (``2026-11-22T03:17:31Z``; without a zone: local time)."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is neither Unix seconds nor an ISO 8601 time") from None
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
+        try:
+            value = datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither Unix seconds nor an ISO 8601 time") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time after 1970")
     return value
 
 
-def _projection_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", help="projection file (default <data>/projections.sqlite)")
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0.1:
+        raise argparse.ArgumentTypeError(f"must be 0.1 s or more, not {text}")
+    return value
+
+
+def _projection_options(p: argparse.ArgumentParser, db_help: str = "projection file "
+                        "(default <data>/projections.sqlite)") -> None:
+    p.add_argument("--db", help=db_help)
     p.add_argument("--data", default=".jetflow", help="data directory (./.jetflow)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -348,7 +416,7 @@ def _read_options(p: argparse.ArgumentParser,
                   common: Callable[[argparse.ArgumentParser], None]) -> None:
     common(p)
     _projection_options(p)
-    p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None,
+    p.add_argument("--watch", nargs="?", type=_seconds, const=2.0, default=None,
                    metavar="SECONDS", help="refresh every SECONDS (2) until Ctrl-C")
 
 
@@ -374,11 +442,18 @@ def _add_views(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> N
 
     p = sub.add_parser("jobs", help="list jobs, the most recently changed first")
     _read_options(p, common)
-    p.add_argument("--state", help="e.g. queued, running, succeeded, dead_lettered")
+    p.add_argument("--state", choices=STATE_ORDER, metavar="STATE",
+                   help=f"one of {', '.join(STATE_ORDER)}")
     p.add_argument("--queue")
     p.add_argument("--handler")
     p.add_argument("--limit", type=_positive, default=50, help="at most N jobs (50)")
     p.set_defaults(run=cmd_jobs)
+
+    p = sub.add_parser("errors", help="projection errors: messages in the log the projector "
+                                      "recorded instead of applying (latest first)")
+    _read_options(p, common)
+    p.add_argument("--limit", type=_positive, default=50, help="at most N errors (50)")
+    p.set_defaults(run=cmd_errors)
 
 
 def _add_job(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -404,7 +479,8 @@ def _add_replay(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> 
                     "The file is built as FILE.partial and appears only when complete. "
                     "--verify compares a rebuild with the live projection instead.")
     common(p)
-    _projection_options(p)
+    _projection_options(p, "the file to build (required); with --verify, the live "
+                           "projection (default <data>/projections.sqlite)")
     bound = p.add_mutually_exclusive_group()
     bound.add_argument("--to-seq", type=_positive, metavar="N", help="stop after sequence N")
     bound.add_argument("--until", type=_unix_time, metavar="TIME",

@@ -9,6 +9,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from core.codec import Unreadable
 from core.events import Event
 from core.job import JobState
 
@@ -19,6 +20,8 @@ __all__ = [
     "worker_status",
     "list_jobs",
     "job_from_projection",
+    "job_errors",
+    "list_errors",
     "STATE_ORDER",
 ]
 
@@ -158,6 +161,21 @@ async def job_from_projection(db: aiosqlite.Connection, job_id: str
         db, "SELECT seq, type, at, body FROM timeline WHERE entity_id = ? AND kind = 'job' "
             "ORDER BY seq", (job_id,))]
     return state, events, rows[0][1]
+
+
+async def job_errors(db: aiosqlite.Connection, job_id: str) -> list[Unreadable]:
+    """The projection errors recorded for messages on the job's subjects."""
+    rows = await _all(db, "SELECT seq, subject, code, reason FROM projection_errors "
+                          "WHERE subject GLOB ? ORDER BY seq", (f"jf.job.{job_id}.*",))
+    return [Unreadable(*row) for row in rows]
+
+
+async def list_errors(db: aiosqlite.Connection, *, limit: int = 50) -> list[dict[str, Any]]:
+    """The latest projection errors: messages the projector could not apply."""
+    rows = await _all(db, "SELECT seq, subject, code, reason, raw FROM projection_errors "
+                          "ORDER BY seq DESC LIMIT ?", (limit,))
+    return [dict(zip(("seq", "subject", "code", "reason", "raw"), row, strict=True))
+            for row in rows]
 
 
 def _event(job_id: str, seq: int, type_: str, at: float, body: str) -> Event:

@@ -13,7 +13,8 @@ from rich.text import Text
 
 from projections.queries import STATE_ORDER
 
-__all__ = ["console", "status_view", "workers_view", "jobs_view", "when", "age"]
+__all__ = ["console", "status_view", "workers_view", "jobs_view", "errors_view", "when",
+           "age"]
 
 
 def console(*, stderr: bool = False) -> Console:
@@ -44,8 +45,7 @@ def _position(as_of: dict[str, Any]) -> Text:
     errors = as_of.get("projection_errors") or 0
     text = f"as of stream seq {as_of['seq']}, last event {when(as_of['at'])} UTC"
     if errors:
-        text += f"  ({errors} projection error(s): see `jetflow replay --verify` and the "
-        text += "projection_errors table)"
+        text += f"  ({errors} projection error(s): `jetflow errors` lists them)"
     return Text(text, style="dim")
 
 
@@ -118,6 +118,19 @@ def workers_view(workers: list[dict[str, Any]], as_of: dict[str, Any],
     if heartbeat_note:
         parts.append(Text(heartbeat_note, style="dim"))
     return Group(*parts)
+
+
+def errors_view(errors: list[dict[str, Any]], as_of: dict[str, Any]) -> RenderableType:
+    """Messages in the log the projector recorded instead of applying."""
+    if not errors:
+        return Group(_position(as_of), Text("no projection errors"))
+    table = Table(title=f"projection errors ({len(errors)} shown, latest first)",
+                  title_justify="left")
+    for name in ("seq", "subject", "code", "reason", "body"):
+        table.add_column(name)
+    for e in errors:
+        table.add_row(str(e["seq"]), e["subject"], e["code"], e["reason"], (e["raw"] or "")[:60])
+    return Group(_position(as_of), table)
 
 
 def jobs_view(jobs: list[dict[str, Any]], as_of: dict[str, Any]) -> RenderableType:

@@ -10,7 +10,9 @@ commands use aiosqlite (:func:`open_reader`)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import sqlite3
 from collections.abc import Iterable
 from itertools import chain
@@ -31,7 +33,8 @@ from projections.views import (
     worker_view_from_row,
 )
 
-__all__ = ["Store", "open_reader", "file_version", "remove_db", "read_only_uri"]
+__all__ = ["Store", "open_reader", "file_version", "remove_db", "read_only_uri",
+           "check_replaceable"]
 
 log = logging.getLogger("jetflow.projector")
 
@@ -79,12 +82,56 @@ def remove_db(path: Path) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
-class Store:
-    """The writer's connection to one projection file."""
+def check_replaceable(path: Path) -> None:
+    """Raise ProjectionError unless ``path`` is absent, or a projection file (or an empty
+    one) that no projector is writing: what ``jetflow replay --force`` may delete."""
+    path = Path(path)
+    if not path.exists():
+        return
+    _check_writable(path)
+    os.close(_lock(path))
 
-    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+
+def _check_writable(path: Path) -> None:
+    """A projection may be written at ``path``: nothing there, an empty file, an empty
+    SQLite database or a projection; never a directory, a device or someone's database."""
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise ProjectionError(f"{path} is not a regular file: choose another --db")
+    if path.stat().st_size == 0 or file_version(path) is not None:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(read_only_uri(path), uri=True)) as db:
+            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    except sqlite3.Error:
+        raise ProjectionError(f"{path} is not an SQLite file: choose another --db") from None
+    if tables:
+        raise ProjectionError(f"{path} is an SQLite database but not a jetflow projection "
+                              "(no checkpoint table): choose another --db")
+
+
+def _lock(path: Path) -> int:
+    """An exclusive lock on the file (flock, apart from SQLite's own locks), held by
+    the one process that writes it; its descriptor, to close when done."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ProjectionError(f"{path} is being written by another process (a running "
+                              "`jetflow projector`?): stop it first, or choose another "
+                              "--db") from None
+    return fd
+
+
+class Store:
+    """The writer's connection to one projection file (the only one: it holds a lock)."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path, lock_fd: int) -> None:
         self.db = db
         self.path = path
+        self._lock_fd = lock_fd
 
     @classmethod
     def open(cls, path: Path, *, rebuild_older: bool = True, bulk: bool = False) -> Store:
@@ -96,6 +143,7 @@ class Store:
         replay killed half way leaves a consistent file it can resume (SQLite's WAL
         still makes every transaction atomic); only a power cut could lose its tail."""
         path = Path(path)
+        _check_writable(path)
         version = file_version(path) if path.exists() else None
         if version is not None and version > SCHEMA_VERSION:
             raise ProjectionError(f"{path} has projection schema v{version}, newer than this "
@@ -106,9 +154,15 @@ class Store:
                         "it from the stream", path, version, SCHEMA_VERSION)
             remove_db(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, isolation_level=None)
-        _prepare(db, bulk=bulk)
-        return cls(db, path)
+        path.touch()
+        lock_fd = _lock(path)
+        try:
+            db = sqlite3.connect(path, isolation_level=None)
+            _prepare(db, bulk=bulk)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return cls(db, path, lock_fd)
 
     def finish(self) -> None:
         """End a bulk load: build the indexes, then write everything to disk."""
@@ -118,6 +172,9 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def checkpoint(self) -> tuple[int, float | None]:
         """(last applied stream sequence, latest event time)."""

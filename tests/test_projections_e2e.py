@@ -20,6 +20,8 @@ import pytest
 from core import subjects as S
 from core.bus import connect, ensure_streams
 from core.client import Client, SubmissionRejected
+from core.codec import encode_event
+from core.events import Event
 from core.job import fold
 from core.server import EmbeddedServer
 from core.stack import Service
@@ -283,7 +285,12 @@ async def test_garbage_is_recorded_and_later_events_still_apply(server: Embedded
     last, _headers = list(synthetic_log(400, seed=1, in_flight=32))[-1]
     assert query(db, "SELECT last_seq FROM jobs WHERE job_id = ?", last.id) == [(head,)]
     code, out, _ = await cli(server.url, "status", "--db", str(db))
-    assert code == 0 and "2 projection error(s)" in out
+    assert code == 0 and "2 projection error(s): `jetflow errors` lists them" in out
+    code, out, _ = await cli(server.url, "errors", "--db", str(db), "--json")
+    assert [(e["seq"], e["code"]) for e in json.loads(out)["errors"]] == [
+        (202, "bad_field"), (201, "invalid_json")]
+    code, out, _ = await cli(server.url, "errors", "--db", str(db), "--limit", "1")
+    assert code == 0 and "bad_field" in out and "invalid_json" not in out
 
 
 async def test_verify_finds_a_deliberately_altered_row(server: EmbeddedServer,
@@ -355,6 +362,75 @@ async def test_read_commands(make_stack: StackFactory, client: Client, tmp_path:
         con.commit()
     code, _, err = await cli(url, "status", *data)
     assert code == 1 and "schema v99" in err and "upgrade jetflow" in err
+
+
+async def test_history_shows_what_the_state_machine_did_not_apply(
+        server: EmbeddedServer, tmp_path: Path) -> None:
+    """Hand-published events on a job's subjects: a well-formed one that may not happen
+    and one that is no event. The history shows both, marked, instead of failing."""
+    nc = await connect(server.url)
+    js = nc.jetstream()
+    await ensure_streams(js)
+    await js.publish("jf.job.lone.succeeded", encode_event(
+        Event("job", "lone", "succeeded", 1.5, {"attempt": 1, "worker": "w", "result": 7})))
+    await js.publish("jf.job.lone.progress", b"{not json")
+    await nc.close()
+
+    code, out, err = await cli(server.url, "history", "lone")
+    assert code == 0, err
+    assert "job lone: new" in out
+    assert "succeeded" in out and "[not applied: 'succeeded' is not allowed in state 'new']" in out
+    assert "(unreadable)" in out and "jf.job.lone.progress: invalid_json" in out
+    code, out, _ = await cli(server.url, "history", "lone", "--json")
+    report = json.loads(out)
+    assert report["events"][0]["not_applied"] and report["unreadable"][0]["seq"] == 2
+    db = tmp_path / "p.sqlite"
+    await project(server.url, db)
+    code, out, _ = await cli(server.url, "job", "lone", "--db", str(db))
+    assert code == 0 and "from the stream: the projection does not have this job" in out
+
+    for bad in ("bad id*", "a.b"):
+        code, _, err = await cli(server.url, "history", bad)
+        assert code == 1 and "error: invalid job id" in err and "Traceback" not in err
+        code, _, err = await cli(server.url, "job", bad, "--db", str(db))
+        assert code == 1 and "error: invalid job id" in err and "Traceback" not in err
+
+
+async def test_replay_refuses_what_it_must_not_replace(server: EmbeddedServer,
+                                                       tmp_path: Path) -> None:
+    head = await publish_synthetic(server.url, 300)
+    live = tmp_path / "live.sqlite"
+    async with Projector(server.url, live, idle_s=0.2):
+        await caught_up(live, server.url)
+        code, _, err = await cli(server.url, "replay", "--db", str(live), "--force")
+        assert code == 1 and "being written by another process" in err, err
+    assert checkpoint(live) == head  # the live file was left alone
+
+    theirs = tmp_path / "theirs.sqlite"
+    with contextlib.closing(sqlite3.connect(theirs)) as con:
+        con.execute("CREATE TABLE precious (x)")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    for target, why in ((theirs, "not a jetflow projection"), (notes, "not an SQLite file"),
+                        (tmp_path, "not a regular file")):
+        code, _, err = await cli(server.url, "replay", "--db", str(target), "--force")
+        assert code == 1 and why in err and "Traceback" not in err, err
+    assert notes.read_text() == "keep me" and query(theirs, "SELECT count(*) FROM precious")
+
+    code, _, err = await cli(server.url, "replay", "--db", str(live), "--force",
+                             "--to-seq", str(head + 50))
+    assert code == 0 and f"past the end of the stream (seq {head})" in err
+    assert checkpoint(live) == head
+    code, _, err = await cli(server.url, "replay", "--db", str(tmp_path / "early.sqlite"),
+                             "--until", "1")
+    assert code == 0 and "no event was stored at or before 1970" in err
+    code, _, err = await cli(server.url, "replay", "--verify", "--db", str(live),
+                             "--to-seq", "5")
+    assert code == 2 and "takes no --to-seq" in err
+    for args in (["replay", "--db", "x", "--until", "nan"], ["status", "--watch", "-1"],
+                 ["jobs", "--limit", "abc"], ["jobs", "--state", "bogus"]):
+        code, _, err = await cli(server.url, *args)
+        assert code == 2 and "Traceback" not in err and "_positive" not in err, (args, err)
 
 
 async def test_projector_rebuilds_a_file_of_an_older_schema(server: EmbeddedServer,
