@@ -102,7 +102,10 @@ async def cmd_workers(a: argparse.Namespace) -> int:
 
     async def produce(db: aiosqlite.Connection) -> tuple[Any, RenderableType]:
         workers, position = await worker_view(db), await as_of(db)
-        await beats.overlay(workers)
+        if position["snapshot"]:  # the past: today's heartbeats do not belong next to it
+            beats.note = "a replay snapshot: live heartbeats not shown"
+        else:
+            await beats.overlay(workers)
         data = {"as_of": position, "workers": workers}
         return data, workers_view(workers, position, beats.note)
 
@@ -183,6 +186,10 @@ async def cmd_job(a: argparse.Namespace) -> int:
     found = await _job_from_projection(a) if (a.db or _db_path(a).exists()) else None
     if found is None:
         return await _print_history(a, source="stream", fallback=True)
+    if found == "not in snapshot":
+        print(f"no job {a.job_id!r} in the replay snapshot {_db_path(a)} (`jetflow history "
+              f"{a.job_id}` reads the stream as it is now)", file=sys.stderr)
+        return 1
     state, events, trace_id, seq, errors = found
     seqs = {e.seq for e in events}
     skipped = {u.seq: u.reason for u in errors if u.seq in seqs}
@@ -203,10 +210,10 @@ async def _job_from_projection(a: argparse.Namespace) -> Any:
 
     db = await open_reader(_db_path(a))
     try:
-        found = await job_from_projection(db, a.job_id)
+        found, position = await job_from_projection(db, a.job_id), await as_of(db)
         if found is None:
-            return None
-        return (*found, (await as_of(db))["seq"], await job_errors(db, a.job_id))
+            return "not in snapshot" if position["snapshot"] else None
+        return (*found, position["seq"], await job_errors(db, a.job_id))
     finally:
         await db.close()
 

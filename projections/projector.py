@@ -36,6 +36,7 @@ class Projector:
 
     async def start(self) -> Projector:
         self.store = Store.open(self.db_path)
+        self.store.mark_snapshot(False)  # a replay's file a projector takes on is live now
         self.nc = await connect(self.url, name="jetflow-projector")
         await ensure_streams(self.nc.jetstream())
         self._task = asyncio.create_task(supervise("projector", self._run))

@@ -41,11 +41,13 @@ async def _all(db: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()
 
 
 async def as_of(db: aiosqlite.Connection) -> dict[str, Any]:
-    """The projection's position: the last stream sequence and event time applied."""
+    """The projection's position: the last stream sequence and event time applied, and
+    whether the file is a replay's snapshot (see :meth:`Store.mark_snapshot`)."""
     rows = await _all(db, "SELECT last_seq, last_at FROM checkpoint WHERE id = 1")
     seq, at = rows[0] if rows else (0, None)
     errors = (await _all(db, "SELECT count(*) FROM projection_errors"))[0][0]
-    return {"seq": seq, "at": at, "projection_errors": errors}
+    snapshot = bool((await _all(db, "PRAGMA user_version"))[0][0])
+    return {"seq": seq, "at": at, "projection_errors": errors, "snapshot": snapshot}
 
 
 async def queue_view(db: aiosqlite.Connection, *, minutes: int = 5) -> dict[str, Any]:

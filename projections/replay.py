@@ -60,6 +60,7 @@ async def rebuild(nc: Client, db_path: Path, *, to_seq: int | None = None,
         applier = Applier(store)
         events = await _replay(nc, applier, bounds, batch, progress)
         last = applier.last_seq
+        store.mark_snapshot(True)
         store.finish()
         complete = True
     finally:

@@ -164,6 +164,12 @@ class Store:
             raise
         return cls(db, path, lock_fd)
 
+    def mark_snapshot(self, snapshot: bool) -> None:
+        """Say whether the file is a replay's picture of the log at one point (its readers
+        then show no live data next to it) or a live projection a projector keeps up.
+        Kept in the file header's ``user_version``, outside the tables --verify compares."""
+        self.db.execute(f"PRAGMA user_version = {1 if snapshot else 0}")
+
     def finish(self) -> None:
         """End a bulk load: build the indexes, then write everything to disk."""
         self.db.executescript(INDEX_DDL)

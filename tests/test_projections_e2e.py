@@ -233,6 +233,20 @@ async def test_time_travel_gives_the_counts_at_a_sequence(server: EmbeddedServer
     assert code == 0 and f"up to seq {cut}" in out, out + err
     assert not [t for t in compare(back, until) if not t.equal]
 
+    # a snapshot says so, and shows nothing of the present next to the past
+    code, out, _ = await cli(server.url, "workers", "--db", str(back), "--json")
+    assert json.loads(out)["as_of"]["snapshot"] is True
+    code, out, _ = await cli(server.url, "workers", "--db", str(back))
+    assert "replay snapshot of stream seq 1700" in out and "live heartbeats not shown" in out
+    later = next(e.id for e in reversed(await read_log(server.url)) if e.kind == "job")
+    assert not query(back, "SELECT 1 FROM jobs WHERE job_id = ?", later)
+    code, _, err = await cli(server.url, "job", later, "--db", str(back))
+    assert code == 1 and f"no job {later!r} in the replay snapshot" in err, err
+    async with Projector(server.url, back, idle_s=0.2):  # a projector takes it on: live
+        await caught_up(back, server.url)
+    code, out, _ = await cli(server.url, "status", "--db", str(back), "--json")
+    assert json.loads(out)["as_of"]["snapshot"] is False
+
 
 def expected_view(events: list[Any], upto: int) -> dict[str, Any]:
     """The queue view at ``upto``, computed independently with core.job.fold."""
