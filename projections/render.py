@@ -62,7 +62,7 @@ def status_view(view: dict[str, Any]) -> RenderableType:
 def _states_table(queues: list[dict[str, Any]], minutes: int) -> Table:
     states = _state_columns(queues)
     table = Table(title="queues", title_justify="left")
-    table.add_column("queue")
+    table.add_column("queue", no_wrap=True, min_width=min(24, _longest(queues)))
     for state in states:
         table.add_column(state, justify="right")
     table.add_column("total", justify="right")
@@ -79,6 +79,11 @@ def _states_table(queues: list[dict[str, Any]], minutes: int) -> Table:
     return table
 
 
+def _longest(queues: list[dict[str, Any]]) -> int:
+    """The longest queue name: the column the eye looks for first is not squeezed."""
+    return max((len(q["queue"] or "-") for q in queues), default=5)
+
+
 def _state_columns(queues: list[dict[str, Any]]) -> list[str]:
     seen = {state for q in queues for state in q["states"]}
     known = [s for s in STATE_ORDER if s in seen]
@@ -90,7 +95,7 @@ def _depth_table(queues: list[dict[str, Any]]) -> RenderableType:
     if not priorities:
         return Text("no queued jobs", style="dim")
     table = Table(title="queued jobs by priority", title_justify="left")
-    table.add_column("queue")
+    table.add_column("queue", no_wrap=True, min_width=min(24, _longest(queues)))
     for p in priorities:
         table.add_column(f"p{p}", justify="right")
     for q in queues:
