@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ __all__ = [
     "Ack",
     "Publisher",
     "PublishError",
+    "Unreachable",
     "Tail",
     "TIMEOUTS",
     "default_url",
@@ -94,34 +96,84 @@ def default_url() -> str:
     return os.environ.get("JETFLOW_NATS_URL", DEFAULT_URL)
 
 
+CONNECT_TIMEOUT_S = 2  # one TCP + handshake attempt (nats-py wants an int)
+FIRST_CONNECT_WAIT_S = 1.0  # a command fails about this fast when nothing listens
+
+
 async def connect(url: str | None = None, *, name: str = "jetflow",
-                  wait_s: float = 10.0) -> Client:
-    """Connect (retrying for up to ``wait_s``), reconnecting forever afterwards. The
-    client is nats-py's with raw subscriptions (:mod:`core.natsclient`)."""
+                  wait_s: float = FIRST_CONNECT_WAIT_S) -> Client:
+    """Connect, trying again for up to ``wait_s`` (a command fails fast; a service that may
+    start before its server passes longer), reconnecting forever afterwards. The client is
+    nats-py's with raw subscriptions (:mod:`core.natsclient`)."""
     url = url or default_url()
     deadline = time.monotonic() + wait_s
+    errors = _ErrorLog()
     while True:
-        left = deadline - time.monotonic()
-        try:
-            # nats-py retries a first connect forever when reconnects are unlimited: bound it.
-            nc = Client()
-            await asyncio.wait_for(nc.connect(
-                url, name=name, connect_timeout=2,
-                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py says int; a float works
-                max_reconnect_attempts=-1, ping_interval=5, max_outstanding_pings=3,
-                error_cb=_log_error, disconnected_cb=_log_disconnect,
-                reconnected_cb=_log_reconnect,
-            ), timeout=max(left, 0.5))
+        nc = await _try_connect(url, name, errors, max(deadline - time.monotonic(),
+                                                       CONNECT_TIMEOUT_S))
+        if nc is not None:
             return nc
-        except (OSError, nats.errors.NoServersError, *TIMEOUTS) as exc:
-            if time.monotonic() >= deadline:
-                raise BusError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}. "
-                               "Start one with `jetflow up`, or pass --nats URL.") from None
-            await asyncio.sleep(0.2)
+        if time.monotonic() >= deadline:
+            raise Unreachable(url, _unreachable_reason(errors.last))
+        await asyncio.sleep(0.2)
 
 
-async def _log_error(exc: Exception) -> None:
-    log.debug("nats: %s", exc)
+async def _try_connect(url: str, name: str, errors: _ErrorLog,
+                       timeout_s: float) -> Client | None:
+    """One round of attempts (two per server), or None; the reason is in ``errors.last``."""
+    nc = Client()
+    try:
+        # nats-py retries a first connect forever when reconnects are unlimited: bound it,
+        # then lift the bound (its reconnect loop reads the option on every round).
+        await asyncio.wait_for(nc.connect(
+            url, name=name, connect_timeout=CONNECT_TIMEOUT_S,
+            reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py says int; a float works
+            max_reconnect_attempts=1, ping_interval=5, max_outstanding_pings=3,
+            error_cb=errors.record, disconnected_cb=_log_disconnect, reconnected_cb=_log_reconnect,
+        ), timeout=timeout_s)
+    except (OSError, nats.errors.NoServersError, *TIMEOUTS) as exc:
+        errors.last = errors.last or exc
+        with contextlib.suppress(Exception):
+            await nc.close()
+        return None
+    nc.options["max_reconnect_attempts"] = -1
+    return nc
+
+
+class Unreachable(BusError):
+    """No NATS server answered at ``url``; ``reason`` says why, in words."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach NATS at {url}: {reason}. Start one with `jetflow up`, "
+                         "or pass --nats URL.")
+        self.url = url
+        self.reason = reason
+
+
+class _ErrorLog:
+    """nats-py's error callback: logs at debug level and keeps the latest error (what a
+    failed first connect reports; nats-py's own exception then says only "no servers")."""
+
+    def __init__(self) -> None:
+        self.last: BaseException | None = None
+
+    async def record(self, exc: Exception) -> None:
+        self.last = exc
+        log.debug("nats: %s", exc)
+
+
+def _unreachable_reason(exc: BaseException | None) -> str:
+    """Why a connection failed, in words (an exception's own text can be empty or say only
+    "Connect call failed")."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (nothing listens on that port)"
+    if isinstance(exc, socket.gaierror):
+        return f"unknown host ({exc.strerror or exc})"
+    if exc is None or isinstance(exc, TIMEOUTS):
+        return f"no answer within {CONNECT_TIMEOUT_S:g}s"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
 
 
 async def _log_disconnect() -> None:

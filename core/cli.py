@@ -13,19 +13,38 @@ from pathlib import Path
 from typing import Any
 
 from core.bus import DEFAULT_URL, BusError
+from projections.schema import ProjectionError
 
 __all__ = ["main"]
 
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 TRACED_COMMANDS = ("sentinel", "worker", "submit")  # the ones that make spans
+SERVICE_NATS_WAIT_S = 30.0  # a service may start before its server; a command fails fast
+UP_PORT = 4222
+
+log = logging.getLogger("jetflow.cli")
 
 
 # -- services -----------------------------------------------------------------------------
+
+async def wait_for_nats(a: argparse.Namespace) -> None:
+    """Before a service starts: wait up to ``--wait-nats`` seconds for its server."""
+    from core.bus import Unreachable, connect
+
+    try:
+        nc = await connect(a.nats, name=f"jetflow-{a.command}", wait_s=0)
+    except Unreachable as exc:
+        log.warning("NATS at %s: %s; waiting up to %gs for it", exc.url, exc.reason,
+                    a.wait_nats)
+        nc = await connect(a.nats, name=f"jetflow-{a.command}", wait_s=a.wait_nats)
+    await nc.close()
+
 
 async def cmd_sentinel(a: argparse.Namespace) -> int:
     from core.runtime import wait_for_signal
     from sentinel.service import Sentinel
 
+    await wait_for_nats(a)
     policy, per_queue = _retry_policies(a.retry)
     async with Sentinel(a.nats, lease_s=a.lease, policy=policy, queue_policies=per_queue):
         await wait_for_signal()
@@ -36,6 +55,7 @@ async def cmd_worker(a: argparse.Namespace) -> int:
     from core.runtime import wait_for_signal
     from workers.worker import Worker
 
+    await wait_for_nats(a)
     worker = Worker(a.nats, handlers=a.handlers, queues=tuple(_csv(a.queue)),
                     concurrency=a.concurrency, lease_s=a.lease, heartbeat_s=a.heartbeat,
                     grace_s=a.grace, prefetch=a.prefetch, memory_limit_mb=a.memory_limit)
@@ -48,27 +68,47 @@ async def cmd_worker(a: argparse.Namespace) -> int:
 async def cmd_projector(a: argparse.Namespace) -> int:
     from core.runtime import wait_for_signal
     from projections.projector import Projector
+    from projections.store import Store
 
+    Store.open(_db_path(a)).close()  # a file it cannot write fails now, not after NATS
+    await wait_for_nats(a)
     async with Projector(a.nats, _db_path(a)):
         await wait_for_signal()
     return 0
 
 
 async def cmd_up(a: argparse.Namespace) -> int:
+    from core.bus import Unreachable
     from core.runtime import wait_for_signal
     from core.stack import Stack
 
-    stack = Stack(data_dir=Path(a.data), port=a.port, nats_url=a.nats, workers=a.workers,
+    port, url, source = up_server(a.port, a.nats, os.environ.get("JETFLOW_NATS_URL"))
+    stack = Stack(data_dir=Path(a.data), port=port, nats_url=url, workers=a.workers,
                   handlers=a.handlers, concurrency=a.concurrency, durable=a.durable,
-                  lease_s=a.lease)
-    async with stack:
-        print(f"jetflow is up: NATS at {stack.url}, data in {a.data}, "
-              f"{a.workers} worker(s). Ctrl-C to stop.", flush=True)
-        print(f"  submit: jetflow submit echo --args '{{\"x\": 1}}' --nats {stack.url} --wait",
-              flush=True)
-        await wait_for_signal()
-        print("stopping...", flush=True)
+                  lease_s=a.lease, restart=True)
+    try:
+        async with stack:
+            _print_up_banner(a, stack.url, started=url is None, source=source)
+            await wait_for_signal()
+            print("stopping...", flush=True)
+    except Unreachable as exc:
+        hint = ("drop --nats to start one" if source == "--nats" else
+                "pass --port (or unset JETFLOW_NATS_URL) to start one")
+        raise BusError(f"cannot reach NATS at {exc.url}: {exc.reason}. It came from {source}, "
+                       f"so `jetflow up` started no server: {hint}") from None
     return 0
+
+
+def _print_up_banner(a: argparse.Namespace, url: str, *, started: bool, source: str) -> None:
+    where = "started here" if started else f"existing, from {source}"
+    print(f"jetflow is up: NATS at {url} ({where}), data in {a.data}, {a.workers} "
+          "worker(s). Ctrl-C to stop.", flush=True)
+    env_url = os.environ.get("JETFLOW_NATS_URL")
+    if env_url and env_url != url:
+        print(f"  note: JETFLOW_NATS_URL ({env_url}) is another server: other commands use "
+              f"it unless given --nats {url}", flush=True)
+    print(f"  submit: jetflow submit echo --args '{{\"x\": 1}}' --nats {url} --wait",
+          flush=True)
 
 
 # -- submitting and reading ------------------------------------------------------------------
@@ -146,6 +186,22 @@ async def _control(a: argparse.Namespace, verb: str) -> int:
 
 # -- plumbing -------------------------------------------------------------------------------
 
+def up_server(port: int | None, nats: str | None,
+              env_url: str | None) -> tuple[int, str | None, str]:
+    """Whether ``jetflow up`` starts a server: (port, URL of an existing server or None,
+    where that choice came from). An explicit flag wins over JETFLOW_NATS_URL."""
+    if port is not None and nats:
+        raise SystemExit("error: jetflow up: --port starts a server and --nats uses an "
+                         "existing one; pass only one of them")
+    if port is not None:
+        return port, None, "--port"
+    if nats:
+        return UP_PORT, nats, "--nats"
+    if env_url:
+        return UP_PORT, env_url, "JETFLOW_NATS_URL"
+    return UP_PORT, None, "default"
+
+
 def _retry_policies(specs: list[str]) -> tuple[Any, dict[str, Any]]:
     from core.retry import RetryPolicy
 
@@ -183,10 +239,10 @@ def _db_path(a: argparse.Namespace) -> Path:
     return Path(a.db) if a.db else Path(a.data) / "projections.sqlite"
 
 
-def common_options(p: argparse.ArgumentParser) -> None:
+def common_options(p: argparse.ArgumentParser, *, nats_help: str | None = None) -> None:
     p.add_argument("--nats", default=os.environ.get("JETFLOW_NATS_URL"), metavar="URL",
-                   help=f"NATS server or cluster URL (env JETFLOW_NATS_URL, default "
-                        f"{DEFAULT_URL})")
+                   help=nats_help or f"NATS server or cluster URL (env JETFLOW_NATS_URL, "
+                                     f"default {DEFAULT_URL})")
     p.add_argument("--log-level", default=os.environ.get("JETFLOW_LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO, WARNING... (env JETFLOW_LOG_LEVEL)")
     p.add_argument("--log-format", choices=("text", "json"),
@@ -217,11 +273,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_up(sub: Any) -> None:
-    p = sub.add_parser("up", help="run nats-server, a sentinel, workers and the projector",
-                       description="Run the whole system until Ctrl-C/SIGTERM. With --nats "
-                                   "no embedded server is started.")
-    common_options(p)
-    p.add_argument("--port", type=int, default=4222, help="embedded server port (4222)")
+    p = sub.add_parser(
+        "up", help="run nats-server, a sentinel, workers and the projector",
+        description="Run the whole system until Ctrl-C/SIGTERM. The server: --port P starts "
+                    "one on port P, even when JETFLOW_NATS_URL is set; --nats URL uses an "
+                    "existing one and starts none (both together are an error); with "
+                    "neither, JETFLOW_NATS_URL names an existing one if set, else one is "
+                    f"started on port {UP_PORT}. A service that exits unexpectedly is logged "
+                    "(name, exit code or signal, its log file) and restarted after 1 s, "
+                    "then 2, 4... up to 30 s while it keeps failing (1 s again once it ran "
+                    "for a minute); Ctrl-C/SIGTERM stops everything and restarts nothing.")
+    common_options(p, nats_help="use this existing server or cluster; start none")
+    p.set_defaults(nats=None)  # only an explicit --nats here: see the description
+    p.add_argument("--port", type=int,
+                   help=f"start the embedded server on this port ({UP_PORT}); wins over "
+                        "JETFLOW_NATS_URL")
     p.add_argument("--data", default=".jetflow", help="data directory (./.jetflow)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (2)")
     p.add_argument("--handlers", default="echo,sleep,fail", help="handlers of each worker")
@@ -233,9 +299,16 @@ def _add_up(sub: Any) -> None:
     p.set_defaults(run=cmd_up)
 
 
+def service_options(p: argparse.ArgumentParser) -> None:
+    common_options(p)
+    p.add_argument("--wait-nats", type=float, default=SERVICE_NATS_WAIT_S, metavar="S",
+                   help="at startup, wait this long for the NATS server "
+                        f"({SERVICE_NATS_WAIT_S:g} s)")
+
+
 def _add_services(sub: Any) -> None:
     p = sub.add_parser("sentinel", help="run the control plane (one or more)")
-    common_options(p)
+    service_options(p)
     p.add_argument("--lease", type=float, default=15.0,
                    help="declare a worker lost after this many silent seconds (15)")
     p.add_argument("--retry", action="append", default=[], metavar="[QUEUE=]BASE,FACTOR,CAP",
@@ -245,7 +318,7 @@ def _add_services(sub: Any) -> None:
     p.set_defaults(run=cmd_sentinel)
 
     p = sub.add_parser("worker", help="run a worker")
-    common_options(p)
+    service_options(p)
     p.add_argument("--queue", default="default", help="queue(s) to serve, comma-separated")
     p.add_argument("--handlers", default="echo,sleep,fail",
                    help="handlers: built-in names or name=module:function, comma-separated")
@@ -263,7 +336,7 @@ def _add_services(sub: Any) -> None:
     p.set_defaults(run=cmd_worker)
 
     p = sub.add_parser("projector", help="keep the SQLite projections up to date")
-    common_options(p)
+    service_options(p)
     p.add_argument("--db", help="SQLite file (default <data>/projections.sqlite)")
     p.add_argument("--data", default=".jetflow", help="data directory (./.jetflow)")
     p.set_defaults(run=cmd_projector)
@@ -354,6 +427,9 @@ def _main(args: argparse.Namespace) -> int:
         sys.stderr.close()
         return 0
     except BusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ProjectionError as exc:  # e.g. `jetflow projector --db` on someone else's file
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except TimeoutError as exc:

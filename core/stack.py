@@ -1,11 +1,13 @@
 """The whole system as real processes: nats-server (unless a URL is given), a sentinel,
 workers and the projector, each ``python -m core.cli <service>``. ``jetflow up``, the
-demo, the benchmarks and the end-to-end tests all run it the same way."""
+demo, the benchmarks and the end-to-end tests all run it the same way; only ``jetflow up``
+asks for ``restart=True`` (the fault tests kill services and expect them to stay dead)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -15,9 +17,32 @@ from typing import IO
 
 from core import subjects as S
 from core.bus import Tail, connect
+from core.retry import RetryPolicy, compute_backoff
 from core.server import EmbeddedServer
 
-__all__ = ["Stack", "Service"]
+__all__ = ["Stack", "Service", "restart_delay", "exit_description"]
+
+log = logging.getLogger("jetflow.stack")
+
+# A service that exits on its own is restarted after 1 s, 2 s, 4 s... at most 30 s; one
+# that had run for STABLE_S before exiting starts again from 1 s.
+RESTART_BACKOFF = RetryPolicy(base_s=1.0, factor=2.0, cap_s=30.0, jitter=0.0)
+STABLE_S = 60.0
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds to wait before restarting a service that exited ``failures`` times in a row."""
+    return compute_backoff(failures, RESTART_BACKOFF, rand=0.5)
+
+
+def exit_description(code: int) -> str:
+    """``exit code 1``, ``killed by SIGKILL``: how a process ended, from its return code."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
 
 
 class Service:
@@ -34,6 +59,8 @@ class Service:
         self._log: IO[bytes] | None = None
 
     async def start(self) -> Service:
+        """Start the process (again, after it exited: its log is appended to)."""
+        self._close_log()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         cmd = [sys.executable, "-m", "core.cli", *self.args, "--nats", self.url]
@@ -74,9 +101,20 @@ class Service:
             self.proc.kill()
             return await self.proc.wait()
         finally:
-            if self.proc.returncode is not None and self._log:
-                self._log.close()
-                self._log = None
+            if self.proc.returncode is not None:
+                self._close_log()
+
+    async def exited(self) -> int:
+        """Wait, without a bound, until the process ends; its return code."""
+        assert self.proc is not None
+        code = await self.proc.wait()
+        self._close_log()
+        return code
+
+    def _close_log(self) -> None:
+        if self._log:
+            self._log.close()
+            self._log = None
 
 
 class Stack:
@@ -84,7 +122,7 @@ class Stack:
                  workers: int = 2, handlers: str = "echo,sleep,fail", concurrency: int = 4,
                  durable: bool = False, lease_s: float = 15.0, projector: bool = True,
                  worker_args: list[str] | None = None,
-                 sentinel_args: list[str] | None = None) -> None:
+                 sentinel_args: list[str] | None = None, restart: bool = False) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.server = None if nats_url else EmbeddedServer(self.data_dir, port=port,
                                                            durable=durable)
@@ -99,6 +137,8 @@ class Stack:
         self.sentinels: list[Service] = []
         self.workers: list[Service] = []
         self.projector: Service | None = None
+        self.restart = restart
+        self._keepers: list[asyncio.Task[None]] = []
 
     @property
     def url(self) -> str:
@@ -116,9 +156,9 @@ class Stack:
         for _ in range(self.n_workers):
             await self.add_worker()
         if self.with_projector:
-            self.projector = await Service(
+            self.projector = await self._launch(Service(
                 "projector", ["projector", "--db", str(self.data_dir / "projections.sqlite")],
-                self.url, self.log_dir).start()
+                self.url, self.log_dir))
         await self.wait_for_workers(self.n_workers, head, ready_timeout_s)
         await self.wait_for_sentinel(ready_timeout_s)
         return self
@@ -142,8 +182,8 @@ class Stack:
 
     async def add_sentinel(self) -> Service:
         name = f"sentinel-{len(self.sentinels) + 1}"
-        svc = await Service(name, ["sentinel", "--lease", str(self.lease_s),
-                                   *self.sentinel_args], self.url, self.log_dir).start()
+        svc = await self._launch(Service(name, ["sentinel", "--lease", str(self.lease_s),
+                                                *self.sentinel_args], self.url, self.log_dir))
         self.sentinels.append(svc)
         return svc
 
@@ -152,9 +192,35 @@ class Stack:
         args = ["worker", "--handlers", handlers or self.handlers, "--concurrency",
                 str(self.concurrency), "--lease", str(self.lease_s), *self.worker_args,
                 *extra]
-        svc = await Service(name, args, self.url, self.log_dir).start()
+        svc = await self._launch(Service(name, args, self.url, self.log_dir))
         self.workers.append(svc)
         return svc
+
+    async def _launch(self, svc: Service) -> Service:
+        await svc.start()
+        if self.restart:
+            self._keepers.append(asyncio.create_task(self._keep_running(svc),
+                                                     name=f"keep-{svc.name}"))
+        return svc
+
+    async def _keep_running(self, svc: Service) -> None:
+        """Restart ``svc`` each time it exits, after a backoff; :meth:`stop` cancels this
+        before stopping the services, so a shutdown restarts nothing."""
+        failures = 0
+        while True:
+            started, pid = time.monotonic(), svc.pid
+            code = await svc.exited()
+            failures = 1 if time.monotonic() - started >= STABLE_S else failures + 1
+            delay = restart_delay(failures)
+            log.error("%s (pid %d) exited unexpectedly: %s; restarting it in %gs (its log: "
+                      "%s)", svc.name, pid, exit_description(code), delay, svc.log_path)
+            await asyncio.sleep(delay)
+            try:
+                await svc.start()
+            except OSError as exc:  # no process: counted as one more failure
+                log.error("could not restart %s: %s", svc.name, exc)
+                continue
+            log.warning("%s restarted (pid %d)", svc.name, svc.pid)
 
     async def _events_head(self) -> int:
         nc = await connect(self.url)
@@ -190,6 +256,10 @@ class Stack:
         return [*self.workers, *self.sentinels, *([self.projector] if self.projector else [])]
 
     async def stop(self) -> None:
+        keepers, self._keepers = self._keepers, []
+        for task in keepers:
+            task.cancel()
+        await asyncio.gather(*keepers, return_exceptions=True)
         await asyncio.gather(*(svc.stop() for svc in self.workers))
         await asyncio.gather(*(svc.stop() for svc in self.services()))
         if self.server:

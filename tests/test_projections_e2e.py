@@ -418,6 +418,8 @@ async def test_replay_refuses_what_it_must_not_replace(server: EmbeddedServer,
         await caught_up(live, server.url)
         code, _, err = await cli(server.url, "replay", "--db", str(live), "--force")
         assert code == 1 and "being written by another process" in err, err
+        code, _, err = await cli(server.url, "projector", "--db", str(live))  # a second one
+        assert code == 1 and "being written by another process" in err, err
     assert checkpoint(live) == head  # the live file was left alone
 
     theirs = tmp_path / "theirs.sqlite"
@@ -428,6 +430,8 @@ async def test_replay_refuses_what_it_must_not_replace(server: EmbeddedServer,
     for target, why in ((theirs, "not a jetflow projection"), (notes, "not an SQLite file"),
                         (tmp_path, "not a regular file")):
         code, _, err = await cli(server.url, "replay", "--db", str(target), "--force")
+        assert code == 1 and why in err and "Traceback" not in err, err
+        code, _, err = await cli(server.url, "projector", "--db", str(target))
         assert code == 1 and why in err and "Traceback" not in err, err
     assert notes.read_text() == "keep me" and query(theirs, "SELECT count(*) FROM precious")
 
