@@ -22,6 +22,7 @@ a stream through it against the real server.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from nats.aio.client import Client as NATS
@@ -29,6 +30,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 __all__ = ["Client", "RawCallback"]
+
+log = logging.getLogger("jetflow.nats")
 
 # (subject, reply, data, header block or None): all bytes, as they came off the wire
 RawCallback = Callable[[bytes, bytes, bytes, bytes | None], None]
@@ -63,6 +66,7 @@ class Client(NATS):
         try:
             cb(subject, reply, data, headers)
         except Exception as exc:  # noqa: BLE001 - the connection must go on reading
+            log.warning("a raw subscription's callback failed on %r", subject, exc_info=True)
             await self._error_cb(exc)
 
 

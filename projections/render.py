@@ -44,7 +44,8 @@ def age(seconds: float | None) -> str:
 def _position(as_of: dict[str, Any]) -> Text:
     errors = as_of.get("projection_errors") or 0
     kind = "replay snapshot" if as_of.get("snapshot") else "as"
-    text = f"{kind} of stream seq {as_of['seq']}, last event {when(as_of['at'])} UTC"
+    text = f"{kind} of stream seq {as_of['seq']}, " + (
+        f"last event {when(as_of['at'])} UTC" if as_of["at"] is not None else "no events yet")
     if errors:
         text += f"  ({errors} projection error(s): `jetflow errors` lists them)"
     return Text(text, style="dim")
