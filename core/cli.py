@@ -12,7 +12,10 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from core.argtypes import positive_int, seconds
 from core.bus import DEFAULT_URL, BusError
+from core.server import ServerError
+from core.subjects import InvalidToken
 from projections.schema import ProjectionError
 
 __all__ = ["main"]
@@ -291,8 +294,9 @@ def _add_up(sub: Any) -> None:
     p.add_argument("--data", default=".jetflow", help="data directory (./.jetflow)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (2)")
     p.add_argument("--handlers", default="echo,sleep,fail", help="handlers of each worker")
-    p.add_argument("--concurrency", type=int, default=4, help="jobs at once per worker (4)")
-    p.add_argument("--lease", type=float, default=15.0, help="worker lease in seconds (15)")
+    p.add_argument("--concurrency", type=positive_int, default=4,
+                   help="jobs at once per worker (4)")
+    p.add_argument("--lease", type=seconds, default=15.0, help="worker lease in seconds (15)")
     p.add_argument("--durable", action="store_true",
                    help="fsync every write (sync_interval: always): survives power loss, "
                         "slower")
@@ -301,7 +305,7 @@ def _add_up(sub: Any) -> None:
 
 def service_options(p: argparse.ArgumentParser) -> None:
     common_options(p)
-    p.add_argument("--wait-nats", type=float, default=SERVICE_NATS_WAIT_S, metavar="S",
+    p.add_argument("--wait-nats", type=seconds, default=SERVICE_NATS_WAIT_S, metavar="S",
                    help="at startup, wait this long for the NATS server "
                         f"({SERVICE_NATS_WAIT_S:g} s)")
 
@@ -309,7 +313,7 @@ def service_options(p: argparse.ArgumentParser) -> None:
 def _add_services(sub: Any) -> None:
     p = sub.add_parser("sentinel", help="run the control plane (one or more)")
     service_options(p)
-    p.add_argument("--lease", type=float, default=15.0,
+    p.add_argument("--lease", type=seconds, default=15.0,
                    help="declare a worker lost after this many silent seconds (15)")
     p.add_argument("--retry", action="append", default=[], metavar="[QUEUE=]BASE,FACTOR,CAP",
                    help="backoff: BASE seconds x FACTOR^n, at most CAP (default 1,2,300); "
@@ -322,16 +326,16 @@ def _add_services(sub: Any) -> None:
     p.add_argument("--queue", default="default", help="queue(s) to serve, comma-separated")
     p.add_argument("--handlers", default="echo,sleep,fail",
                    help="handlers: built-in names or name=module:function, comma-separated")
-    p.add_argument("--concurrency", type=int, default=4, help="jobs at once (4)")
-    p.add_argument("--lease", type=float, default=15.0, help="lease announced (15 s)")
-    p.add_argument("--heartbeat", type=float,
+    p.add_argument("--concurrency", type=positive_int, default=4, help="jobs at once (4)")
+    p.add_argument("--lease", type=seconds, default=15.0, help="lease announced (15 s)")
+    p.add_argument("--heartbeat", type=seconds,
                    help="heartbeat interval (default: a quarter of the lease, at most 2 s)")
     p.add_argument("--prefetch", type=int,
                    help="offers buffered beyond the running slots (default: --concurrency); "
                         "0 gives strict priority at some cost in throughput")
-    p.add_argument("--memory-limit", type=int, metavar="MB",
+    p.add_argument("--memory-limit", type=positive_int, metavar="MB",
                    help="address-space limit of each child process (MemoryError beyond it)")
-    p.add_argument("--grace", type=float, default=30.0,
+    p.add_argument("--grace", type=seconds, default=30.0,
                    help="on SIGTERM, wait this long for running jobs (30 s)")
     p.set_defaults(run=cmd_worker)
 
@@ -353,13 +357,13 @@ def _add_client(sub: Any) -> None:
     p.add_argument("--priority", type=int, default=0, help="0-9, higher first")
     p.add_argument("--job-id", help="your own id ([A-Za-z0-9_-]{1,64}); idempotent")
     p.add_argument("--max-attempts", type=int)
-    p.add_argument("--timeout", type=float, help="seconds per attempt (the child is killed)")
-    p.add_argument("--queue-timeout", type=float,
+    p.add_argument("--timeout", type=seconds, help="seconds per attempt (the child is killed)")
+    p.add_argument("--queue-timeout", type=seconds,
                    help="give up (timed_out) if not started within this many seconds")
-    p.add_argument("--deadline", type=float,
+    p.add_argument("--deadline", type=seconds,
                    help="seconds from submission to finish, across all attempts")
     p.add_argument("--wait", action="store_true", help="wait for the outcome")
-    p.add_argument("--wait-timeout", type=float, default=300.0)
+    p.add_argument("--wait-timeout", type=seconds, default=300.0)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=cmd_submit)
 
@@ -375,7 +379,7 @@ def _add_operations(sub: Any) -> None:
     p = sub.add_parser("retry", help="re-drive a dead-lettered job (its history is kept)")
     common_options(p)
     p.add_argument("job_id")
-    p.add_argument("--attempts", type=int, default=3, help="more attempts to allow (3)")
+    p.add_argument("--attempts", type=positive_int, default=3, help="more attempts to allow (3)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_retry)
 
@@ -429,7 +433,8 @@ def _main(args: argparse.Namespace) -> int:
     except BusError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except ProjectionError as exc:  # e.g. `jetflow projector --db` on someone else's file
+    except (ProjectionError, InvalidToken, ServerError) as exc:
+        # a file the projector must not write, a job id that cannot be one, a port taken
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except TimeoutError as exc:

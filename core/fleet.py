@@ -11,7 +11,7 @@ ready jobs to free worker slots.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from core.events import Event
 from core.job import TERMINAL, IllegalTransition, JobState, apply
@@ -89,6 +89,7 @@ class Fleet:
         try:
             new = apply(old, event)
         except IllegalTransition as exc:
+            self.stored_on_job(event.id, event.seq)
             return str(exc)
         self._update_scheduler(old, new, event)
         if event.type == "submitted":
@@ -101,6 +102,15 @@ class Fleet:
             self.jobs[event.id] = new
             self.dirty.add(event.id)
         return None
+
+    def stored_on_job(self, job_id: str, seq: int) -> None:
+        """A message the state machine did not apply (one published by hand) is still the
+        latest on the job's subjects: the next append for the job must expect it, or it
+        would conflict for ever and the job would be stuck."""
+        job = self.jobs.get(job_id)
+        if job is not None and seq > job.last_seq:
+            self.jobs[job_id] = replace(job, last_seq=seq)
+            self.dirty.add(job_id)
 
     def _arm_timeouts(self, job: JobState) -> None:
         assert job.submitted_at is not None

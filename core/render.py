@@ -14,6 +14,8 @@ __all__ = ["job_lines", "job_json"]
 
 _HIDDEN = ("fp", "traceback", "args", "body")
 _DETAIL_CHARS = 160
+_NOT_APPLIED = ("illegal_transition", "apply_failed")  # the projector's codes for a valid
+# event the state machine refused
 
 
 def job_lines(job: JobState, events: Sequence[Event], skipped: Mapping[int, str] | None = None,
@@ -41,8 +43,9 @@ def job_lines(job: JobState, events: Sequence[Event], skipped: Mapping[int, str]
         if e.seq in skipped:
             line += f"  [not applied: {skipped[e.seq]}]"
         rows.append((e.seq, line))
-    for u in unreadable:
-        rows.append((u.seq, f"  {u.seq:>7}  {'':>12}  {'(unreadable)':<16} "
+    for u in unreadable:  # from the projection, an event it did not apply is one of these
+        label = "(not applied)" if u.code in _NOT_APPLIED else "(unreadable)"
+        rows.append((u.seq, f"  {u.seq:>7}  {'':>12}  {label:<16} "
                             f"{u.subject}: {u.code}: {u.reason}"))
     lines += [line for _seq, line in sorted(rows)]
     return lines

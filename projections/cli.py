@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import math
+import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import nats.errors
 from rich.console import RenderableType
 from rich.live import Live
 
+from core.argtypes import positive_int, seconds
 from core.bus import BusError
 from core.subjects import InvalidToken, check_token
 from projections.queries import STATE_ORDER
@@ -286,13 +289,19 @@ async def _rebuild(a: argparse.Namespace) -> int:
     check_replaceable(path)  # a projection no projector is writing, nothing else
     remove_db(path)
     nc = await connect(a.nats, name="jetflow-replay")
+    terminated: list[int] = []
     try:
-        with progress_reporter("replay") as report:
+        with progress_reporter("replay") as report, _terminate_cancels(terminated):
             result = await rebuild(nc, path, to_seq=a.to_seq, until=a.until,
                                    batch=a.batch, progress=report)
     except FetchError as exc:
         print(f"error: {exc}; {path} was not written", file=sys.stderr)
         return 1
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        print(f"replay stopped (SIGTERM); {path} was not written", file=sys.stderr)
+        return 143
     finally:
         await nc.close()
     summary = {"db": str(path), "events": result.events, "last_seq": result.last_seq,
@@ -315,6 +324,23 @@ def _range_notes(a: argparse.Namespace, last_seq: int) -> list[str]:
         when = datetime.fromtimestamp(a.until, UTC).isoformat()
         notes.append(f"no event was stored at or before {when}: the file is empty")
     return notes
+
+
+@contextlib.contextmanager
+def _terminate_cancels(received: list[int]) -> Iterator[None]:
+    """SIGTERM cancels the current task, so its cleanup runs as for Ctrl-C; ``received``
+    is appended to when it has."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+
+    def cancel() -> None:
+        received.append(signal.SIGTERM)
+        task.cancel()
+    loop.add_signal_handler(signal.SIGTERM, cancel)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def _verify(a: argparse.Namespace) -> int:
@@ -392,24 +418,6 @@ def _unix_time(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value < 0.1:
-        raise argparse.ArgumentTypeError(f"must be 0.1 s or more, not {text}")
-    return value
 
 
 def _projection_options(p: argparse.ArgumentParser, db_help: str = "projection file "
@@ -423,7 +431,7 @@ def _read_options(p: argparse.ArgumentParser,
                   common: Callable[[argparse.ArgumentParser], None]) -> None:
     common(p)
     _projection_options(p)
-    p.add_argument("--watch", nargs="?", type=_seconds, const=2.0, default=None,
+    p.add_argument("--watch", nargs="?", type=seconds, const=2.0, default=None,
                    metavar="SECONDS", help="refresh every SECONDS (2) until Ctrl-C")
 
 
@@ -437,7 +445,7 @@ def _add_views(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> N
     p = sub.add_parser("status", help="the queue view: jobs by state and priority, oldest "
                                       "queued job, outcomes per minute")
     _read_options(p, common)
-    p.add_argument("--minutes", type=_positive, default=5,
+    p.add_argument("--minutes", type=positive_int, default=5,
                    help="outcomes per minute over this many minutes (5)")
     p.set_defaults(run=cmd_status)
 
@@ -453,13 +461,13 @@ def _add_views(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> N
                    help=f"one of {', '.join(STATE_ORDER)}")
     p.add_argument("--queue")
     p.add_argument("--handler")
-    p.add_argument("--limit", type=_positive, default=50, help="at most N jobs (50)")
+    p.add_argument("--limit", type=positive_int, default=50, help="at most N jobs (50)")
     p.set_defaults(run=cmd_jobs)
 
     p = sub.add_parser("errors", help="projection errors: messages in the log the projector "
                                       "recorded instead of applying (latest first)")
     _read_options(p, common)
-    p.add_argument("--limit", type=_positive, default=50, help="at most N errors (50)")
+    p.add_argument("--limit", type=positive_int, default=50, help="at most N errors (50)")
     p.set_defaults(run=cmd_errors)
 
 
@@ -489,7 +497,7 @@ def _add_replay(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> 
     _projection_options(p, "the file to build (required); with --verify, the live "
                            "projection (default <data>/projections.sqlite)")
     bound = p.add_mutually_exclusive_group()
-    bound.add_argument("--to-seq", type=_positive, metavar="N", help="stop after sequence N")
+    bound.add_argument("--to-seq", type=positive_int, metavar="N", help="stop after sequence N")
     bound.add_argument("--until", type=_unix_time, metavar="TIME",
                        help="stop after the last event stored at or before TIME "
                             "(Unix seconds or ISO 8601)")
@@ -498,13 +506,13 @@ def _add_replay(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> 
                         "the live projection (--db) at its sequence; exit 1 on differences, "
                         "2 if it could not be done")
     p.add_argument("--force", action="store_true", help="replace an existing --db file")
-    p.add_argument("--batch", type=_positive, default=5000, help="events per transaction")
+    p.add_argument("--batch", type=positive_int, default=5000, help="events per transaction")
     p.set_defaults(run=cmd_replay)
 
     p = sub.add_parser("export", help="write the event log as Parquet, partitioned by day "
                                       "and event type")
     common(p)
     p.add_argument("--parquet", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--from-seq", type=_positive, default=1, metavar="N",
+    p.add_argument("--from-seq", type=positive_int, default=1, metavar="N",
                    help="start at sequence N (1)")
     p.set_defaults(run=cmd_export)

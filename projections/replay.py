@@ -15,7 +15,7 @@ from nats.aio.client import Client
 from core import subjects as S
 from projections.applier import Applier
 from projections.fetcher import Bounds, FetchError, fetch
-from projections.store import Store, remove_db
+from projections.store import Store, check_replaceable, remove_db
 
 __all__ = ["ReplayResult", "Progress", "rebuild", "Bounds"]
 
@@ -52,6 +52,7 @@ async def rebuild(nc: Client, db_path: Path, *, to_seq: int | None = None,
     bounds = Bounds(min(head, to_seq) if to_seq is not None else head,
                     None if until is None else int(until * 1e9))
     partial = db_path.with_name(db_path.name + ".partial")
+    check_replaceable(partial)  # another replay into the same file is building it now
     remove_db(partial)
     store = Store.open(partial, bulk=True)
     started = time.perf_counter()

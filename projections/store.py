@@ -79,7 +79,8 @@ def file_version(path: Path) -> int | None:
 def remove_db(path: Path) -> None:
     """Delete a projection file and its WAL companions."""
     for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            Path(f"{path}{suffix}").unlink()
 
 
 def check_replaceable(path: Path) -> None:
@@ -120,8 +121,8 @@ def _lock(path: Path) -> int:
     except BlockingIOError:
         os.close(fd)
         raise ProjectionError(f"{path} is being written by another process (a running "
-                              "`jetflow projector`?): stop it first, or choose another "
-                              "--db") from None
+                              "`jetflow projector` or `jetflow replay`?): stop it first, or "
+                              "choose another --db") from None
     return fd
 
 
@@ -153,8 +154,11 @@ class Store:
             log.warning("%s has projection schema v%d, this jetflow writes v%d: rebuilding "
                         "it from the stream", path, version, SCHEMA_VERSION)
             remove_db(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        except OSError as exc:
+            raise ProjectionError(f"cannot create {path}: {exc.strerror or exc}") from None
         lock_fd = _lock(path)
         try:
             db = sqlite3.connect(path, isolation_level=None)
@@ -257,6 +261,8 @@ def _prepare(db: sqlite3.Connection, *, bulk: bool) -> None:
 async def open_reader(path: Path) -> aiosqlite.Connection:
     """Open a projection file read-only, or say clearly why it cannot be read."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ProjectionError(f"{path} is not a regular file: choose another --db")
     if not path.exists():
         raise ProjectionError(
             f"no projection at {path}: run `jetflow projector` (or `jetflow up`), or build "

@@ -47,16 +47,18 @@ class Control:
         attempts = body.get("attempts", 3)
         if type(attempts) is not int or not 1 <= attempts <= 100:
             return {"error": "'attempts' must be an integer from 1 to 100"}
-        job = self.sentinel.fleet.jobs.get(job_id)
-        if job is None or job.state != "dead_lettered":
-            return await self._not_active(job_id, "retry", job)
-        event = Event("job", job_id, "queued", _now(),
-                      {"attempt": job.attempt + 1, "max_attempts": job.attempt + attempts,
-                       "redrive": True})
-        if await self._try(Append(event, job.last_seq, f"{job_id}:redrive:{job.attempt}")):
-            return {"job_id": job_id, "state": "queued", "attempt": job.attempt + 1,
-                    "max_attempts": job.attempt + attempts}
-        return {"error": f"job {job_id} changed meanwhile; try again"}
+        for _ in range(3):
+            job = self.sentinel.fleet.jobs.get(job_id)
+            if job is None or job.state != "dead_lettered":
+                return await self._not_active(job_id, "retry", job)
+            event = Event("job", job_id, "queued", _now(),
+                          {"attempt": job.attempt + 1, "max_attempts": job.attempt + attempts,
+                           "redrive": True})
+            append = Append(event, job.last_seq, f"{job_id}:redrive:{job.attempt}")
+            if await self._try(append):
+                return {"job_id": job_id, "state": "queued", "attempt": job.attempt + 1,
+                        "max_attempts": job.attempt + attempts}
+        return {"error": f"job {job_id} kept changing; try again"}
 
     async def _try(self, append: Append) -> bool:
         try:

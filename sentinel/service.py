@@ -131,6 +131,9 @@ class Sentinel:
                 event = decode_event(msg.subject, msg.data, seq)
             except CodecError as exc:
                 self.fleet.last_seq = max(self.fleet.last_seq, seq)
+                where = S.parse_event_subject(msg.subject)
+                if where is not None and where[0] == "job":
+                    self.fleet.stored_on_job(where[1], seq)
                 log.warning("ignoring malformed event at seq %d on %s: %s", seq, msg.subject,
                             exc.message)
                 continue

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from core.client import Client, JobError
+from core.codec import encode_event
 from core.events import Event
 from tests.conftest import StackFactory, wait_until
 
@@ -162,3 +163,34 @@ async def test_sigterm_drains_and_hands_back(make_stack: StackFactory, client: C
 async def _state(client: Client, job_id: str, state: str) -> bool:
     return (await client.status(job_id)).state == state
 
+
+
+async def test_messages_published_by_hand_on_a_job_do_not_stick_it(
+        make_stack: StackFactory, client: Client) -> None:
+    """A valid event the state machine refuses, or a body that is no event, on a job's
+    subject is still the latest message there: the next append for the job must expect
+    it (optimistic concurrency), or the job would conflict for ever."""
+    await make_stack(workers=1, concurrency=1, worker_args=["--prefetch", "0"],
+                     sentinel_args=FAST_RETRY)
+    dead = await client.submit("fail", {"message": "no", "permanent": True})
+    assert (await client.wait(dead, timeout=20)).state == "dead_lettered"
+    await client.js.publish(f"jf.job.{dead}.started", encode_event(
+        Event("job", dead, "started", time.time(), {"attempt": 1, "worker": "w",
+                                                    "lease_s": 1.0})))
+    await client.js.publish(f"jf.job.{dead}.progress", b"{not an event")
+    answer = await client.retry(dead, attempts=1)
+    assert answer["state"] == "queued", answer
+    assert (await client.wait(dead, timeout=20)).state == "dead_lettered"  # failed again
+
+    blocker = await client.submit("sleep", {"seconds": 1.0})
+    await running(client, blocker)
+    waiting = await client.submit("echo", {"n": 1})  # queued behind the blocker
+    stray = {blocker: Event("job", blocker, "started", time.time(),  # it is running
+                            {"attempt": 1, "worker": "w", "lease_s": 1.0}),
+             waiting: Event("job", waiting, "succeeded", time.time(),  # it is queued
+                            {"attempt": 1, "worker": "w", "result": None})}
+    for job_id, event in stray.items():
+        await client.js.publish(f"jf.job.{job_id}.progress", b"{not an event")
+        await client.js.publish(f"jf.job.{job_id}.{event.type}", encode_event(event))
+    for job_id in (blocker, waiting):
+        assert (await client.wait(job_id, timeout=30)).state == "succeeded"

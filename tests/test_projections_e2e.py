@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -29,6 +30,7 @@ from core.subjects import EVENTS_STREAM
 from projections.projector import Projector
 from projections.reader import StreamReader
 from projections.replay import rebuild
+from projections.store import Store
 from projections.synthetic import publish_log, synthetic_log
 from projections.verify import compare
 from tests.conftest import StackFactory, read_log, url_of, wait_until
@@ -402,6 +404,16 @@ async def test_history_shows_what_the_state_machine_did_not_apply(
     await project(server.url, db)
     code, out, _ = await cli(server.url, "job", "lone", "--db", str(db))
     assert code == 0 and "from the stream: the projection does not have this job" in out
+    await publish_synthetic(server.url, 300)
+    await project(server.url, db)
+    (job_id,), = query(db, "SELECT job_id FROM jobs WHERE state = 'succeeded' LIMIT 1")
+    nc = await connect(server.url)
+    await nc.jetstream().publish(f"jf.job.{job_id}.started", encode_event(
+        Event("job", job_id, "started", 2.0, {"attempt": 9, "worker": "w", "lease_s": 1.0})))
+    await nc.close()
+    await project(server.url, db)
+    code, out, _ = await cli(server.url, "job", job_id, "--db", str(db))
+    assert code == 0 and "(not applied)" in out and "illegal_transition" in out, out
 
     for bad in ("bad id*", "a.b"):
         code, _, err = await cli(server.url, "history", bad)
@@ -445,10 +457,42 @@ async def test_replay_refuses_what_it_must_not_replace(server: EmbeddedServer,
     code, _, err = await cli(server.url, "replay", "--verify", "--db", str(live),
                              "--to-seq", "5")
     assert code == 2 and "takes no --to-seq" in err
+    building = Store.open(tmp_path / "busy.sqlite.partial", bulk=True)  # a replay at work
+    try:
+        code, _, err = await cli(server.url, "replay", "--db", str(tmp_path / "busy.sqlite"))
+        assert code == 1 and "being written by another process" in err, err
+    finally:
+        building.close()
+    os.mkfifo(tmp_path / "fifo")
+    for args in (["status", "--db", str(tmp_path / "fifo")],
+                 ["replay", "--db", str(notes / "x.sqlite")],
+                 ["projector", "--db", str(notes / "x.sqlite")],
+                 ["trace", "a.b"]):
+        code, _, err = await cli(server.url, *args)
+        assert code == 1 and err.startswith("error: ") and "Traceback" not in err, (args, err)
     for args in (["replay", "--db", "x", "--until", "nan"], ["status", "--watch", "-1"],
-                 ["jobs", "--limit", "abc"], ["jobs", "--state", "bogus"]):
+                 ["jobs", "--limit", "abc"], ["jobs", "--state", "bogus"],
+                 ["submit", "echo", "--timeout", "nan"], ["submit", "echo", "--timeout", "-1"]):
         code, _, err = await cli(server.url, *args)
         assert code == 2 and "Traceback" not in err and "_positive" not in err, (args, err)
+
+
+async def test_a_terminated_replay_leaves_no_file(server: EmbeddedServer,
+                                                  tmp_path: Path) -> None:
+    await publish_synthetic(server.url, 20_000)
+    target = tmp_path / "big.sqlite"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "core.cli", "replay", "--db", str(target), "--batch", "50",
+        "--nats", server.url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+    async def building() -> bool:
+        return checkpoint(target.with_name("big.sqlite.partial")) > 0
+    await wait_until(building, 30, "the replay to start writing")
+    proc.terminate()
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 143, err.decode()
+    assert "big.sqlite was not written" in err.decode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["srv"]
 
 
 async def test_projector_rebuilds_a_file_of_an_older_schema(server: EmbeddedServer,

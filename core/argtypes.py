@@ -1,0 +1,30 @@
+"""argparse types shared by the `jetflow` commands: a bad value is a one-line usage
+error (exit 2) naming what is wrong, never a traceback or a silent default."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+__all__ = ["positive_int", "seconds"]
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A finite, positive number of seconds (nan and inf would reach JSON as null)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text}")
+    return value
