@@ -113,6 +113,8 @@ async def connect(url: str | None = None, *, name: str = "jetflow",
                                                        CONNECT_TIMEOUT_S))
         if nc is not None:
             return nc
+        if _refusal(errors.last):  # a server answered and said no: no use waiting
+            raise BusError(f"NATS at {url} refused the connection: {errors.last}") from None
         if time.monotonic() >= deadline:
             raise Unreachable(url, _unreachable_reason(errors.last))
         await asyncio.sleep(0.2)
@@ -122,6 +124,7 @@ async def _try_connect(url: str, name: str, errors: _ErrorLog,
                        timeout_s: float) -> Client | None:
     """One round of attempts (two per server), or None; the reason is in ``errors.last``."""
     nc = Client()
+    errors.last = None  # this round's reason, not an earlier one's
     try:
         # nats-py retries a first connect forever when reconnects are unlimited: bound it,
         # then lift the bound (its reconnect loop reads the option on every round).
@@ -138,6 +141,16 @@ async def _try_connect(url: str, name: str, errors: _ErrorLog,
         return None
     nc.options["max_reconnect_attempts"] = -1
     return nc
+
+
+def _refusal(exc: BaseException | None) -> bool:
+    """Whether a server answered and will not have us (credentials, TLS, an -ERR in the
+    handshake, which nats-py raises as a plain ``nats.errors.Error``)."""
+    return isinstance(exc, (nats.errors.AuthorizationError,
+                            nats.errors.InvalidUserCredentialsError,
+                            nats.errors.SecureConnRequiredError,
+                            nats.errors.SecureConnWantedError,
+                            nats.errors.SecureConnFailedError)) or type(exc) is nats.errors.Error
 
 
 class Unreachable(BusError):

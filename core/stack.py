@@ -30,6 +30,17 @@ RESTART_BACKOFF = RetryPolicy(base_s=1.0, factor=2.0, cap_s=30.0, jitter=0.0)
 STABLE_S = 60.0
 
 
+def _last_line(path: Path) -> str:
+    """The last non-empty line of a service's log (why it stopped, usually)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return "(unreadable)"
+    return lines[-1][:300] if lines else "(empty)"
+
+
 def restart_delay(failures: int) -> float:
     """Seconds to wait before restarting a service that exited ``failures`` times in a row."""
     return compute_backoff(failures, RESTART_BACKOFF, rand=0.5)
@@ -211,15 +222,19 @@ class Stack:
             started, pid = time.monotonic(), svc.pid
             code = await svc.exited()
             failures = 1 if time.monotonic() - started >= STABLE_S else failures + 1
-            delay = restart_delay(failures)
-            log.error("%s (pid %d) exited unexpectedly: %s; restarting it in %gs (its log: "
-                      "%s)", svc.name, pid, exit_description(code), delay, svc.log_path)
-            await asyncio.sleep(delay)
-            try:
-                await svc.start()
-            except OSError as exc:  # no process: counted as one more failure
-                log.error("could not restart %s: %s", svc.name, exc)
-                continue
+            while True:
+                delay = restart_delay(failures)
+                times = f" ({failures} times in a row)" if failures > 1 else ""
+                log.error("%s (pid %d) exited unexpectedly%s: %s; restarting it in %gs. "
+                          "Its log (%s) ends: %s", svc.name, pid, times, exit_description(code),
+                          delay, svc.log_path, _last_line(svc.log_path))
+                await asyncio.sleep(delay)
+                try:
+                    await svc.start()
+                    break
+                except OSError as exc:  # no process: one more failure, and try again
+                    log.error("could not restart %s: %s", svc.name, exc)
+                    failures += 1
             log.warning("%s restarted (pid %d)", svc.name, svc.pid)
 
     async def _events_head(self) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from core import subjects as S
-from core.bus import Unreachable, _unreachable_reason, connect
+from core.bus import BusError, Unreachable, _unreachable_reason, connect
 from core.cli import up_server
 from core.client import connect as client_connect
 from core.server import EmbeddedServer
@@ -247,7 +247,7 @@ async def test_c_up_restarts_a_killed_projector_and_it_catches_up(tmp_path: Path
             return up.service_pid("projector") not in (None, first)
         await wait_until(replaced, 10, "a new projector process")
         assert (f"projector (pid {first}) exited unexpectedly: killed by SIGKILL; restarting "
-                f"it in 1s (its log: {up.data.resolve() / 'logs' / 'projector.log'})"
+                f"it in 1s. Its log ({up.data.resolve() / 'logs' / 'projector.log'}) ends: "
                 in up.log()), up.log()
 
         client = await client_connect(url)
@@ -286,3 +286,26 @@ async def test_c_a_stack_restarts_only_when_asked_and_never_on_stop(
     assert not any(svc.running for svc in kept.services())
     exits = [r.getMessage() for r in caplog.records if "exited unexpectedly" in r.getMessage()]
     assert len(exits) == 1 and exits[0].startswith(f"worker-1 (pid {first})"), exits
+
+
+async def test_a_server_that_refuses_us_is_said_at_once_not_waited_for() -> None:
+    """Wrong credentials are no absent server: no 30 s of waiting, no `jetflow up` hint."""
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'INFO {"server_id":"x","version":"2.10.0","proto":1,"headers":true,'
+                     b'"max_payload":1048576,"auth_required":true}\r\n')
+        await writer.drain()
+        await reader.readline()
+        writer.write(b"-ERR 'Authorization Violation'\r\n")
+        await writer.drain()
+        writer.close()
+
+    fake = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = fake.sockets[0].getsockname()[1]
+    try:
+        started = time.monotonic()
+        with pytest.raises(BusError, match="refused the connection: .*Authorization") as exc:
+            await connect(f"nats://127.0.0.1:{port}", wait_s=10.0)
+        assert not isinstance(exc.value, Unreachable)
+        assert time.monotonic() - started < 5.0
+    finally:
+        fake.close()
