@@ -452,7 +452,7 @@ def _add_views(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> N
     p = sub.add_parser("workers", help="the worker view, with live heartbeats")
     _read_options(p, common)
     p.add_argument("--no-heartbeats", action="store_true",
-                   help="do not read JF_HEARTBEATS (e.g. for a time-travel file)")
+                   help="do not read JF_HEARTBEATS (a replay snapshot never shows them)")
     p.set_defaults(run=cmd_workers)
 
     p = sub.add_parser("jobs", help="list jobs, the most recently changed first")
