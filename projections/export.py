@@ -1,35 +1,51 @@
 """``jetflow export --parquet DIR``: the event log as Parquet, partitioned by day and type.
 
-Hive-style directories (``DIR/day=2026-11-22/type=succeeded/part-<seq>-0.parquet``), one
-row per stored message, so pandas, Polars and DuckDB read it as one table::
+Hive-style directories (``DIR/day=2026-11-22/type=succeeded/part-<seq>-<id>-0.parquet``),
+one row per stored message, so pandas, Polars and DuckDB read it as one table::
 
     duckdb -c "SELECT type, count(*) FROM read_parquet('DIR/**/*.parquet',
                hive_partitioning=true) GROUP BY type"
 
 ``day`` is the UTC day the server stored the message (``stored_at``), which grows with
 the sequence; ``at`` is the event's own time. Messages that are not valid events are kept
-too, with the reason in ``error``. File names carry the first sequence of their chunk.
+too, with the reason in ``error``. File names carry the first sequence of their chunk and
+the id of the export that wrote them, so an export never overwrites another's file.
 
 DIR holds each sequence once, whatever was exported into it before. An export writes
-``--from-seq`` up to the head into a hidden directory inside DIR (``.export-partial-*``),
-then moves those files in and takes the sequences it wrote out of the files that were
-there: a re-export of the same range, a superset or an overlapping tail replaces those
-rows, and rows it does not write (before ``--from-seq``, or of messages no longer in the
-stream) are kept. An export that fails while reading or writing leaves DIR as it was; one
-killed while moving files in may leave a sequence twice, until the same export is run
-again. DIR is checked first (created if missing, refused if it is not a writable
-directory or holds unreadable Parquet files) and locked, so two exports into it cannot
-run at once. Failures raise :class:`ExportError`, which ``jetflow`` prints as one line.
+``--from-seq`` up to the head into a hidden directory inside DIR (``.export-partial-<id>``,
+files ending in ``.staged``, so that no ``*.parquet`` glob reads them), moves those files
+in next to the files that were there, and only then takes the sequences it wrote out of
+each earlier file holding any (rewritten through a hidden ``.tmp`` file and a rename, or
+deleted when no row is left): a re-export of the same range, a superset or an overlapping
+tail replaces those rows, and rows it does not write (before ``--from-seq``, or of
+messages no longer in the stream) are kept. An export reads and changes only what it
+names itself (``day=*/type=*/part-*.parquet``, its hidden directories and ``.tmp`` files,
+partition directories it leaves empty); anything else in DIR is left alone.
+
+Nothing is taken out before everything new is in, so an export that fails or is killed at
+any point loses no row. One that stops while reading the stream or staging leaves the
+Parquet files in DIR as they were; one that stops while moving files in or rewriting or
+deleting earlier ones may leave sequences twice, and running the same export again leaves
+each once (but a sequence deleted from the stream in between stays twice: it is not
+exported again). What a killed export leaves (the hidden directory, ``.tmp`` files) is
+removed by the next one. DIR is checked first (created if missing, refused if it is not a
+writable directory or holds an unreadable ``part-*.parquet``) and locked, so two exports
+into it cannot run at once. Failures raise :class:`ExportError`, which ``jetflow`` prints
+as one line.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import errno
 import fcntl
+import functools
 import os
 import shutil
 import tempfile
 import time
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -70,6 +86,9 @@ SCHEMA = pa.schema([
 _PARTITIONING = ds.partitioning(pa.schema([("day", pa.string()), ("type", pa.string())]),
                                 flavor="hive")
 _STAGING = ".export-partial-"  # hidden: Arrow, Spark and Hive skip "." and "_" entries
+_STAGED = ".staged"  # staged files: Parquet, but no "*.parquet" glob (DuckDB) sees them
+_TMP = ".tmp"  # a file being rewritten: hidden, and not "*.parquet" either
+_PARTS = "day=*/type=*"  # where an export writes; no other file in DIR is touched
 
 SeqRange = tuple[int, int]
 
@@ -140,6 +159,65 @@ async def export_parquet(nc: Client, out_dir: Path, *, from_seq: int = 1,
                         time.perf_counter() - started)
 
 
+# -- the sequences an export wrote -----------------------------------------------------------
+
+class _Runs:
+    """A set of sequences as sorted, disjoint runs ``[lo, hi]``: an export's sequences are
+    contiguous but for messages deleted from the stream, so this stays small (16 bytes a
+    run, not 8 a sequence) and an earlier file is filtered with a few range masks."""
+
+    __slots__ = ("his", "los")
+
+    def __init__(self) -> None:
+        self.los: array[int] = array("q")
+        self.his: array[int] = array("q")
+
+    def __bool__(self) -> bool:
+        return bool(self.los)
+
+    def add(self, seq: int) -> None:
+        """Add the next sequence; they come in stream order (a guard checks it)."""
+        if self.his and seq <= self.his[-1]:
+            raise ExportError(f"the stream was read out of order ({seq} after "
+                              f"{self.his[-1]}); nothing was changed, export again")
+        if self.his and seq == self.his[-1] + 1:
+            self.his[-1] = seq
+        else:
+            self.los.append(seq)
+            self.his.append(seq)
+
+    def _between(self, lo: int, hi: int) -> range:
+        """The indices of the runs that meet ``[lo, hi]``."""
+        return range(bisect.bisect_left(self.his, lo), bisect.bisect_right(self.los, hi))
+
+    def overlaps(self, lo: int, hi: int) -> bool:
+        return len(self._between(lo, hi)) > 0
+
+    def mask(self, seq: Any) -> Any | None:
+        """A boolean mask of the values of the Arrow array ``seq`` that are in a run (nulls
+        are not), or None when none can be: only the runs between its min and max count."""
+        bounds = pc.min_max(seq).as_py()
+        if bounds["min"] is None:
+            return None
+        lo, hi = bounds["min"], bounds["max"]
+        runs = self._between(lo, hi)
+        if not runs:
+            return None
+        if len(runs) <= _FEW_RUNS:
+            hit = functools.reduce(pc.or_, (
+                pc.and_(pc.greater_equal(seq, self.los[k]), pc.less_equal(seq, self.his[k]))
+                for k in runs))
+        else:  # many small gaps: the sequences between min and max, at most max - min + 1
+            values = pa.concat_arrays([
+                pa.array(range(max(self.los[k], lo), min(self.his[k], hi) + 1), pa.int64())
+                for k in runs])
+            hit = pc.is_in(seq, value_set=values)
+        return pc.fill_null(hit, False)
+
+
+_FEW_RUNS = 16
+
+
 # -- reading the stream into the staging directory -------------------------------------------
 
 @dataclass(slots=True)
@@ -148,16 +226,17 @@ class _Staged:
     events: int = 0
     files: int = 0
     last: int = 0
-    chunks: list[pa.Array] = field(default_factory=list)
+    runs: _Runs = field(default_factory=_Runs)
 
     def write(self, msgs: list[Stored]) -> None:
         self.files += _write(self.dir, msgs)
         self.events += len(msgs)
         self.last = msgs[-1].seq
-        self.chunks.append(pa.array([m.seq for m in msgs], pa.int64()))
+        for msg in msgs:
+            self.runs.add(msg.seq)
 
-    def seqs(self) -> pa.Array:
-        return pa.concat_arrays(self.chunks) if self.chunks else pa.array([], pa.int64())
+    def seqs(self) -> _Runs:
+        return self.runs
 
 
 async def _stage(nc: Client, staging: Path, *, from_seq: int, chunk: int,
@@ -184,17 +263,18 @@ async def _stage(nc: Client, staging: Path, *, from_seq: int, chunk: int,
     return staged
 
 
-def _write(out_dir: Path, msgs: list[Stored]) -> int:
+def _write(staging: Path, msgs: list[Stored]) -> int:
+    """Write a chunk into the staging directory as ``*.staged`` files (Parquet, named so
+    that no ``*.parquet`` glob over DIR reads them); returns how many."""
     table = pa.Table.from_pydict(rows_of(msgs), schema=SCHEMA)
-    first = msgs[0].seq
+    name = f"part-{msgs[0].seq:012d}-{staging.name.removeprefix(_STAGING)}-{{i}}{_STAGED}"
     written: list[str] = []
     try:
-        ds.write_dataset(table, out_dir, format="parquet", partitioning=_PARTITIONING,
-                         basename_template=f"part-{first:012d}-{{i}}.parquet",
-                         existing_data_behavior="overwrite_or_ignore",
+        ds.write_dataset(table, staging, format="parquet", partitioning=_PARTITIONING,
+                         basename_template=name, existing_data_behavior="overwrite_or_ignore",
                          file_visitor=lambda f: written.append(f.path))
     except OSError as exc:
-        raise ExportError(f"cannot write the export into {out_dir.parent}: {_why(exc)}; "
+        raise ExportError(f"cannot write the export into {staging.parent}: {_why(exc)}; "
                           "the files already there were left as they were") from None
     return len(written)
 
@@ -203,8 +283,9 @@ def _write(out_dir: Path, msgs: list[Stored]) -> int:
 
 @contextlib.contextmanager
 def _locked(out_dir: Path) -> Iterator[Path]:
-    """Make sure ``out_dir`` is a writable directory, lock it for this export and yield
-    an empty staging directory inside it, removed at the end whatever happens."""
+    """Make sure ``out_dir`` is a writable directory, lock it for this export, remove what
+    a killed export left and yield an empty staging directory inside it (its name is the
+    export's id), removed at the end whatever happens."""
     fd = _open_dir(out_dir)
     try:
         try:
@@ -212,8 +293,10 @@ def _locked(out_dir: Path) -> Iterator[Path]:
         except BlockingIOError:
             raise ExportError(f"another export is writing into {out_dir}; wait for it to "
                               "finish or choose another directory") from None
-        for stale in out_dir.glob(f"{_STAGING}*"):  # left by an export that was killed
-            shutil.rmtree(stale, ignore_errors=True)
+        except OSError as exc:
+            raise ExportError(f"cannot lock {out_dir}: {_why(exc)}; export into a directory "
+                              "on a file system that supports locks") from None
+        _remove_leftovers(out_dir)
         try:
             staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=out_dir))
         except OSError as exc:
@@ -224,6 +307,16 @@ def _locked(out_dir: Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
     finally:
         os.close(fd)  # releases the lock
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """What a killed export left: its staging directory, a half-written rewrite (the file
+    it was rewriting is still whole)."""
+    for stale in out_dir.glob(f"{_STAGING}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for tmp in out_dir.glob(f"{_PARTS}/.part-*{_TMP}"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _open_dir(out_dir: Path) -> int:
@@ -243,22 +336,17 @@ def _why(exc: OSError) -> str:
 
 
 def _index(out_dir: Path) -> dict[Path, SeqRange | None]:
-    """The Parquet files already in ``out_dir`` and the sequences each holds (None:
-    unknown, read the file to find out); refuses before anything is read or written if
-    one cannot be read."""
+    """The files of earlier exports in ``out_dir`` (``day=*/type=*/part-*.parquet``; no
+    other file is read or changed) and the sequences each holds (None: unknown, read the
+    file to find out); refuses before anything is written if one cannot be read."""
     index: dict[Path, SeqRange | None] = {}
-    for path in _parquet_files(out_dir):
+    for path in sorted(out_dir.glob(f"{_PARTS}/part-*.parquet")):
         try:
             index[path] = _seq_range(pq.read_metadata(path))
         except (OSError, pa.ArrowException) as exc:
             raise ExportError(f"{path} is not a readable Parquet file ({exc}); move it "
                               "out of the way or export into another directory") from None
     return index
-
-
-def _parquet_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*.parquet")
-                  if not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
 
 
 def _seq_range(meta: Any) -> SeqRange | None:
@@ -281,47 +369,41 @@ def _seq_range(meta: Any) -> SeqRange | None:
 # -- replacing what was there ----------------------------------------------------------------
 
 def _commit(out_dir: Path, staging: Path, existing: dict[Path, SeqRange | None],
-            seqs: pa.Array) -> None:
-    """Move the staged files into ``out_dir``, then take the sequences they hold out of
-    the files that were there: moving first means a crash can leave a row twice (fixed by
-    exporting again), never lose one."""
-    if not len(seqs):
+            seqs: _Runs) -> None:
+    """Move every staged file into ``out_dir`` under a name no other file has, then take
+    the sequences they hold out of the files that were there (``existing``): nothing is
+    removed before all of it is in, so stopping anywhere can leave a row twice (gone when
+    the same export runs again), never lose one."""
+    if not seqs:
         return
-    span = (pc.min(seqs).as_py(), pc.max(seqs).as_py())
     try:
-        moved = {_move_in(staged, out_dir / staged.relative_to(staging), seqs)
-                 for staged in _parquet_files(staging)}
+        for staged in sorted(staging.glob(f"{_PARTS}/part-*{_STAGED}")):
+            _move_in(staged, out_dir / staged.relative_to(staging).with_suffix(".parquet"))
         for path, held in existing.items():
-            if path not in moved and (held is None or _overlap(held, span)):
+            if held is None or seqs.overlaps(*held):
                 _remove_rows(path, seqs, out_dir)
     except (OSError, pa.ArrowException) as exc:
         raise ExportError(f"replacing the earlier export in {out_dir} failed: {exc}; run "
                           "the same export again to complete it") from None
 
 
-def _overlap(a: SeqRange, b: SeqRange) -> bool:
-    return a[0] <= b[1] and b[0] <= a[1]
-
-
-def _move_in(staged: Path, dest: Path, seqs: pa.Array) -> Path:
-    """Rename a staged file to its place; a file of an earlier export with that name (the
-    same chunk again) is replaced, its rows of sequences not exported now kept aside."""
+def _move_in(staged: Path, dest: Path) -> None:
+    """Rename a staged file to its place, never over another file (its name carries this
+    export's id, so none can be there: the check is a guard)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
-        rest = _without(pq.read_table(dest, partitioning=None), seqs)
-        if rest.num_rows:
-            _write_table(rest, _free_name(dest))
+        raise FileExistsError(errno.EEXIST, "a file is in the way", str(dest))
     os.replace(staged, dest)
-    return dest
 
 
-def _remove_rows(path: Path, seqs: pa.Array, out_dir: Path) -> None:
+def _remove_rows(path: Path, seqs: _Runs, out_dir: Path) -> None:
     """Rewrite a file of an earlier export without ``seqs``; delete it (and the partition
     directories left empty) when no row is left."""
     table = pq.read_table(path, partitioning=None)
-    rest = _without(table, seqs)
-    if rest.num_rows == table.num_rows:
+    hit = seqs.mask(table["seq"]) if "seq" in table.column_names else None
+    if hit is None or not pc.any(hit).as_py():
         return
+    rest = table.filter(pc.invert(hit))
     if rest.num_rows:
         _write_table(rest, path)
         return
@@ -332,21 +414,13 @@ def _remove_rows(path: Path, seqs: pa.Array, out_dir: Path) -> None:
         parent = parent.parent
 
 
-def _without(table: pa.Table, seqs: pa.Array) -> pa.Table:
-    if "seq" not in table.column_names:
-        return table
-    return table.filter(pc.invert(pc.is_in(table["seq"], value_set=seqs)))
-
-
 def _write_table(table: pa.Table, path: Path) -> None:
     """Write ``path`` whole or not at all (a hidden temporary file, then a rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def _free_name(path: Path) -> Path:
-    n = 1
-    while (candidate := path.with_name(f"{path.stem}-kept{n}{path.suffix}")).exists():
-        n += 1
-    return candidate
+    tmp = path.with_name(f".{path.name}{_TMP}")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
