@@ -396,6 +396,10 @@ async def cmd_export(a: argparse.Namespace) -> int:
                                           progress=report)
     finally:
         await nc.close()
+    if not result.events:
+        print(f"nothing to export: the stream holds no message at or after seq {a.from_seq}",
+              file=sys.stderr)
+        return 0
     print(f"exported {result.events} events (up to seq {result.last_seq}) to {a.parquet} "
           f"in {result.files} file(s), {result.seconds:.1f}s")
     return 0

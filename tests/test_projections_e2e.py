@@ -530,6 +530,9 @@ async def test_export_to_parquet(server: EmbeddedServer, tmp_path: Path) -> None
     code, out, _ = await cli(server.url, "export", "--parquet", str(again), "--from-seq", "401")
     assert code == 0
     assert pads.dataset(again, partitioning="hive").to_table().num_rows == head + 1 - 400
+    code, _, err = await cli(server.url, "export", "--parquet", str(again), "--from-seq",
+                             str(head + 50))
+    assert code == 0 and f"no message at or after seq {head + 50}" in err
 
 
 async def test_reader_carries_on_after_its_consumer_is_deleted(server: EmbeddedServer) -> None:
