@@ -16,6 +16,7 @@ CORE = ROOT / "core"
 # Modules with no I/O: events, state machines, codec, subjects, scheduling, retry policy.
 PURE = [
     "__init__",
+    "argtypes",
     "codec",
     "events",
     "fleet",
