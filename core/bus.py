@@ -54,6 +54,7 @@ __all__ = [
     "Unreachable",
     "Tail",
     "TIMEOUTS",
+    "job_messages_after",
     "default_url",
     "last_job_event",
     "submit_consumer",
@@ -434,7 +435,27 @@ class EventLog:
 
 async def last_job_event(nc: NATS, job_id: str) -> tuple[int, str, bytes] | None:
     """(stream seq, subject, data) of the job's latest event, by direct get; None if none."""
-    request = json.dumps({"last_by_subj": S.job_filter(job_id)}).encode()
+    return await _direct_get(nc, job_id, {"last_by_subj": S.job_filter(job_id)})
+
+
+async def job_messages_after(nc: NATS, job_id: str, seq: int,
+                             limit: int = 1000) -> list[tuple[int, str, bytes]]:
+    """(stream seq, subject, data) of each message on the job's subjects after ``seq``, in
+    order, by direct gets (at most ``limit``)."""
+    found: list[tuple[int, str, bytes]] = []
+    while len(found) < limit:
+        got = await _direct_get(nc, job_id, {"seq": seq + 1,
+                                             "next_by_subj": S.job_filter(job_id)})
+        if got is None:
+            break
+        found.append(got)
+        seq = got[0]
+    return found
+
+
+async def _direct_get(nc: NATS, job_id: str, query: dict[str, object]
+                      ) -> tuple[int, str, bytes] | None:
+    request = json.dumps(query).encode()
     msg = await nc.request(f"$JS.API.DIRECT.GET.{S.EVENTS_STREAM}", request, 5.0)
     headers = msg.headers or {}
     if headers.get("Status") == "404":

@@ -193,4 +193,6 @@ async def test_messages_published_by_hand_on_a_job_do_not_stick_it(
         await client.js.publish(f"jf.job.{job_id}.progress", b"{not an event")
         await client.js.publish(f"jf.job.{job_id}.{event.type}", encode_event(event))
     for job_id in (blocker, waiting):
-        assert (await client.wait(job_id, timeout=30)).state == "succeeded"
+        job = await client.wait(job_id, timeout=30)
+        assert (job.state, job.attempt) == ("succeeded", 1)  # nothing cost an attempt
+        assert "timed_out" not in types(await client.history(job_id))

@@ -21,9 +21,10 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from core import subjects as S
-from core.bus import Conflict, EventLog, last_job_event
-from core.codec import dumps
+from core.bus import Conflict, EventLog, job_messages_after
+from core.codec import CodecError, decode_event, dumps
 from core.events import Event
+from core.job import TRANSITIONS
 from workers.pool import ChildPool, Outcome
 from workers.spans import traced_attempt, traced_claim, traced_record
 
@@ -34,6 +35,8 @@ MAX_RESULT_BYTES = 256 * 1024
 APPEND_TRIES = 12  # about a minute of a server away, then the lease decides
 # An outcome may still be recorded after these (they do not end the attempt).
 _BENIGN = ("cancel_requested", "progress")
+# the events a running job may get: any other is refused by the state machine
+_AFTER_RUNNING = frozenset(t for t, states in TRANSITIONS.items() if "running" in states)
 
 
 @dataclass(frozen=True)
@@ -160,11 +163,22 @@ class Attempt:
                     "event was recorded first)", self.job_id, self.number, event.type)
 
     async def _benign_head(self) -> int | None:
-        """The latest sequence if what came after our claim lets us still record."""
-        found = await last_job_event(self.deps.nc, self.job_id)
-        if found is None or found[1].rsplit(".", 1)[-1] not in _BENIGN:
+        """The latest sequence on the job if nothing recorded since our claim stops us from
+        recording: a progress line, a cancel request (the outcome stands), or a message the
+        state machine would not apply to a running job (one published by hand)."""
+        head = self.started_seq
+        if head is None:
             return None
-        return found[0]
+        for seq, subject, data in await job_messages_after(self.deps.nc, self.job_id, head):
+            try:
+                event = decode_event(subject, data, seq)
+            except CodecError:
+                event = None
+            if event is not None and event.type in _AFTER_RUNNING \
+                    and event.type not in _BENIGN:
+                return None  # timed out, cancelled, or finished by someone else
+            head = seq
+        return head
 
     def _outcome_event(self, outcome: Outcome) -> Event:
         if outcome.kind == "cancel":
