@@ -15,6 +15,7 @@ from core.events import Event
 
 __all__ = [
     "JobState",
+    "NEW",
     "IllegalTransition",
     "TRANSITIONS",
     "TERMINAL",

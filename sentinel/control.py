@@ -7,13 +7,15 @@ events appended with the expected sequence, like every other decision.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
-from core.bus import Conflict, last_job_event
+from core.bus import Conflict, job_messages_after
+from core.codec import CodecError, decode_event
 from core.events import Event
 from core.fleet import Append
-from core.job import TERMINAL, JobState
+from core.job import NEW, TERMINAL, JobState, fold_skipping
 
 if TYPE_CHECKING:
     from sentinel.service import Sentinel
@@ -72,16 +74,26 @@ class Control:
         if job is not None and not job.terminal:
             return {"error": f"job {job_id} is {job.state}; only dead-lettered jobs can be "
                              "retried"}
-        found = await last_job_event(self.sentinel.nc, job_id)
-        if found is None:
+        state = await self._state_in_log(job_id)
+        if state == NEW:
             return {"error": f"no job {job_id!r} in the log"}
-        state = found[1].rsplit(".", 1)[-1]
         if verb == "retry" and state != "dead_lettered":
             return {"error": f"job {job_id} is {state}; only dead-lettered jobs can be retried"}
         if state in TERMINAL:
             return {"job_id": job_id, "state": state, "noop": True,
                     "message": f"job {job_id} already {state}: nothing to {verb}"}
         return {"error": f"job {job_id} is {state}; the sentinel has not caught up, try again"}
+
+
+    async def _state_in_log(self, job_id: str) -> str:
+        """The job's state folded from its messages in the log, as the projector folds
+        them (a message published by hand that is no event, or that may not happen, is
+        left out): for a job the sentinel does not hold, finished or never submitted."""
+        events = []
+        for seq, subject, data in await job_messages_after(self.sentinel.nc, job_id, 0):
+            with contextlib.suppress(CodecError):
+                events.append(decode_event(subject, data, seq))
+        return fold_skipping(events, job_id)[0].state
 
 
 def _now() -> float:

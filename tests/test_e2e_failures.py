@@ -178,6 +178,11 @@ async def test_messages_published_by_hand_on_a_job_do_not_stick_it(
         Event("job", dead, "started", time.time(), {"attempt": 1, "worker": "w",
                                                     "lease_s": 1.0})))
     await client.js.publish(f"jf.job.{dead}.progress", b"{not an event")
+    await client.js.publish("jf.job.ghost.succeeded", encode_event(  # never submitted
+        Event("job", "ghost", "succeeded", time.time(), {"attempt": 1, "worker": "w",
+                                                         "result": None})))
+    with pytest.raises(JobError, match="no job 'ghost' in the log"):
+        await client.cancel("ghost")
     answer = await client.retry(dead, attempts=1)
     assert answer["state"] == "queued", answer
     assert (await client.wait(dead, timeout=20)).state == "dead_lettered"  # failed again
