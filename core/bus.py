@@ -55,6 +55,7 @@ __all__ = [
     "Tail",
     "TIMEOUTS",
     "job_messages_after",
+    "FIRST_CONNECT_WAIT_S",
     "default_url",
     "last_job_event",
     "submit_consumer",
@@ -109,6 +110,7 @@ async def connect(url: str | None = None, *, name: str = "jetflow",
     url = url or default_url()
     deadline = time.monotonic() + wait_s
     errors = _ErrorLog()
+    said = False
     while True:
         nc = await _try_connect(url, name, errors, max(deadline - time.monotonic(),
                                                        CONNECT_TIMEOUT_S))
@@ -118,6 +120,10 @@ async def connect(url: str | None = None, *, name: str = "jetflow",
             raise BusError(f"NATS at {url} refused the connection: {errors.last}") from None
         if time.monotonic() >= deadline:
             raise Unreachable(url, _unreachable_reason(errors.last))
+        if not said and wait_s > FIRST_CONNECT_WAIT_S:  # a service: say why it is idle
+            log.warning("NATS at %s: %s; waiting up to %gs for it", url,
+                        _unreachable_reason(errors.last), wait_s)
+            said = True
         await asyncio.sleep(0.2)
 
 

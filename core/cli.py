@@ -25,31 +25,16 @@ TRACED_COMMANDS = ("sentinel", "worker", "submit")  # the ones that make spans
 SERVICE_NATS_WAIT_S = 30.0  # a service may start before its server; a command fails fast
 UP_PORT = 4222
 
-log = logging.getLogger("jetflow.cli")
-
 
 # -- services -----------------------------------------------------------------------------
-
-async def wait_for_nats(a: argparse.Namespace) -> None:
-    """Before a service starts: wait up to ``--wait-nats`` seconds for its server."""
-    from core.bus import Unreachable, connect
-
-    try:
-        nc = await connect(a.nats, name=f"jetflow-{a.command}", wait_s=0)
-    except Unreachable as exc:
-        log.warning("NATS at %s: %s; waiting up to %gs for it", exc.url, exc.reason,
-                    a.wait_nats)
-        nc = await connect(a.nats, name=f"jetflow-{a.command}", wait_s=a.wait_nats)
-    await nc.close()
-
 
 async def cmd_sentinel(a: argparse.Namespace) -> int:
     from core.runtime import wait_for_signal
     from sentinel.service import Sentinel
 
-    await wait_for_nats(a)
     policy, per_queue = _retry_policies(a.retry)
-    async with Sentinel(a.nats, lease_s=a.lease, policy=policy, queue_policies=per_queue):
+    async with Sentinel(a.nats, lease_s=a.lease, policy=policy, queue_policies=per_queue,
+                        wait_nats_s=a.wait_nats):
         await wait_for_signal()
     return 0
 
@@ -58,10 +43,10 @@ async def cmd_worker(a: argparse.Namespace) -> int:
     from core.runtime import wait_for_signal
     from workers.worker import Worker
 
-    await wait_for_nats(a)
     worker = Worker(a.nats, handlers=a.handlers, queues=tuple(_csv(a.queue)),
                     concurrency=a.concurrency, lease_s=a.lease, heartbeat_s=a.heartbeat,
-                    grace_s=a.grace, prefetch=a.prefetch, memory_limit_mb=a.memory_limit)
+                    grace_s=a.grace, prefetch=a.prefetch, memory_limit_mb=a.memory_limit,
+                    wait_nats_s=a.wait_nats)
     await worker.start()
     await wait_for_signal()
     await worker.drain()
@@ -71,11 +56,8 @@ async def cmd_worker(a: argparse.Namespace) -> int:
 async def cmd_projector(a: argparse.Namespace) -> int:
     from core.runtime import wait_for_signal
     from projections.projector import Projector
-    from projections.store import Store
 
-    Store.open(_db_path(a)).close()  # a file it cannot write fails now, not after NATS
-    await wait_for_nats(a)
-    async with Projector(a.nats, _db_path(a)):
+    async with Projector(a.nats, _db_path(a), wait_nats_s=a.wait_nats):
         await wait_for_signal()
     return 0
 
@@ -85,13 +67,15 @@ async def cmd_up(a: argparse.Namespace) -> int:
     from core.runtime import wait_for_signal
     from core.stack import Stack
 
-    port, url, source = up_server(a.port, a.nats, os.environ.get("JETFLOW_NATS_URL"))
+    env_url = os.environ.get("JETFLOW_NATS_URL")
+    port, url, source = up_server(a.port, a.nats, env_url)
     stack = Stack(data_dir=Path(a.data), port=port, nats_url=url, workers=a.workers,
                   handlers=a.handlers, concurrency=a.concurrency, durable=a.durable,
                   lease_s=a.lease, restart=True)
     try:
         async with stack:
-            _print_up_banner(a, stack.url, started=url is None, source=source)
+            _print_up_banner(a, stack.url, started=url is None, source=source,
+                             env_url=env_url)
             await wait_for_signal()
             print("stopping...", flush=True)
     except Unreachable as exc:
@@ -102,11 +86,11 @@ async def cmd_up(a: argparse.Namespace) -> int:
     return 0
 
 
-def _print_up_banner(a: argparse.Namespace, url: str, *, started: bool, source: str) -> None:
+def _print_up_banner(a: argparse.Namespace, url: str, *, started: bool, source: str,
+                     env_url: str | None) -> None:
     where = "started here" if started else f"existing, from {source}"
     print(f"jetflow is up: NATS at {url} ({where}), data in {a.data}, {a.workers} "
           "worker(s). Ctrl-C to stop.", flush=True)
-    env_url = os.environ.get("JETFLOW_NATS_URL")
     if env_url and env_url != url:
         print(f"  note: JETFLOW_NATS_URL ({env_url}) is another server: other commands use "
               f"it unless given --nats {url}", flush=True)
@@ -434,7 +418,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (ProjectionError, InvalidToken, ServerError) as exc:
-        # a file the projector must not write, a job id that cannot be one, a port taken
+        # a projection file that cannot be used, a job id that cannot be one, a port taken
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except TimeoutError as exc:

@@ -167,8 +167,8 @@ class Client:
     async def history_with_headers(self, job_id: str) -> list[tuple[Event, dict[str, str]]]:
         """Every event of the job with the NATS headers it was stored with (trace
         context, correlation id, msg id), straight from the stream, in order."""
-        decoded = ((_decode(m), dict(m.headers or {})) for m in await self._messages(job_id))
-        return [(event, headers) for event, headers in decoded if event is not None]
+        return [(event, dict(m.headers or {})) for m in await self._messages(job_id)
+                if isinstance(event := _read(m), Event)]
 
     async def history_report(self, job_id: str) -> tuple[list[Event], list[Unreadable]]:
         """The job's events, and the messages on its subjects that are not events (a
@@ -176,12 +176,11 @@ class Client:
         events: list[Event] = []
         unreadable: list[Unreadable] = []
         for msg in await self._messages(job_id):
-            seq = parse_ack_reply(msg.reply).stream_seq
-            try:
-                events.append(decode_event(msg.subject, msg.data, seq))
-            except Exception as exc:  # noqa: BLE001 - whatever it is, it is not an event
-                code = exc.code if isinstance(exc, CodecError) else "invalid"
-                unreadable.append(Unreadable(seq, msg.subject, code, str(exc)))
+            read = _read(msg)
+            if isinstance(read, Event):
+                events.append(read)
+            else:
+                unreadable.append(read)
         return events, unreadable
 
     async def _messages(self, job_id: str) -> list[Msg]:
@@ -244,8 +243,8 @@ class Client:
     async def _follow(self, tail: Tail) -> None:
         async for batch in tail.batches():
             for msg in batch:
-                event = _decode(msg)
-                if event is None:
+                event = _read(msg)
+                if not isinstance(event, Event):  # a forged message ends no job
                     continue
                 self.terminal[event.id] = event
                 for fut in self._waiters.pop(event.id, []):
@@ -277,8 +276,11 @@ def _submit_attributes(subject: str, msg_id: str, body: dict[str, Any]) -> dict[
                                      correlation_id=body.get("correlation_id"))}
 
 
-def _decode(msg: Msg) -> Event | None:
+def _read(msg: Msg) -> Event | Unreadable:
+    """The event a stored message holds, or why it holds none."""
+    seq = parse_ack_reply(msg.reply).stream_seq
     try:
-        return decode_event(msg.subject, msg.data, parse_ack_reply(msg.reply).stream_seq)
-    except Exception:  # noqa: BLE001 - a forged event is not part of the history we report
-        return None
+        return decode_event(msg.subject, msg.data, seq)
+    except Exception as exc:  # noqa: BLE001 - whatever it is, it is not an event
+        code = exc.code if isinstance(exc, CodecError) else "invalid"
+        return Unreadable(seq, msg.subject, code, str(exc))

@@ -24,6 +24,7 @@ __all__ = [
     "step",
     "fold",
     "fold_skipping",
+    "try_step",
     "as_fields",
     "from_fields",
 ]
@@ -158,13 +159,23 @@ def fold_skipping(events: Iterable[Event], job_id: str) -> tuple[JobState, dict[
     values = as_fields(JobState(job_id))
     skipped: dict[int, str] = {}
     for event in events:
-        try:
-            step(values, event)
-        except IllegalTransition as exc:
-            skipped[event.seq] = str(exc)
-        except Exception as exc:  # noqa: BLE001 - a forged field, as the projector says
-            skipped[event.seq] = f"{event.type}: {type(exc).__name__}: {exc}"
+        refused = try_step(values, event)
+        if refused is not None:
+            skipped[event.seq] = refused[1]
     return from_fields(values), skipped
+
+
+def try_step(values: Fields, event: Event) -> tuple[str, str] | None:
+    """:func:`step`, or why the event was refused, as the projector records it:
+    ``("illegal_transition", reason)``, or ``("apply_failed", reason)`` for a field of a
+    hand-made event that a mutator chokes on. ``values`` is unchanged when refused."""
+    try:
+        step(values, event)
+    except IllegalTransition as exc:
+        return "illegal_transition", str(exc)
+    except Exception as exc:  # noqa: BLE001 - a forged field: refused like any other
+        return "apply_failed", f"{event.type}: {type(exc).__name__}: {exc}"
+    return None
 
 
 # -- one small function per event type: check, then one update ---------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import json
 import math
 import signal
@@ -29,27 +28,13 @@ from rich.live import Live
 
 from core.argtypes import positive_int, seconds
 from core.bus import BusError
-from core.subjects import InvalidToken, check_token
+from core.subjects import check_token
 from projections.queries import STATE_ORDER
 from projections.schema import ProjectionError
 
 __all__ = ["add_commands"]
 
-Command = Callable[[argparse.Namespace], Awaitable[int]]
 Producer = Callable[[aiosqlite.Connection], Awaitable[tuple[Any, RenderableType]]]
-
-
-def _clear_errors(cmd: Command) -> Command:
-    """A projection that cannot be read, or a job id that cannot be one, is a message and
-    exit status 1, not a traceback."""
-    @functools.wraps(cmd)
-    async def run(a: argparse.Namespace) -> int:
-        try:
-            return await cmd(a)
-        except (ProjectionError, InvalidToken) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    return run
 
 
 def _db_path(a: argparse.Namespace) -> Path:
@@ -84,7 +69,6 @@ async def _show(a: argparse.Namespace, produce: Producer) -> int:
 
 # -- the projections ---------------------------------------------------------------------
 
-@_clear_errors
 async def cmd_status(a: argparse.Namespace) -> int:
     from projections.queries import queue_view
     from projections.render import status_view
@@ -96,7 +80,6 @@ async def cmd_status(a: argparse.Namespace) -> int:
     return await _show(a, produce)
 
 
-@_clear_errors
 async def cmd_workers(a: argparse.Namespace) -> int:
     from projections.queries import as_of, worker_view
     from projections.render import workers_view
@@ -154,7 +137,6 @@ class _Heartbeats:
             await self.nc.close()
 
 
-@_clear_errors
 async def cmd_jobs(a: argparse.Namespace) -> int:
     from projections.queries import as_of, list_jobs
     from projections.render import jobs_view
@@ -168,7 +150,6 @@ async def cmd_jobs(a: argparse.Namespace) -> int:
     return await _show(a, produce)
 
 
-@_clear_errors
 async def cmd_errors(a: argparse.Namespace) -> int:
     from projections.queries import as_of, list_errors
     from projections.render import errors_view
@@ -180,7 +161,6 @@ async def cmd_errors(a: argparse.Namespace) -> int:
     return await _show(a, produce)
 
 
-@_clear_errors
 async def cmd_job(a: argparse.Namespace) -> int:
     """The projection's view of a job when it has it, else the stream's."""
     from core.render import job_json, job_lines
@@ -189,10 +169,6 @@ async def cmd_job(a: argparse.Namespace) -> int:
     found = await _job_from_projection(a) if (a.db or _db_path(a).exists()) else None
     if found is None:
         return await _print_history(a, source="stream", fallback=True)
-    if found == "not in snapshot":
-        print(f"no job {a.job_id!r} in the replay snapshot {_db_path(a)} (`jetflow history "
-              f"{a.job_id}` reads the stream as it is now)", file=sys.stderr)
-        return 1
     state, events, trace_id, seq, errors = found
     seqs = {e.seq for e in events}
     skipped = {u.seq: u.reason for u in errors if u.seq in seqs}
@@ -214,14 +190,17 @@ async def _job_from_projection(a: argparse.Namespace) -> Any:
     db = await open_reader(_db_path(a))
     try:
         found, position = await job_from_projection(db, a.job_id), await as_of(db)
+        if found is None and position["snapshot"]:  # not the present stream's job instead
+            raise ProjectionError(f"no job {a.job_id!r} in the replay snapshot {_db_path(a)} "
+                                  f"(`jetflow history {a.job_id}` reads the stream as it is "
+                                  "now)")
         if found is None:
-            return "not in snapshot" if position["snapshot"] else None
+            return None
         return (*found, position["seq"], await job_errors(db, a.job_id))
     finally:
         await db.close()
 
 
-@_clear_errors
 async def cmd_history(a: argparse.Namespace) -> int:
     return await _print_history(a, source="stream")
 
@@ -257,7 +236,6 @@ async def _print_history(a: argparse.Namespace, *, source: str,
 
 # -- replay, verify, export ----------------------------------------------------------------
 
-@_clear_errors
 async def cmd_replay(a: argparse.Namespace) -> int:
     if a.verify:
         ignored = [flag for flag, value in (("--to-seq", a.to_seq), ("--until", a.until),
@@ -383,7 +361,6 @@ def _print_verify(result: Any, live: Path, as_json: bool) -> None:
                 print(f"    {row.describe()}")
 
 
-@_clear_errors
 async def cmd_export(a: argparse.Namespace) -> int:
     from core.bus import connect
     from projections.export import export_parquet

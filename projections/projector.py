@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from core import subjects as S
-from core.bus import connect, ensure_streams
+from core.bus import FIRST_CONNECT_WAIT_S, connect, ensure_streams
 from core.runtime import supervise
 from projections.applier import Applier
 from projections.reader import StreamReader
@@ -26,8 +26,10 @@ log = logging.getLogger("jetflow.projector")
 
 class Projector:
     def __init__(self, url: str | None, db_path: Path, *, batch: int = 2000,
-                 idle_s: float = 1.0, linger_s: float = 0.005) -> None:
+                 idle_s: float = 1.0, linger_s: float = 0.005,
+                 wait_nats_s: float = FIRST_CONNECT_WAIT_S) -> None:
         self.url = url
+        self.wait_nats_s = wait_nats_s
         self.db_path = Path(db_path)
         self.batch = batch
         self.idle_s = idle_s
@@ -35,9 +37,15 @@ class Projector:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> Projector:
+        # the file first: one it cannot write fails now, not after waiting for NATS
         self.store = Store.open(self.db_path)
         self.store.mark_snapshot(False)  # a replay's file a projector takes on is live now
-        self.nc = await connect(self.url, name="jetflow-projector")
+        try:
+            self.nc = await connect(self.url, name="jetflow-projector",
+                                    wait_s=self.wait_nats_s)
+        except BaseException:
+            self.store.close()
+            raise
         await ensure_streams(self.nc.jetstream())
         self._task = asyncio.create_task(supervise("projector", self._run))
         return self

@@ -17,7 +17,7 @@ import orjson
 
 from core.codec import CodecError, decode_event
 from core.events import Event
-from core.job import Fields, IllegalTransition, JobState, as_fields, from_fields, step
+from core.job import Fields, JobState, as_fields, from_fields, try_step
 from core.metadata import Stored, header_value
 from core.subjects import HDR_TRACEPARENT
 
@@ -177,12 +177,9 @@ class _Fold:
             # The projection keeps no arguments (the timeline has the whole event), so
             # neither the state cache nor state_json grows with them.
             event.data["args"] = None
-        try:
-            step(values, event)  # leaves ``values`` as it was if it raises
-        except IllegalTransition as exc:
-            return "illegal_transition", str(exc)
-        except Exception as exc:  # noqa: BLE001 - a forged field apply chokes on
-            return "apply_failed", f"{type_}: {type(exc).__name__}: {exc}"
+        refused = try_step(values, event)  # leaves ``values`` as it was if refused
+        if refused is not None:
+            return refused
         if type_ == "queued":
             view.queued_at = event.at
         elif type_ == "submitted" or type_ == "rejected":

@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 
 from core import subjects as S
 from core.bus import (
+    FIRST_CONNECT_WAIT_S,
     TIMEOUTS,
     Ack,
     Conflict,
@@ -54,8 +55,9 @@ class Sentinel:
     def __init__(self, url: str | None = None, *, lease_s: float = 15.0, tick_s: float = 0.2,
                  batch: int = 256, policy: RetryPolicy | None = None,
                  queue_policies: dict[str, RetryPolicy] | None = None,
-                 reconcile_s: float = 5.0) -> None:
+                 reconcile_s: float = 5.0, wait_nats_s: float = FIRST_CONNECT_WAIT_S) -> None:
         self.url = url
+        self.wait_nats_s = wait_nats_s
         self.reconcile_s = reconcile_s
         self.tick_s = tick_s
         self.batch = batch
@@ -70,7 +72,7 @@ class Sentinel:
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> Sentinel:
-        self.nc = await connect(self.url, name="jetflow-sentinel")
+        self.nc = await connect(self.url, name="jetflow-sentinel", wait_s=self.wait_nats_s)
         self.js = self.nc.jetstream()
         await ensure_streams(self.js)
         self.log = EventLog(Publisher(self.nc))

@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 
 from core import subjects as S
 from core.bus import (
+    FIRST_CONNECT_WAIT_S,
     TIMEOUTS,
     EventLog,
     Publisher,
@@ -51,8 +52,10 @@ class Worker:
                  queues: tuple[str, ...] = ("default",), concurrency: int = 4,
                  heartbeat_s: float | None = None, lease_s: float = 15.0, grace_s: float = 30.0,
                  prefetch: int | None = None, memory_limit_mb: int | None = None,
-                 worker_id: str | None = None) -> None:
+                 worker_id: str | None = None,
+                 wait_nats_s: float = FIRST_CONNECT_WAIT_S) -> None:
         self.url = url
+        self.wait_nats_s = wait_nats_s
         self.handlers = parse_handlers(handlers) if isinstance(handlers, str) else handlers
         for name in queues:
             S.check_token(name, "queue")
@@ -77,7 +80,8 @@ class Worker:
             resolve(ref)  # fail now, clearly, on a typo or a broken plugin
         self.pool = ChildPool(self.concurrency, memory_limit_mb=self.memory_limit_mb)
         await self.pool.start()
-        self.nc = await connect(self.url, name=f"jetflow-worker-{self.worker_id}")
+        self.nc = await connect(self.url, name=f"jetflow-worker-{self.worker_id}",
+                                wait_s=self.wait_nats_s)
         self.js = self.nc.jetstream()
         await ensure_streams(self.js)
         self.log = EventLog(Publisher(self.nc))
