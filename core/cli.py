@@ -14,6 +14,7 @@ from typing import Any
 
 from core.argtypes import positive_int, seconds
 from core.bus import DEFAULT_URL, BusError
+from core.runtime import Interrupted
 from core.server import ServerError
 from core.subjects import InvalidToken
 from projections.schema import ProjectionError
@@ -28,37 +29,48 @@ UP_PORT = 4222
 
 # -- services -----------------------------------------------------------------------------
 
+# A service catches SIGINT/SIGTERM from before it starts: one that arrives while it starts
+# cancels the start (which cleans up after itself) instead of killing the process, and once
+# the first has arrived a second one has its default effect again.
+
 async def cmd_sentinel(a: argparse.Namespace) -> int:
-    from core.runtime import wait_for_signal
+    from core.runtime import Signals
     from sentinel.service import Sentinel
 
     policy, per_queue = _retry_policies(a.retry)
-    async with Sentinel(a.nats, lease_s=a.lease, policy=policy, queue_policies=per_queue,
-                        wait_nats_s=a.wait_nats):
-        await wait_for_signal()
+    sentinel = Sentinel(a.nats, lease_s=a.lease, policy=policy, queue_policies=per_queue,
+                        wait_nats_s=a.wait_nats)
+    with Signals() as caught:
+        await caught.before(sentinel.start())
+        await caught.wait()
+    await sentinel.stop()
     return 0
 
 
 async def cmd_worker(a: argparse.Namespace) -> int:
-    from core.runtime import wait_for_signal
+    from core.runtime import Signals
     from workers.worker import Worker
 
     worker = Worker(a.nats, handlers=a.handlers, queues=tuple(_csv(a.queue)),
                     concurrency=a.concurrency, lease_s=a.lease, heartbeat_s=a.heartbeat,
                     grace_s=a.grace, prefetch=a.prefetch, memory_limit_mb=a.memory_limit,
                     wait_nats_s=a.wait_nats)
-    await worker.start()
-    await wait_for_signal()
+    with Signals() as caught:
+        await caught.before(worker.start())
+        await caught.wait()
     await worker.drain()
     return 0
 
 
 async def cmd_projector(a: argparse.Namespace) -> int:
-    from core.runtime import wait_for_signal
+    from core.runtime import Signals
     from projections.projector import Projector
 
-    async with Projector(a.nats, _db_path(a), wait_nats_s=a.wait_nats):
-        await wait_for_signal()
+    projector = Projector(a.nats, _db_path(a), wait_nats_s=a.wait_nats)
+    with Signals() as caught:
+        await caught.before(projector.start())
+        await caught.wait()
+    await projector.stop()
     return 0
 
 
@@ -424,6 +436,9 @@ def _main(args: argparse.Namespace) -> int:
     except TimeoutError as exc:
         print(f"error: timed out {exc}".rstrip(), file=sys.stderr)
         return 1
+    except Interrupted as exc:  # stopped while it was starting: nothing half done is left
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 128 + exc.signal
     except KeyboardInterrupt:
         return 130
 

@@ -33,6 +33,7 @@ from core.codec import CodecError, Unreadable, decode_event, dumps
 from core.events import Event
 from core.job import TERMINAL, JobState, fold_skipping
 from core.metadata import parse_ack_reply
+from core.runtime import cancel_and_wait
 from core.submission import derive_job_id
 
 __all__ = ["Client", "connect", "JobError", "SubmissionRejected", "SubmitTimeout"]
@@ -69,8 +70,7 @@ class Client:
 
     async def close(self) -> None:
         if self._watcher:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+            await cancel_and_wait([self._watcher])
         if not self.nc.is_closed:
             await self.nc.close()
 

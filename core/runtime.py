@@ -6,10 +6,11 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
-__all__ = ["supervise", "wait_for_signal", "install_task_dump", "run", "loop_name"]
+__all__ = ["supervise", "cancel_and_wait", "Signals", "Interrupted", "wait_for_signal",
+           "install_task_dump", "run", "loop_name"]
 
 T = TypeVar("T")
 
@@ -17,13 +18,17 @@ log = logging.getLogger("jetflow")
 
 
 async def supervise(name: str, loop: Callable[[], Awaitable[None]],
-                    restart_delay_s: float = 1.0) -> None:
-    """Run ``loop`` forever: a crash is logged and the loop restarted, never lost silently."""
+                    restart_delay_s: float = 1.0,
+                    finished: Callable[[], bool] = lambda: False) -> None:
+    """Run ``loop`` forever: a crash is logged and the loop restarted, never lost silently.
+    A loop that returns once ``finished()`` holds (its service is stopping) has ended."""
     from core.bus import Resubscribe
 
     while True:
         try:
             await loop()
+            if finished():
+                return
             log.warning("%s loop returned; restarting", name)
         except asyncio.CancelledError:
             raise
@@ -33,6 +38,76 @@ async def supervise(name: str, loop: Callable[[], Awaitable[None]],
         except Exception:
             log.exception("%s loop crashed; restarting in %.1fs", name, restart_delay_s)
         await asyncio.sleep(restart_delay_s)
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], again_s: float = 1.0) -> None:
+    """Cancel ``tasks`` and wait until every one has ended. A task still running ``again_s``
+    later is cancelled again: nats-py swallows a cancellation that lands in its flush
+    (``except CancelledError: pass``), and one cancel then leaves a shutdown waiting forever
+    on a loop that goes on."""
+    tasks = list(tasks)
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _done, pending = await asyncio.wait(pending, timeout=again_s)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("%s ended with %r", task.get_name(), task.exception())
+
+
+class Interrupted(Exception):
+    """A stop signal arrived before the service was ready."""
+
+    def __init__(self, sig: signal.Signals) -> None:
+        super().__init__(f"{sig.name} before the service was ready")
+        self.signal = sig
+
+
+class Signals:
+    """SIGINT and SIGTERM (or ``signals``) caught from the moment this is entered, so one
+    that arrives while a service is still starting is kept instead of killing the process
+    (a worker killed so never records that it left)."""
+
+    def __init__(self, *signals: signal.Signals) -> None:
+        self.chosen = signals or (signal.SIGINT, signal.SIGTERM)
+        self._got: asyncio.Future[signal.Signals] | None = None
+
+    def __enter__(self) -> Signals:
+        loop = asyncio.get_running_loop()
+        self._got = got = loop.create_future()
+
+        def arrived(sig: signal.Signals) -> None:
+            if not got.done():
+                got.set_result(sig)
+
+        for sig in self.chosen:
+            loop.add_signal_handler(sig, arrived, sig)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self.chosen:
+            loop.remove_signal_handler(sig)
+
+    async def wait(self) -> signal.Signals:
+        """The first signal, once it has arrived (at once if it already has)."""
+        assert self._got is not None, "enter Signals first"
+        return await asyncio.shield(self._got)
+
+    async def before(self, work: Coroutine[Any, Any, T]) -> T:
+        """``work``'s result, unless a signal arrives first: then ``work`` is cancelled
+        (its own cleanup runs) and :class:`Interrupted` is raised."""
+        assert self._got is not None, "enter Signals first"
+        task = asyncio.create_task(work)
+        either: list[asyncio.Future[Any]] = [task, self._got]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        await cancel_and_wait([task], again_s=5.0)  # time for its cleanup to finish
+        if not task.cancelled() and task.exception() is None:
+            return task.result()  # it finished as the signal came: stop it the usual way
+        raise Interrupted(self._got.result())
 
 
 def install_task_dump() -> None:
@@ -60,21 +135,8 @@ def _await_chain(task: asyncio.Task[object]) -> list[str]:
 
 async def wait_for_signal(*signals: signal.Signals) -> signal.Signals:
     """Wait until one of ``signals`` (default SIGINT, SIGTERM) arrives; return it."""
-    loop = asyncio.get_running_loop()
-    got: asyncio.Future[signal.Signals] = loop.create_future()
-    chosen = signals or (signal.SIGINT, signal.SIGTERM)
-
-    def arrived(sig: signal.Signals) -> None:
-        if not got.done():
-            got.set_result(sig)
-
-    for sig in chosen:
-        loop.add_signal_handler(sig, arrived, sig)
-    try:
-        return await got
-    finally:
-        for sig in chosen:
-            loop.remove_signal_handler(sig)
+    with Signals(*signals) as caught:
+        return await caught.wait()
 
 
 def loop_name() -> str:

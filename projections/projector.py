@@ -14,7 +14,7 @@ from pathlib import Path
 
 from core import subjects as S
 from core.bus import FIRST_CONNECT_WAIT_S, connect, ensure_streams
-from core.runtime import supervise
+from core.runtime import cancel_and_wait, supervise
 from projections.applier import Applier
 from projections.reader import StreamReader
 from projections.store import Store
@@ -43,19 +43,18 @@ class Projector:
         try:
             self.nc = await connect(self.url, name="jetflow-projector",
                                     wait_s=self.wait_nats_s)
-        except BaseException:
-            self.store.close()
+            await ensure_streams(self.nc.jetstream())
+        except BaseException:  # cancelled (a stop signal) or failed: leave nothing open
+            await self.stop()
             raise
-        await ensure_streams(self.nc.jetstream())
         self._task = asyncio.create_task(supervise("projector", self._run))
         return self
 
     async def stop(self) -> None:
-        while self._task and not self._task.done():
-            # again and again: a library's wait_for may swallow one cancellation (3.11)
-            self._task.cancel()
-            await asyncio.wait({self._task}, timeout=1.0)
-        await self.nc.close()
+        await cancel_and_wait([self._task] if self._task else [])
+        nc = getattr(self, "nc", None)  # None when stopped while it was connecting
+        if nc is not None:
+            await nc.close()
         self.store.close()
 
     async def __aenter__(self) -> Projector:

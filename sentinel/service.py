@@ -38,7 +38,7 @@ from core.events import Event
 from core.fleet import Append, Dispatch, Fleet
 from core.metadata import parse_ack_reply
 from core.retry import RetryPolicy
-from core.runtime import supervise
+from core.runtime import cancel_and_wait, supervise
 from core.submission import submission_fingerprint
 from sentinel.control import Control
 from sentinel.intake import Decision, Intake, RawSubmission
@@ -72,6 +72,22 @@ class Sentinel:
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> Sentinel:
+        try:
+            await self._open()
+        except BaseException:  # cancelled (a stop signal) or failed: leave nothing open
+            await self.stop()
+            raise
+        for name, loop in (("events", self._events_loop), ("intake", self._intake_loop),
+                           ("ticker", self._tick_loop), ("heartbeats", self._hb_loop),
+                           ("pumper", self._pump_loop)):
+            self._tasks.append(asyncio.create_task(supervise(name, loop)))
+        log.info("sentinel ready: %d active jobs, %d workers, log at seq %d",
+                 len(self.fleet.jobs), len(self.fleet.workers), self.fleet.last_seq)
+        self.wake()
+        return self
+
+    async def _open(self) -> None:
+        """Connect, catch up with the log and subscribe: everything before the loops."""
         self.nc = await connect(self.url, name="jetflow-sentinel", wait_s=self.wait_nats_s)
         self.js = self.nc.jetstream()
         await ensure_streams(self.js)
@@ -88,22 +104,13 @@ class Sentinel:
         for subject in (S.CONTROL_CANCEL, S.CONTROL_RETRY):
             await self.nc.subscribe(subject, queue=S.SENTINEL_REPLY_GROUP, cb=self._on_control)
         await self.nc.flush()  # the server knows about us before we say we are ready
-        for name, loop in (("events", self._events_loop), ("intake", self._intake_loop),
-                           ("ticker", self._tick_loop), ("heartbeats", self._hb_loop),
-                           ("pumper", self._pump_loop)):
-            self._tasks.append(asyncio.create_task(supervise(name, loop)))
-        log.info("sentinel ready: %d active jobs, %d workers, log at seq %d",
-                 len(self.fleet.jobs), len(self.fleet.workers), self.fleet.last_seq)
-        self.wake()
-        return self
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
-        if not self.nc.is_closed:
-            await self.nc.close()
+        nc = getattr(self, "nc", None)  # None when stopped while it was connecting
+        if nc is not None and not nc.is_closed:
+            await nc.close()
 
     async def __aenter__(self) -> Sentinel:
         return await self.start()

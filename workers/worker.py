@@ -32,7 +32,7 @@ from core.bus import (
 )
 from core.codec import dumps, loads
 from core.events import Event
-from core.runtime import supervise
+from core.runtime import cancel_and_wait, supervise
 from workers.attempt import Attempt, Deps
 from workers.handlers import parse_handlers, resolve
 from workers.pool import ChildPool
@@ -72,6 +72,7 @@ class Worker:
         self._tasks_by_job: dict[str, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
         self._draining = False
+        self._joined = False
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -80,6 +81,19 @@ class Worker:
             resolve(ref)  # fail now, clearly, on a typo or a broken plugin
         self.pool = ChildPool(self.concurrency, memory_limit_mb=self.memory_limit_mb)
         await self.pool.start()
+        try:
+            await self._join()
+        except BaseException:  # cancelled (a stop signal) or failed: leave nothing behind
+            await self._abandon()
+            raise
+        self._tasks = [asyncio.create_task(supervise("heartbeat", self._heartbeat_loop)),
+                       asyncio.create_task(supervise("work", self._work_loop,
+                                                     finished=lambda: self._draining))]
+        log.info("worker %s ready: handlers %s, queues %s, concurrency %d", self.worker_id,
+                 ",".join(self.handlers), ",".join(self.queues), self.concurrency)
+        return self
+
+    async def _join(self) -> None:
         self.nc = await connect(self.url, name=f"jetflow-worker-{self.worker_id}",
                                 wait_s=self.wait_nats_s)
         self.js = self.nc.jetstream()
@@ -92,11 +106,15 @@ class Worker:
             await self.nc.subscribe(f"{S.PREFIX}.job.*.{kind}", cb=self._on_job_event)
         await self._heartbeat()
         await self._announce()
-        self._tasks = [asyncio.create_task(supervise("heartbeat", self._heartbeat_loop)),
-                       asyncio.create_task(supervise("work", self._work_loop))]
-        log.info("worker %s ready: handlers %s, queues %s, concurrency %d", self.worker_id,
-                 ",".join(self.handlers), ",".join(self.queues), self.concurrency)
-        return self
+
+    async def _abandon(self) -> None:
+        """Undo a start that did not finish: record leaving if it had joined, close all."""
+        if self._joined:
+            await self._leave("stopped")
+        await self.pool.stop()
+        nc = getattr(self, "nc", None)
+        if nc is not None and not nc.is_closed:
+            await nc.close()
 
     async def _announce(self) -> None:
         event = Event("worker", self.worker_id, "joined", time.time(), {
@@ -104,6 +122,7 @@ class Worker:
             "concurrency": self.concurrency, "prefetch": self.prefetch,
             "host": socket.gethostname(), "pid": os.getpid(), "lease_s": self.lease_s})
         await self.log.append(event, msg_id=f"worker:{self.worker_id}:joined:{event.at}")
+        self._joined = True
 
     async def _on_lost(self, msg: Msg) -> None:
         if not self._draining:
@@ -113,8 +132,7 @@ class Worker:
     async def drain(self) -> None:
         """Stop claiming, let running jobs finish within the grace period, then leave."""
         self._draining = True
-        for task in self._tasks[1:]:
-            task.cancel()
+        await cancel_and_wait(self._tasks[1:])  # no more claims
         running = list(self._tasks_by_job.values())
         if running:
             log.info("draining: waiting up to %.0fs for %d running job(s)", self.grace_s,
@@ -137,10 +155,7 @@ class Worker:
             log.warning("could not record leaving: %s", exc)
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *self._tasks_by_job.values()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait([*self._tasks, *self._tasks_by_job.values()])
         await self.pool.stop()
         if not self.nc.is_closed:
             await self.nc.close()

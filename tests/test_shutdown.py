@@ -1,0 +1,137 @@
+"""Shutting down: a stop signal while a service is still starting cancels the start cleanly
+(no kill by the signal's default action, no child processes left), and a loop that swallows
+its cancellation (nats-py's flush does: ``except CancelledError: pass``) cannot keep a
+worker from draining and recording that it left."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.runtime import Interrupted, Signals, cancel_and_wait, supervise
+from core.server import EmbeddedServer
+from tests.conftest import read_log
+from tests.test_up_and_connect import ROOT, alive, jetflow_env, refused_url
+from workers.worker import Worker
+
+
+async def _swallow_cancellations(seconds: float) -> None:
+    """Sleep ``seconds``, ignoring every cancellation meanwhile, as nats-py's flush does."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    while loop.time() < until:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(until - loop.time())
+
+
+async def test_cancel_and_wait_ends_a_task_that_swallowed_its_cancellation() -> None:
+    async def stubborn() -> None:
+        while True:
+            await _swallow_cancellations(0.3)  # swallows the first cancel, not the one after
+            await asyncio.sleep(0.3)
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(cancel_and_wait([task], again_s=0.5), 5.0)
+    assert task.cancelled()
+
+
+async def test_supervise_ends_a_loop_that_returned_because_its_service_stops() -> None:
+    calls = 0
+
+    async def loop() -> None:
+        nonlocal calls
+        calls += 1
+
+    await asyncio.wait_for(supervise("x", loop, restart_delay_s=0.01,
+                                     finished=lambda: calls >= 3), 5.0)
+    assert calls == 3
+
+
+async def test_a_signal_while_starting_cancels_the_start_and_its_cleanup_runs() -> None:
+    cleaned = asyncio.Event()
+
+    async def slow_start() -> str:
+        try:
+            await asyncio.sleep(30)
+        finally:
+            cleaned.set()
+        return "never"
+
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.2, os.kill, os.getpid(), signal.SIGTERM)
+    with Signals() as caught, pytest.raises(Interrupted) as raised:
+        await asyncio.wait_for(caught.before(slow_start()), 10.0)
+    assert raised.value.signal == signal.SIGTERM and cleaned.is_set()
+
+
+async def test_a_start_that_ends_first_is_returned_and_a_later_signal_waited_for() -> None:
+    async def quick() -> int:
+        return 7
+
+    loop = asyncio.get_running_loop()
+    with Signals() as caught:
+        assert await caught.before(quick()) == 7
+        loop.call_later(0.1, os.kill, os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(caught.wait(), 10.0) == signal.SIGTERM
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("service", ["worker", "sentinel", "projector"])
+async def test_a_service_stopped_while_waiting_for_nats_exits_at_once_and_cleanly(
+        service: str, tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "core.cli", service, "--nats", refused_url(),
+        *(["--db", str(tmp_path / "p.sqlite")] if service == "projector" else []),
+        cwd=ROOT, env=jetflow_env(), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    try:
+        said = b""
+        while b"waiting up to" not in said:  # it has started, and waits for the server
+            said += await asyncio.wait_for(proc.stderr.readline(), 30)
+        children = _children(proc.pid)
+        if service == "worker":
+            assert children, "the worker's child pool should be running while it waits"
+        proc.send_signal(signal.SIGTERM)
+        err = await asyncio.wait_for(proc.stderr.read(), 10)
+        assert await asyncio.wait_for(proc.wait(), 5) == 128 + signal.SIGTERM, err
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    assert b"stopped: SIGTERM before the service was ready" in err
+    assert b"Traceback" not in err, err.decode()
+    await asyncio.sleep(0.5)
+    assert not [pid for pid in children if alive(pid)], "child processes left behind"
+
+
+async def test_a_worker_whose_loop_swallows_cancellations_still_drains_and_leaves(
+        server: EmbeddedServer) -> None:
+    worker = Worker(server.url, handlers="echo", lease_s=3.0, grace_s=1.0)
+
+    async def work_loop_like_nats_py() -> None:
+        # a fetch, then an unsubscribe, each ignoring a cancellation that lands in it
+        while not worker._draining:
+            await _swallow_cancellations(0.05)
+        await _swallow_cancellations(0.3)
+
+    worker._work_loop = work_loop_like_nats_py  # type: ignore[method-assign]
+    await worker.start()
+    await asyncio.wait_for(worker.drain(), 15.0)
+    left = await read_log(server.url, ["jf.worker.*.left"])
+    assert [e.id for e in left] == [worker.worker_id]
+    assert all(task.done() for task in worker._tasks)
