@@ -22,8 +22,9 @@ messages no longer in the stream) are kept. An export reads and changes only wha
 names itself (``day=*/type=*/part-*.parquet``, its hidden directories and ``.tmp`` files,
 partition directories it leaves empty); anything else in DIR is left alone.
 
-Nothing is taken out before everything new is in, so an export that fails or is killed at
-any point loses no row. One that stops while reading the stream or staging leaves the
+Nothing is taken out before everything new is in, and on disk (files and directories
+synced), so an export that fails or is killed at any point, or the machine losing power,
+loses no row. One that stops while reading the stream or staging leaves the
 Parquet files in DIR as they were; one that stops while moving files in or rewriting or
 deleting earlier ones may leave sequences twice, and running the same export again leaves
 each once (but a sequence deleted from the stream in between stays twice: it is not
@@ -377,8 +378,12 @@ def _commit(out_dir: Path, staging: Path, existing: dict[Path, SeqRange | None],
     if not seqs:
         return
     try:
+        moved: list[Path] = []
         for staged in sorted(staging.glob(f"{_PARTS}/part-*{_STAGED}")):
-            _move_in(staged, out_dir / staged.relative_to(staging).with_suffix(".parquet"))
+            _fsync(staged)
+            moved.append(out_dir / staged.relative_to(staging).with_suffix(".parquet"))
+            _move_in(staged, moved[-1])
+        _fsync_dirs({path.parent for path in moved}, out_dir)  # all in, on disk: only now
         for path, held in existing.items():
             if held is None or seqs.overlaps(*held):
                 _remove_rows(path, seqs, out_dir)
@@ -394,6 +399,28 @@ def _move_in(staged: Path, dest: Path) -> None:
     if dest.exists():
         raise FileExistsError(errno.EEXIST, "a file is in the way", str(dest))
     os.replace(staged, dest)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dirs(dirs: set[Path], out_dir: Path) -> None:
+    """Sync ``dirs`` and every directory between them and ``out_dir`` (which holds the
+    entries of partition directories just made), each once."""
+    chain: set[Path] = set()
+    for d in dirs:
+        while d != out_dir and d not in chain:
+            chain.add(d)
+            d = d.parent
+    for d in sorted(chain, key=lambda d: -len(d.parts)):
+        _fsync(d)
+    _fsync(out_dir)
 
 
 def _remove_rows(path: Path, seqs: _Runs, out_dir: Path) -> None:
@@ -415,11 +442,13 @@ def _remove_rows(path: Path, seqs: _Runs, out_dir: Path) -> None:
 
 
 def _write_table(table: pa.Table, path: Path) -> None:
-    """Write ``path`` whole or not at all (a hidden temporary file, then a rename)."""
+    """Write ``path`` whole or not at all (a hidden temporary file, synced, then a rename)."""
     tmp = path.with_name(f".{path.name}{_TMP}")
     try:
         pq.write_table(table, tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

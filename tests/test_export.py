@@ -245,6 +245,56 @@ async def test_an_export_killed_at_any_step_loses_nothing_and_a_re_run_leaves_ea
         await nc.close()
 
 
+async def test_everything_new_is_on_disk_before_an_earlier_file_changes(
+        server: EmbeddedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a power loss keeps is what was synced: each file moved in is synced before its
+    rename, and the directories holding the renames before any earlier file is rewritten
+    or deleted; a rewrite syncs its temporary file before the rename, its directory after."""
+    await publish_synthetic(server.url, 200)
+    out_dir = tmp_path / "parquet"
+    await export(server.url, out_dir, chunk=100)  # part-1, part-101
+    earlier = {str(p) for p in out_dir.rglob("part-*.parquet")}
+    ops: list[tuple[str, str, str]] = []
+    real_fsync, real_replace, real_unlink = os.fsync, os.replace, Path.unlink
+
+    def fsync(fd: int) -> None:
+        ops.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), ""))
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        ops.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    def unlink(path: Path, missing_ok: bool = False) -> None:
+        ops.append(("unlink", str(path), ""))
+        real_unlink(path, missing_ok)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    await export(server.url, out_dir, from_seq=51, chunk=50)  # rewrites part-1, drops part-101
+    monkeypatch.undo()
+
+    def at(op: str, a: str, b: str = "") -> int:
+        return ops.index((op, a, b))
+    changes = [i for i, (op, a, b) in enumerate(ops)
+               if (op == "replace" and b in earlier) or (op == "unlink" and a in earlier)]
+    kinds = {ops[i][0] for i in changes}
+    assert kinds == {"replace", "unlink"}, ops  # part-1s rewritten, part-101s deleted
+    moved = [(a, b) for op, a, b in ops if op == "replace" and a.endswith(".staged")]
+    assert moved
+    for src, dst in moved:
+        assert at("fsync", src) < at("replace", src, dst)
+        synced_dir = at("fsync", str(Path(dst).parent))
+        assert at("replace", src, dst) < synced_dir < changes[0]
+    assert at("fsync", str(out_dir)) < changes[0]
+    for op, src, dst in ops:
+        if op == "replace" and src.endswith(".tmp"):
+            assert at("fsync", src) < at("replace", src, dst)
+            assert at("replace", src, dst) < max(i for i, o in enumerate(ops)
+                                                 if o == ("fsync", str(Path(dst).parent), ""))
+    assert seqs_in(out_dir) == list(range(1, 201))
+
+
 # -- what an export touches --------------------------------------------------------------------
 
 async def test_files_an_export_does_not_name_are_left_alone(server: EmbeddedServer,
