@@ -62,9 +62,20 @@ class EmbeddedServer:
         self.durable = durable
         self.proc: asyncio.subprocess.Process | None = None
 
+    name = "nats-server"
+
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
+
+    async def exited(self) -> int:
+        """Wait, without a bound, until the server process ends; its return code."""
+        assert self.proc is not None
+        return await self.proc.wait()
 
     @property
     def log_path(self) -> Path:

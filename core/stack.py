@@ -13,12 +13,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from core import subjects as S
 from core.bus import Tail, connect
 from core.retry import RetryPolicy, compute_backoff
-from core.server import EmbeddedServer
+from core.server import EmbeddedServer, ServerError
 
 __all__ = ["Stack", "Service", "restart_delay", "exit_description"]
 
@@ -54,6 +54,22 @@ def exit_description(code: int) -> str:
         return f"killed by {signal.Signals(-code).name}"
     except ValueError:
         return f"killed by signal {-code}"
+
+
+class Restartable(Protocol):
+    """What :meth:`Stack._keep_running` restarts: a service or the embedded server."""
+
+    name: str
+
+    @property
+    def log_path(self) -> Path: ...
+
+    @property
+    def pid(self) -> int: ...
+
+    async def exited(self) -> int: ...
+
+    async def start(self) -> object: ...
 
 
 class Service:
@@ -162,6 +178,9 @@ class Stack:
     async def start(self, ready_timeout_s: float = 30.0) -> Stack:
         if self.server:
             await self.server.start()
+            if self.restart:
+                self._keepers.append(asyncio.create_task(self._keep_running(self.server),
+                                                         name="keep-nats-server"))
         head = await self._events_head()
         await self.add_sentinel()
         for _ in range(self.n_workers):
@@ -214,9 +233,11 @@ class Stack:
                                                      name=f"keep-{svc.name}"))
         return svc
 
-    async def _keep_running(self, svc: Service) -> None:
-        """Restart ``svc`` each time it exits, after a backoff; :meth:`stop` cancels this
-        before stopping the services, so a shutdown restarts nothing."""
+    async def _keep_running(self, svc: Restartable) -> None:
+        """Restart ``svc`` (a service, or the embedded nats-server, which restarts on its
+        port and store: the services reconnect by themselves) each time it exits, after a
+        backoff; :meth:`stop` cancels this before stopping anything, so a shutdown restarts
+        nothing."""
         failures = 0
         while True:
             started, pid = time.monotonic(), svc.pid
@@ -232,7 +253,7 @@ class Stack:
                 try:
                     await svc.start()
                     break
-                except OSError as exc:  # no process: one more failure, and try again
+                except (OSError, ServerError) as exc:  # one more failure, and try again
                     log.error("could not restart %s: %s", svc.name, exc)
                     failures += 1
             log.warning("%s restarted (pid %d)", svc.name, svc.pid)

@@ -265,6 +265,54 @@ async def test_c_up_restarts_a_killed_projector_and_it_catches_up(tmp_path: Path
     assert len(services) == 4 and not [pid for pid in services if alive(pid)], services
 
 
+async def test_c_up_restarts_its_killed_nats_server_and_the_services_carry_on(
+        tmp_path: Path) -> None:
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+
+    def server_pid() -> int | None:
+        return next((pid for pid, cmd in up.children().items() if "nats-server" in cmd), None)
+    async with jetflow_up(tmp_path, "--port", str(port)) as (up, _):
+        client = await client_connect(url)
+        try:
+            before = await client.submit("echo", {"before": "the crash"})
+            assert (await client.wait(before, timeout=30)).state == "succeeded"
+        finally:
+            await client.close()
+        first = server_pid()
+        assert first is not None, up.children()
+        services = {pid for pid, cmd in up.children().items() if "core.cli" in cmd}
+        os.kill(first, signal.SIGKILL)
+
+        async def replaced() -> bool:
+            return server_pid() not in (None, first)
+        await wait_until(replaced, 15, "a new nats-server process")
+        assert (f"nats-server (pid {first}) exited unexpectedly: killed by SIGKILL; "
+                "restarting it in 1s" in up.log()), up.log()
+
+        async def reachable() -> bool:
+            with contextlib.suppress(BusError):
+                await (await connect(url)).close()
+                return True
+            return False
+        await wait_until(reachable, 15, "the restarted server to listen")
+        client = await client_connect(url)
+        try:
+            after = await client.submit("echo", {"after": "the crash"})
+            assert (await client.wait(after, timeout=30)).state == "succeeded"
+            assert (await client.status(before)).state == "succeeded"  # the store was kept
+        finally:
+            await client.close()
+        db = up.data / "projections.sqlite"
+        await caught_up(db, url)
+        assert sorted(query(db, "SELECT state FROM jobs")) == [("succeeded",)] * 2
+        # the same three services: they reconnected, none had to be restarted
+        assert {pid for pid, cmd in up.children().items() if "core.cli" in cmd} == services
+        assert len(services) == 3
+    assert up.proc.returncode == 0, up.log()
+    assert up.log().count("exited unexpectedly") == 1, up.log()
+
+
 async def test_c_a_stack_restarts_only_when_asked_and_never_on_stop(
         server: EmbeddedServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="jetflow.stack")
