@@ -123,11 +123,14 @@ async def cmd_submit(a: argparse.Namespace) -> int:
                                      timeout_s=a.timeout, queue_timeout_s=a.queue_timeout,
                                      deadline_s=a.deadline)
     except SubmissionRejected as exc:
-        print(f"rejected: {exc.reason} [{exc.code}]", file=sys.stderr)
+        if a.json:
+            print(json.dumps({"rejected": {"code": exc.code, "reason": exc.reason}}))
+        else:
+            print(f"rejected: {exc.reason} [{exc.code}]", file=sys.stderr)
         await client.close()
         return 2
     if not a.wait:
-        print(job_id)
+        print(json.dumps({"job_id": job_id}) if a.json else job_id)
         await client.close()
         return 0
     job = await client.wait(job_id, timeout=a.wait_timeout)
@@ -157,7 +160,7 @@ async def cmd_retry(a: argparse.Namespace) -> int:
 
 
 async def _control(a: argparse.Namespace, verb: str) -> int:
-    from core.client import JobError, connect
+    from core.client import connect
 
     client = await connect(a.nats)
     try:
@@ -165,9 +168,6 @@ async def _control(a: argparse.Namespace, verb: str) -> int:
             answer = await client.cancel(a.job_id, a.reason)
         else:
             answer = await client.retry(a.job_id, a.attempts)
-    except JobError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     finally:
         await client.close()
     if a.json:
@@ -419,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     # SIGPIPE stays ignored (Python's default): with SIG_DFL a service writing to the
     # socket of a nats-server that just died is killed without a word.
+    from core.client import JobError
+
     try:
         from core.runtime import run
 
@@ -426,21 +428,27 @@ def _main(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `jetflow job X | head`: the reader left
         sys.stderr.close()
         return 0
-    except BusError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (ProjectionError, InvalidToken, ServerError) as exc:
-        # a projection file that cannot be used, a job id that cannot be one, a port taken
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (BusError, JobError, ProjectionError, InvalidToken, ServerError) as exc:
+        # no server, no such job, a projection file that cannot be used, a job id that
+        # cannot be one, a port taken
+        return _error(args, str(exc))
     except TimeoutError as exc:
-        print(f"error: timed out {exc}".rstrip(), file=sys.stderr)
-        return 1
+        return _error(args, f"timed out {exc}".rstrip())
     except Interrupted as exc:  # stopped while it was starting: nothing half done is left
         print(f"stopped: {exc}", file=sys.stderr)
         return 128 + exc.signal
     except KeyboardInterrupt:
         return 130
+
+
+def _error(args: argparse.Namespace, message: str) -> int:
+    """One line on stderr; with ``--json``, ``{"error": ...}`` on stdout instead, so a
+    program reading the output gets JSON either way. Exit code 1."""
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message}), flush=True)
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

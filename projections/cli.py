@@ -209,7 +209,7 @@ async def _print_history(a: argparse.Namespace, *, source: str,
                          fallback: bool = False) -> int:
     """The job from its events in the stream; an event that may not happen is shown and
     marked as not applied, a message on its subjects that is no event as unreadable."""
-    from core.client import connect
+    from core.client import JobError, connect
     from core.job import fold_skipping
     from core.render import job_json, job_lines
 
@@ -220,8 +220,7 @@ async def _print_history(a: argparse.Namespace, *, source: str,
     finally:
         await client.close()
     if not events and not unreadable:
-        print(f"no job {a.job_id!r} in the log", file=sys.stderr)
-        return 1
+        raise JobError(f"no job {a.job_id!r} in the log")
     job, skipped = fold_skipping(events, a.job_id)
     if a.json:
         print(json.dumps({**job_json(job, events, skipped, unreadable), "source": source}))

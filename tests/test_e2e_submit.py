@@ -71,6 +71,12 @@ async def test_cli_exit_codes(make_stack: StackFactory) -> None:
     assert bad_args.returncode != 0 and "not valid JSON" in bad_args.stderr
     missing = await asyncio.to_thread(jetflow, "job", "no-such-job", "--nats", stack.url)
     assert missing.returncode == 1 and "no job" in missing.stderr
+    # --json: stdout is JSON whatever happens
+    rejected = await asyncio.to_thread(jetflow, "submit", "nope", "--json", "--nats", stack.url)
+    assert rejected.returncode == 2 and rejected.stderr == ""
+    assert json.loads(rejected.stdout)["rejected"]["code"] == "unknown_handler"
+    queued = await asyncio.to_thread(jetflow, "submit", "echo", "--json", "--nats", stack.url)
+    assert queued.returncode == 0 and json.loads(queued.stdout)["job_id"].startswith("j")
 
 
 async def test_duplicate_job_id_is_one_job(make_stack: StackFactory, client: Client) -> None:

@@ -373,6 +373,15 @@ async def test_read_commands(make_stack: StackFactory, client: Client, tmp_path:
 
     code, _, err = await cli(url, "status", "--data", str(tmp_path / "none"))
     assert code == 1 and "no projection at" in err and "jetflow projector" in err
+    # with --json a failure is JSON on stdout too, for the program reading it
+    code, out, err = await cli(url, "status", "--json", "--data", str(tmp_path / "none"))
+    assert code == 1 and err == "" and "no projection at" in json.loads(out)["error"]
+    code, out, err = await cli(url, "history", "ghost", "--json")
+    assert (code, err, json.loads(out)) == (1, "", {"error": "no job 'ghost' in the log"})
+    code, out, err = await cli(url, "history", "ghost")
+    assert (code, out, err) == (1, "", "error: no job 'ghost' in the log\n")
+    code, out, err = await cli(url, "cancel", "ghost", "--json")
+    assert code == 1 and err == "" and "ghost" in json.loads(out)["error"]
     with contextlib.closing(sqlite3.connect(live)) as con:
         con.execute("UPDATE checkpoint SET schema_version = 99")
         con.commit()
