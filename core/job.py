@@ -193,8 +193,9 @@ def _submitted(s: Fields, e: Event) -> None:
 
 def _rejected(s: Fields, e: Event) -> None:
     error = {"type": "rejected", "code": e.data["code"], "message": e.data["reason"]}
+    handler = e.data.get("handler")  # the one a readable body named, if any
     s.update(state="rejected", queue=e.data.get("queue", ""), error=error, finished_at=e.at,
-             submitted_at=e.at)
+             submitted_at=e.at, handler=handler if isinstance(handler, str) else "")
 
 
 def _queued(s: Fields, e: Event) -> None:

@@ -11,6 +11,7 @@ from core.codec import CodecError, loads
 from core.events import Event
 from core.fleet import Append
 from core.submission import (
+    HANDLER_RE,
     JOB_ID_RE,
     MAX_SUBMISSION_BYTES,
     Submission,
@@ -85,8 +86,10 @@ class Intake:
 
     def _rejected(self, raw: RawSubmission, derived: str, fingerprint: str,
                   exc: CodecError, now: float) -> Decision:
-        job_id = _claimed_job_id(raw.data) or derived
+        claimed = _claimed(raw.data)
+        job_id = claimed.get("job_id") or derived
         data = {"reason": exc.message, "code": exc.code,
+                **_optional(handler=claimed.get("handler")),
                 "queue": S.queue_of_submit_subject(raw.subject) or "",
                 "subject": raw.subject, "submit_seq": raw.stream_seq, "fp": fingerprint,
                 "body": raw.data[:KEEP_BODY_BYTES].decode("utf-8", errors="replace"),
@@ -99,7 +102,7 @@ class Intake:
     @staticmethod
     def job_id_of(data: bytes, msg_id: str | None) -> str:
         """The job a submission names: its own job_id, else the one its msg id derives."""
-        return _claimed_job_id(data) or derive_job_id(msg_id, "", 0)
+        return _claimed(data).get("job_id") or derive_job_id(msg_id, "", 0)
 
     @staticmethod
     def trace_headers(headers: Mapping[str, str], correlation_id: str) -> dict[str, str]:
@@ -114,11 +117,14 @@ def _optional(**fields: object) -> dict[str, object]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-def _claimed_job_id(data: bytes) -> str | None:
-    """The submitter's own job_id, if the body is readable enough to have a valid one."""
+def _claimed(data: bytes) -> dict[str, str]:
+    """The submitter's own ``job_id`` and the ``handler`` it names, each when the body is
+    readable enough to have a valid one (a rejected submission is listed by both)."""
     try:
         body = loads(data) if len(data) <= MAX_SUBMISSION_BYTES else None
     except CodecError:
-        return None
-    job_id = body.get("job_id") if isinstance(body, dict) else None
-    return job_id if isinstance(job_id, str) and JOB_ID_RE.match(job_id) else None
+        return {}
+    if not isinstance(body, dict):
+        return {}
+    return {field: value for field, pattern in (("job_id", JOB_ID_RE), ("handler", HANDLER_RE))
+            if isinstance(value := body.get(field), str) and pattern.match(value)}

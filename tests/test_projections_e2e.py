@@ -140,6 +140,11 @@ async def test_rebuild_equals_the_live_projection_after_a_mixed_run(
     (succeeded, failed), = query(live, "SELECT succeeded, failed FROM workers")
     assert (succeeded, failed) == (6, 3)  # the retried job failed twice
     assert query(live, "SELECT attempt, error FROM jobs WHERE job_id = ?", retried)[0][0] == 2
+    assert sorted(query(live, "SELECT handler FROM jobs WHERE state = 'rejected'")) == \
+        [("",), ("no-such-handler",)]  # as the body named it; garbage names none
+    code, out, _ = await cli(stack.url, "jobs", "--json", "--handler", "no-such-handler",
+                             "--data", str(stack.data_dir))
+    assert [j["state"] for j in json.loads(out)["jobs"]] == ["rejected"]
     await rebuilt_equal(stack.url, live, tmp_path / "rebuilt.sqlite")
     code, out, err = await cli(stack.url, "replay", "--verify", "--db", str(live))
     assert code == 0 and "all 8 tables equal" in out, out + err

@@ -769,6 +769,16 @@ def test_a_bad_body_with_a_valid_job_id_is_rejected_under_that_id() -> None:
     assert e.id == "mine-2" and e.data["code"] == "unknown_handler"
 
 
+def test_a_rejection_names_the_handler_a_readable_body_names() -> None:
+    e = rejected({"handler": "nope", "args": {}})
+    assert e.data["handler"] == "nope" and check_event(e).handler == "nope"
+    e = rejected({"handler": "echo", "priority": "5"})
+    assert e.data["handler"] == "echo" and check_event(e).handler == "echo"
+    for body in (b"{not json", {"args": {}}, {"handler": "a b"}, {"handler": 5}):
+        e = rejected(body)
+        assert "handler" not in e.data and check_event(e).handler == "", body
+
+
 def test_rejection_msg_id_includes_the_stream_sequence() -> None:
     d = Intake(EPOCH).decide(raw({"handler": "nope", "job_id": "x"}, seq=42), KNOWN, 1.0)
     assert d.append.msg_id == "x:rejected:42"
