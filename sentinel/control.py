@@ -11,7 +11,7 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
-from core.bus import Conflict, job_messages_after
+from core.bus import Conflict, job_messages_after, last_job_event
 from core.codec import CodecError, decode_event
 from core.events import Event
 from core.fleet import Append
@@ -31,6 +31,7 @@ class Control:
 
     async def cancel(self, job_id: str, body: dict[str, Any]) -> Answer:
         reason = str(body.get("reason") or "cancel requested")[:500]
+        await self._seen_latest(job_id)
         for _ in range(3):
             job = self.sentinel.fleet.jobs.get(job_id)
             if job is None or job.terminal:
@@ -49,6 +50,7 @@ class Control:
         attempts = body.get("attempts", 3)
         if type(attempts) is not int or not 1 <= attempts <= 100:
             return {"error": "'attempts' must be an integer from 1 to 100"}
+        await self._seen_latest(job_id)
         for _ in range(3):
             job = self.sentinel.fleet.jobs.get(job_id)
             if job is None or job.state != "dead_lettered":
@@ -61,6 +63,18 @@ class Control:
                 return {"job_id": job_id, "state": "queued", "attempt": job.attempt + 1,
                         "max_attempts": job.attempt + attempts}
         return {"error": f"job {job_id} kept changing; try again"}
+
+    async def _seen_latest(self, job_id: str, timeout_s: float = 5.0) -> None:
+        """Wait (a moment, at most ``timeout_s``) until the sentinel has read the job's latest
+        message in the log: a request right after an outcome its sender saw (``wait``, then
+        ``retry``) is judged on that outcome, not on the view just before it (the sentinel
+        learns even its own appends by reading the log back)."""
+        latest = await last_job_event(self.sentinel.nc, job_id)
+        deadline = time.monotonic() + timeout_s
+        while latest and self.sentinel.fleet.last_seq < latest[0]:
+            if time.monotonic() > deadline:
+                return  # judged on what it has; its answer says to try again if it lags
+            await asyncio.sleep(0.01)
 
     async def _try(self, append: Append) -> bool:
         try:

@@ -3,16 +3,21 @@ lost workers and graceful drain. Real processes, real nats-server."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from core.client import Client, JobError
 from core.codec import encode_event
 from core.events import Event
+from core.server import EmbeddedServer
+from sentinel.service import Sentinel
 from tests.conftest import StackFactory, wait_until
+from workers.worker import Worker
 
 FAST_RETRY = ["--retry", "0.3,2,2"]
 CRASHY = ("echo,sleep,fail,crash=examples.handlers:segfault,bye=examples.handlers:hard_exit,"
@@ -128,6 +133,38 @@ async def test_retry_command_redrives_a_dead_letter(make_stack: StackFactory, cl
     assert types(await client.history(job_id)).count("started") == 2
     with pytest.raises(JobError, match="only dead-lettered"):
         await client.retry(job_id)
+
+
+async def test_a_retry_right_after_the_dead_letter_waits_for_the_sentinel_to_see_it(
+        server: EmbeddedServer, client: Client) -> None:
+    """A client can see the sentinel's `dead_lettered` in the stream before the sentinel
+    has its ack (or reads it back); a retry sent that moment must not be refused as 'job
+    is failed'. Here the sentinel learns of that event half a second late, both ways."""
+    loop = asyncio.get_running_loop()
+    async with Sentinel(server.url, lease_s=3.0) as sentinel, \
+            Worker(server.url, handlers="fail", lease_s=3.0):
+        observe_batch, after_append = sentinel._observe_batch, sentinel._after_append
+
+        def late_batch(msgs: list[Any]) -> None:
+            if any(m.subject.endswith(".dead_lettered") for m in msgs):
+                loop.call_later(0.5, observe_batch, msgs)
+            else:
+                observe_batch(msgs)
+
+        def late_ack(append: Any, *rest: Any) -> None:
+            if append.event.type == "dead_lettered":
+                loop.call_later(0.5, after_append, append, *rest)
+            else:
+                after_append(append, *rest)
+        sentinel._observe_batch = late_batch  # type: ignore[method-assign]
+        sentinel._after_append = late_ack  # type: ignore[method-assign]
+        job_id = await client.submit("fail", {"permanent": True})
+        assert (await client.wait(job_id, timeout=20)).state == "dead_lettered"
+        assert sentinel.fleet.jobs[job_id].state == "failed"  # it has not learnt of it yet
+        answer = await client.retry(job_id, attempts=1)
+        assert answer["state"] == "queued" and answer["attempt"] == 2
+        assert (await client.wait(job_id, timeout=20)).state == "dead_lettered"
+        assert types(await client.history(job_id)).count("started") == 2
 
 
 async def test_killed_worker_is_lost_and_its_job_runs_elsewhere(make_stack: StackFactory,
