@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from core.client import Client
 from core.runtime import Interrupted, Signals, cancel_and_wait, supervise
 from core.server import EmbeddedServer
-from tests.conftest import read_log
+from tests.conftest import StackFactory, read_log, wait_until
 from tests.test_up_and_connect import ROOT, alive, jetflow_env, refused_url
 from workers.worker import Worker
 
@@ -135,3 +136,64 @@ async def test_a_worker_whose_loop_swallows_cancellations_still_drains_and_leave
     left = await read_log(server.url, ["jf.worker.*.left"])
     assert [e.id for e in left] == [worker.worker_id]
     assert all(task.done() for task in worker._tasks)
+
+
+async def _worker_in_its_own_group(url: str, *args: str) -> asyncio.subprocess.Process:
+    """`jetflow worker` leading its own process group, as a shell's foreground job does."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "core.cli", "worker", "--nats", url, "--handlers", "sleep",
+        "--concurrency", "1", *args, cwd=ROOT, env=jetflow_env(),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE, start_new_session=True)
+
+
+async def _running_child(client: Client, job_id: str, worker: int) -> int:
+    """The pid of the child process of ``worker`` once ``job_id`` runs there."""
+    async def running() -> bool:
+        return (await client.status(job_id)).state == "running"
+    await wait_until(running, 30, f"{job_id} running")
+    (child,) = _children(worker)
+    return child
+
+
+async def test_ctrl_c_in_a_terminal_drains_instead_of_failing_the_running_job(
+        make_stack: StackFactory, client: Client) -> None:
+    """A terminal's Ctrl-C signals the whole foreground process group, children included:
+    the job must finish within the grace period, not die of KeyboardInterrupt."""
+    stack = await make_stack(workers=0)
+    proc = await _worker_in_its_own_group(stack.url, "--grace", "30")
+    try:
+        await stack.wait_for_workers(1, 0, 30)
+        job_id = await client.submit("sleep", {"seconds": 2.0}, max_attempts=1)
+        await _running_child(client, job_id, proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        job = await client.wait(job_id, timeout=30)
+        assert (job.state, job.attempt) == ("succeeded", 1), job.error
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    left = await read_log(stack.url, ["jf.worker.*.left"])
+    assert [e.data["reason"] for e in left] == ["drained"]
+
+
+async def test_a_busy_child_dies_with_its_worker(make_stack: StackFactory,
+                                                 client: Client) -> None:
+    """An orphan would go on running a job whose lease lapses and that then runs again
+    elsewhere: the child of a worker killed with -9 is killed too."""
+    stack = await make_stack(workers=0)
+    proc = await _worker_in_its_own_group(stack.url)
+    try:
+        await stack.wait_for_workers(1, 0, 30)
+        job_id = await client.submit("sleep", {"seconds": 60.0})
+        child = await _running_child(client, job_id, proc.pid)
+        proc.kill()
+        await proc.wait()
+
+        async def gone() -> bool:
+            return not alive(child)
+        await wait_until(gone, 10, "the busy child to die with its worker")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

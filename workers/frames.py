@@ -7,9 +7,10 @@ from typing import IO, Any
 
 import orjson
 
-__all__ = ["encode_frame", "read_frame_sync", "HEADER"]
+__all__ = ["encode_frame", "read_frame_sync", "HEADER", "PARENT_ENV"]
 
 HEADER = struct.Struct(">I")
+PARENT_ENV = "JETFLOW_WORKER_PID"  # the worker's pid, in the environment of its children
 MAX_FRAME = 64 * 1024 * 1024
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from workers.frames import HEADER, encode_frame
+from workers.frames import HEADER, PARENT_ENV, encode_frame
 
 __all__ = ["ChildPool", "Outcome"]
 
@@ -45,10 +45,14 @@ class Child:
 
     @classmethod
     async def spawn(cls, env: dict[str, str] | None = None) -> Child:
+        # Its own session: Ctrl-C in a terminal (SIGINT to the foreground process group)
+        # is the worker's to handle (drain), not a KeyboardInterrupt in a running job. It
+        # dies with the worker (see workers.child).
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "workers.child", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, **(env or {})}, limit=2**24)
+            env={**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}, limit=2**24,
+            start_new_session=True)
         return cls(proc)
 
     @property
