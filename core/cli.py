@@ -76,7 +76,7 @@ async def cmd_projector(a: argparse.Namespace) -> int:
 
 async def cmd_up(a: argparse.Namespace) -> int:
     from core.bus import Unreachable
-    from core.runtime import wait_for_signal
+    from core.runtime import Signals
     from core.stack import Stack
 
     env_url = os.environ.get("JETFLOW_NATS_URL")
@@ -85,11 +85,17 @@ async def cmd_up(a: argparse.Namespace) -> int:
                   handlers=a.handlers, concurrency=a.concurrency, durable=a.durable,
                   lease_s=a.lease, restart=True)
     try:
-        async with stack:
-            _print_up_banner(a, stack.url, started=url is None, source=source,
-                             env_url=env_url)
-            await wait_for_signal()
-            print("stopping...", flush=True)
+        with Signals() as caught:
+            await caught.before(stack.__aenter__())  # a stop while starting stops it all
+            try:
+                _print_up_banner(a, stack.url, started=url is None, source=source,
+                                 env_url=env_url)
+                await caught.wait()
+            except BaseException:
+                await stack.stop()
+                raise
+        print("stopping...", flush=True)
+        await stack.stop()
     except Unreachable as exc:
         hint = ("drop --nats to start one" if source == "--nats" else
                 "pass --port (or unset JETFLOW_NATS_URL) to start one")

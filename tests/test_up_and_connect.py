@@ -313,6 +313,35 @@ async def test_c_up_restarts_its_killed_nats_server_and_the_services_carry_on(
     assert up.log().count("exited unexpectedly") == 1, up.log()
 
 
+async def test_c_up_stopped_while_it_starts_stops_everything_it_started(
+        tmp_path: Path) -> None:
+    """SIGTERM once `up` has started its server and services but before it is ready: no
+    process of the stack may be left running."""
+    stderr = tmp_path / "up.stderr"
+    with stderr.open("wb") as err_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "core.cli", "up", "--data", str(tmp_path / "data"),
+            "--port", str(free_port()), "--workers", "2", cwd=ROOT, env=jetflow_env(),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=err_file)
+    up = Up(proc, stderr, tmp_path / "data")
+    try:
+        async def services_launched() -> bool:
+            return sum("core.cli" in cmd for cmd in up.children().values()) >= 2
+        await wait_until(services_launched, 30, "up to launch its services")
+        started = up.children()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    assert proc.returncode in (0, 128 + signal.SIGTERM), up.log()
+    assert proc.returncode == 0 or b"jetflow is up" not in out  # 143: stopped before ready
+    await asyncio.sleep(0.5)
+    assert not [cmd for pid, cmd in started.items() if alive(pid)], started
+    assert "Traceback" not in up.log(), up.log()
+
+
 async def test_c_a_stack_restarts_only_when_asked_and_never_on_stop(
         server: EmbeddedServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="jetflow.stack")
