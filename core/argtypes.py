@@ -1,12 +1,18 @@
 """argparse types shared by the `jetflow` commands: a bad value is a one-line usage
-error (exit 2) naming what is wrong, never a traceback or a silent default."""
+error (exit 2) naming what is wrong, never a traceback or a silent default; and the error
+of a value argparse cannot check (:class:`CommandError`, exit 1)."""
 
 from __future__ import annotations
 
 import argparse
 import math
 
-__all__ = ["positive_int", "seconds"]
+__all__ = ["positive_int", "seconds", "CommandError"]
+
+
+class CommandError(Exception):
+    """What a command was given cannot be used: ``jetflow`` prints it as one line (JSON
+    with ``--json``) and exits 1."""
 
 
 def positive_int(text: str) -> int:

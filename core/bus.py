@@ -146,6 +146,11 @@ async def _try_connect(url: str, name: str, errors: _ErrorLog,
         with contextlib.suppress(Exception):
             await nc.close()
         return None
+    except nats.errors.Error as exc:
+        if "connect url" not in str(exc):
+            raise
+        raise BusError(f"{url!r} is not a NATS URL ({str(exc).removeprefix('nats: ')}); "
+                       "write nats://HOST:PORT, several joined by commas") from None
     nc.options["max_reconnect_attempts"] = -1
     return nc
 

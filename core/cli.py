@@ -12,7 +12,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from core.argtypes import positive_int, seconds
+from core.argtypes import CommandError, positive_int, seconds
 from core.bus import DEFAULT_URL, BusError
 from core.runtime import Interrupted
 from core.server import ServerError
@@ -130,17 +130,25 @@ async def cmd_submit(a: argparse.Namespace) -> int:
                                      deadline_s=a.deadline)
     except SubmissionRejected as exc:
         if a.json:
-            print(json.dumps({"rejected": {"code": exc.code, "reason": exc.reason}}))
+            print(json.dumps({"job_id": exc.job_id,
+                              "rejected": {"code": exc.code, "reason": exc.reason}}))
         else:
-            print(f"rejected: {exc.reason} [{exc.code}]", file=sys.stderr)
+            print(f"rejected: {exc.reason} [{exc.code}] (job {exc.job_id})", file=sys.stderr)
         await client.close()
         return 2
     if not a.wait:
         print(json.dumps({"job_id": job_id}) if a.json else job_id)
         await client.close()
         return 0
-    job = await client.wait(job_id, timeout=a.wait_timeout)
-    await client.close()
+    try:
+        job = await client.wait(job_id, timeout=a.wait_timeout)
+    except TimeoutError:
+        state = (await client.status(job_id)).state
+        return _error(a, f"timed out: job {job_id} is still {state} after "
+                         f"{a.wait_timeout:g}s; it goes on (`jetflow job {job_id}`)",
+                      job_id=job_id, state=state)
+    finally:
+        await client.close()
     _print_final(job, a.json)
     return 0 if job.state == "succeeded" else 1
 
@@ -234,9 +242,9 @@ def _json_arg(text: str, flag: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"error: {flag} is not valid JSON: {exc}") from None
+        raise CommandError(f"{flag} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise SystemExit(f"error: {flag} must be a JSON object")
+        raise CommandError(f"{flag} must be a JSON object")
     return value
 
 
@@ -434,12 +442,13 @@ def _main(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `jetflow job X | head`: the reader left
         sys.stderr.close()
         return 0
-    except (BusError, JobError, ProjectionError, InvalidToken, ServerError) as exc:
+    except (BusError, JobError, ProjectionError, InvalidToken, ServerError,
+            CommandError) as exc:
         # no server, no such job, a projection file that cannot be used, a job id that
-        # cannot be one, a port taken
+        # cannot be one, a port taken, --args that are no JSON object
         return _error(args, str(exc))
     except TimeoutError as exc:
-        return _error(args, f"timed out {exc}".rstrip())
+        return _error(args, f"timed out: {exc}" if str(exc) else "timed out")
     except Interrupted as exc:  # stopped while it was starting: nothing half done is left
         print(f"stopped: {exc}", file=sys.stderr)
         return 128 + exc.signal
@@ -447,11 +456,11 @@ def _main(args: argparse.Namespace) -> int:
         return 130
 
 
-def _error(args: argparse.Namespace, message: str) -> int:
-    """One line on stderr; with ``--json``, ``{"error": ...}`` on stdout instead, so a
-    program reading the output gets JSON either way. Exit code 1."""
+def _error(args: argparse.Namespace, message: str, **context: object) -> int:
+    """One line on stderr; with ``--json``, ``{"error": ..., **context}`` on stdout
+    instead, so a program reading the output gets JSON either way. Exit code 1."""
     if getattr(args, "json", False):
-        print(json.dumps({"error": message}), flush=True)
+        print(json.dumps({"error": message, **context}), flush=True)
     else:
         print(f"error: {message}", file=sys.stderr)
     return 1

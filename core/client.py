@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import nats.errors
+import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -27,7 +29,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from core import subjects as S
 from core import tracing
-from core.bus import TIMEOUTS, Tail, last_job_event
+from core.bus import TIMEOUTS, BusError, Tail, last_job_event
 from core.bus import connect as bus_connect
 from core.codec import CodecError, Unreadable, decode_event, dumps
 from core.events import Event
@@ -36,7 +38,7 @@ from core.metadata import parse_ack_reply
 from core.runtime import cancel_and_wait
 from core.submission import derive_job_id
 
-__all__ = ["Client", "connect", "JobError", "SubmissionRejected", "SubmitTimeout"]
+__all__ = ["Client", "connect", "JobError", "NoSentinel", "SubmissionRejected", "SubmitTimeout"]
 
 
 class SubmissionRejected(Exception):
@@ -47,6 +49,13 @@ class SubmissionRejected(Exception):
         self.reason = reason
         self.code = code
         self.job_id = job_id
+
+
+NOBODY_GRACE_S = 3.0  # how long "nothing listens" may last: a sentinel restarting
+
+
+class NoSentinel(BusError):
+    """Nothing answers the request: no sentinel runs at that server."""
 
 
 class JobError(Exception):
@@ -128,12 +137,29 @@ class Client:
         covers a sentinel that was starting or restarting when the first request came)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        nobody_since: float | None = None  # the server says nothing listens (not a stream)
         while (left := deadline - loop.time()) > 0:
             try:
                 return await self.nc.request(subject, body, timeout=min(2.0, left),
                                              headers=headers)
             except TIMEOUTS:
-                continue
+                nobody_since = None
+            except nats.errors.NoRespondersError:  # a sentinel restarting, or none at all
+                nobody_since = nobody_since or loop.time()
+                if loop.time() - nobody_since >= NOBODY_GRACE_S:
+                    break
+                await asyncio.sleep(min(0.25, max(left, 0.0)))
+            except nats.errors.MaxPayloadError:
+                raise BusError(f"the message to {subject} is {len(body):,} bytes, more than "
+                               f"this server accepts ({self.nc.max_payload:,})") from None
+        if nobody_since is not None:
+            stored = ("" if not subject.startswith(f"{S.PREFIX}.submit.") else
+                      f", and no {S.SUBMIT_STREAM} stream keeps submissions: nothing was "
+                      "submitted")
+            raise NoSentinel(f"nothing listens on {subject} at "
+                             f"{self.nc.connected_url.netloc if self.nc.connected_url else '?'}"
+                             f": no jetflow sentinel is running there{stored} (start one, "
+                             "or `jetflow up`)")
         return None
 
     async def cancel(self, job_id: str, reason: str | None = None) -> dict[str, Any]:
@@ -188,7 +214,11 @@ class Client:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
                                 filter_subject=S.job_filter(job_id), inactive_threshold=10.0,
                                 mem_storage=True)
-        info = await self.js.add_consumer(S.EVENTS_STREAM, config=config)
+        try:
+            info = await self.js.add_consumer(S.EVENTS_STREAM, config=config)
+        except nats.js.errors.NotFoundError:
+            raise BusError(f"this server has no {S.EVENTS_STREAM} stream: no jetflow sentinel "
+                           "has run on it (start one, or `jetflow up`)") from None
         total = info.num_pending or 0
         msgs: list[Msg] = []
         if total:

@@ -29,7 +29,7 @@ SHOWN_ATTRIBUTES = ("jetflow.attempt", "jetflow.outcome", "jetflow.worker_id",
 # -- the commands -----------------------------------------------------------------------------
 
 async def cmd_trace(a: argparse.Namespace) -> int:
-    from core.client import connect
+    from core.client import JobError, connect
 
     client = await connect(a.nats)
     try:
@@ -37,8 +37,7 @@ async def cmd_trace(a: argparse.Namespace) -> int:
     finally:
         await client.close()
     if not history:
-        print(f"no events for job {a.job_id}")
-        return 1
+        raise JobError(f"no job {a.job_id!r} in the log")
     spans_file = _spans_file(a)
     spans = _load(spans_file)
     traces = traces_of(history)
