@@ -4,6 +4,7 @@ lost workers and graceful drain. Real processes, real nats-server."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 from pathlib import Path
@@ -11,12 +12,15 @@ from typing import Any
 
 import pytest
 
+from core.bus import EventLog, Publisher
 from core.client import Client, JobError
 from core.codec import encode_event
-from core.events import Event
+from core.events import Event, job_event
 from core.server import EmbeddedServer
 from sentinel.service import Sentinel
 from tests.conftest import StackFactory, wait_until
+from workers.attempt import Attempt, Deps
+from workers.pool import Outcome
 from workers.worker import Worker
 
 FAST_RETRY = ["--retry", "0.3,2,2"]
@@ -165,6 +169,32 @@ async def test_a_retry_right_after_the_dead_letter_waits_for_the_sentinel_to_see
         assert answer["state"] == "queued" and answer["attempt"] == 2
         assert (await client.wait(job_id, timeout=20)).state == "dead_lettered"
         assert types(await client.history(job_id)).count("started") == 2
+
+
+async def test_an_outcome_whose_earlier_try_was_recorded_is_not_called_dropped(
+        server: EmbeddedServer, client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    """The first append of `succeeded` went through but its ack was lost, and the server
+    (restarted) forgot its msg id: the next try conflicts with the worker's own event.
+    That is a recorded outcome, not 'this worker lost the lease'."""
+    log = EventLog(Publisher(client.nc))
+    now = time.time()
+    seq = 0
+    for type_, data in (("submitted", {"queue": "q", "handler": "echo", "args": {},
+                                       "priority": 0, "max_attempts": 1}),
+                        ("queued", {"attempt": 1}),
+                        ("started", {"attempt": 1, "worker": "w1", "lease_s": 15.0})):
+        seq = (await log.append(job_event("j1", type_, now, **data), expected_seq=seq)).seq
+    deps = Deps(client.nc, log, None, "w1", 15.0, {})  # type: ignore[arg-type]  # no pool
+    attempt = Attempt(deps, {"job_id": "j1", "attempt": 1, "handler": "echo"}, {},
+                      started_seq=seq)
+    earlier = job_event("j1", "succeeded", now, attempt=1, worker="w1", result=7,
+                        duration_ms=1.0)
+    await log.append(earlier, expected_seq=seq, msg_id="the-first-try")
+    caplog.set_level(logging.DEBUG, logger="jetflow.worker")
+    await attempt.record(Outcome("succeeded", result=7, duration_ms=1.0))
+    said = [r.getMessage() for r in caplog.records if r.name == "jetflow.worker"]
+    assert not [m for m in said if "dropped" in m] and any("earlier try" in m for m in said)
+    assert types(await client.history("j1")).count("succeeded") == 1
 
 
 async def test_killed_worker_is_lost_and_its_job_runs_elsewhere(make_stack: StackFactory,

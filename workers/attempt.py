@@ -37,6 +37,7 @@ APPEND_TRIES = 12  # about a minute of a server away, then the lease decides
 _BENIGN = ("cancel_requested", "progress")
 # the events a running job may get: any other is refused by the state machine
 _AFTER_RUNNING = frozenset(t for t, states in TRANSITIONS.items() if "running" in states)
+RECORDED = -1  # what _benign_head says when the outcome is in the log already
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,11 @@ class Attempt:
                           event.type)
                 return
             except Conflict:
-                expected = await self._benign_head()
+                expected = await self._benign_head(event)
+                if expected == RECORDED:
+                    log.debug("job %s attempt %d: %s recorded by an earlier try", self.job_id,
+                              self.number, event.type)
+                    return
                 if expected is None:
                     break
             except Exception as exc:  # noqa: BLE001 - server away: the same msg id again
@@ -162,10 +167,12 @@ class Attempt:
         log.warning("job %s attempt %d: %s dropped, this worker lost the lease (another "
                     "event was recorded first)", self.job_id, self.number, event.type)
 
-    async def _benign_head(self) -> int | None:
+    async def _benign_head(self, mine: Event) -> int | None:
         """The latest sequence on the job if nothing recorded since our claim stops us from
         recording: a progress line, a cancel request (the outcome stands), or a message the
-        state machine would not apply to a running job (one published by hand)."""
+        state machine would not apply to a running job (one published by hand). RECORDED
+        when ``mine`` is there already: an earlier try went through but its ack was lost,
+        and the server forgot its msg id (restarted) so the next try conflicted."""
         head = self.started_seq
         if head is None:
             return None
@@ -174,6 +181,8 @@ class Attempt:
                 event = decode_event(subject, data, seq)
             except CodecError:
                 event = None
+            if event is not None and _same_outcome(event, mine):
+                return RECORDED
             if event is not None and event.type in _AFTER_RUNNING \
                     and event.type not in _BENIGN:
                 return None  # timed out, cancelled, or finished by someone else
@@ -195,6 +204,12 @@ class Attempt:
 
     def msg_id(self, type_: str) -> str:
         return f"{self.job_id}:{type_}:{self.number}:{self.deps.worker_id}"
+
+
+def _same_outcome(event: Event, mine: Event) -> bool:
+    """``event`` records what ``mine`` would: same type, attempt and worker."""
+    return event.type == mine.type and all(
+        event.data.get(key) == mine.data.get(key) for key in ("attempt", "worker"))
 
 
 def _trace_context(headers: dict[str, str]) -> dict[str, str]:
