@@ -35,10 +35,15 @@ def _last_line(path: Path) -> str:
     try:
         with path.open("rb") as f:
             f.seek(max(0, f.seek(0, 2) - 4096))
-            lines = f.read().decode(errors="replace").strip().splitlines()
+            text = f.read().decode(errors="replace")
     except OSError:
         return "(unreadable)"
-    return lines[-1][:300] if lines else "(empty)"
+    return _last_line_of(text) or "(empty)"
+
+
+def _last_line_of(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1][:300] if lines else ""
 
 
 def restart_delay(failures: int) -> float:
@@ -243,19 +248,21 @@ class Stack:
             started, pid = time.monotonic(), svc.pid
             code = await svc.exited()
             failures = 1 if time.monotonic() - started >= STABLE_S else failures + 1
+            delay = restart_delay(failures)
+            times = f" ({failures} times in a row)" if failures > 1 else ""
+            log.error("%s (pid %d) exited unexpectedly%s: %s; restarting it in %gs. Its log "
+                      "(%s) ends: %s", svc.name, pid, times, exit_description(code), delay,
+                      svc.log_path, _last_line(svc.log_path))
             while True:
-                delay = restart_delay(failures)
-                times = f" ({failures} times in a row)" if failures > 1 else ""
-                log.error("%s (pid %d) exited unexpectedly%s: %s; restarting it in %gs. "
-                          "Its log (%s) ends: %s", svc.name, pid, times, exit_description(code),
-                          delay, svc.log_path, _last_line(svc.log_path))
                 await asyncio.sleep(delay)
                 try:
                     await svc.start()
                     break
                 except (OSError, ServerError) as exc:  # one more failure, and try again
-                    log.error("could not restart %s: %s", svc.name, exc)
                     failures += 1
+                    delay = restart_delay(failures)
+                    log.error("could not restart %s (%d times in a row): %s; trying again in "
+                              "%gs", svc.name, failures, _last_line_of(str(exc)), delay)
             log.warning("%s restarted (pid %d)", svc.name, svc.pid)
 
     async def _events_head(self) -> int:

@@ -342,6 +342,36 @@ async def test_c_up_stopped_while_it_starts_stops_everything_it_started(
     assert "Traceback" not in up.log(), up.log()
 
 
+async def test_c_a_server_restart_that_fails_is_said_once_per_try_then_succeeds(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The port is taken when the killed server should restart: one short line per failed
+    try (not the exit again, not the server's whole log), and it restarts once it can."""
+    caplog.set_level(logging.WARNING, logger="jetflow.stack")
+    async with Stack(data_dir=tmp_path / "s", port=free_port(), workers=1, projector=False,
+                     restart=True) as stack:
+        assert stack.server is not None
+        first = stack.server.pid
+        with socket.socket() as squatter:
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            os.kill(first, signal.SIGKILL)
+            await asyncio.sleep(0.3)
+            squatter.bind(("127.0.0.1", stack.server.port))
+            squatter.listen()
+
+            async def failed_once() -> bool:
+                return any("could not restart" in r.getMessage() for r in caplog.records)
+            await wait_until(failed_once, 15, "a restart to fail on the taken port")
+
+        async def restarted() -> bool:
+            return any("nats-server restarted" in r.getMessage() for r in caplog.records)
+        await wait_until(restarted, 30, "the server to restart once the port is free")
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("exited unexpectedly" in m for m in said) == 1, said
+    failures = [m for m in said if "could not restart" in m]
+    assert failures[0].startswith("could not restart nats-server (2 times in a row): ")
+    assert all("\n" not in m and len(m) < 500 for m in failures), failures
+
+
 async def test_c_a_stack_restarts_only_when_asked_and_never_on_stop(
         server: EmbeddedServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="jetflow.stack")
