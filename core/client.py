@@ -131,16 +131,18 @@ class Client:
         return str(answer["job_id"])
 
     async def _request(self, subject: str, body: bytes, headers: dict[str, str],
-                       timeout_s: float) -> Msg | None:
+                       timeout_s: float, per_try_s: float = 2.0) -> Msg | None:
         """Ask until answered: a repeat carries the same Nats-Msg-Id, so JF_SUBMIT drops
         it as a duplicate while the sentinel answers it from what the log recorded (this
-        covers a sentinel that was starting or restarting when the first request came)."""
+        covers a sentinel that was starting or restarting when the first request came).
+        A request that cannot safely be repeated passes ``per_try_s=timeout_s``: it is
+        sent again only when nothing received it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         nobody_since: float | None = None  # the server says nothing listens (not a stream)
         while (left := deadline - loop.time()) > 0:
             try:
-                return await self.nc.request(subject, body, timeout=min(2.0, left),
+                return await self.nc.request(subject, body, timeout=min(per_try_s, left),
                                              headers=headers)
             except TIMEOUTS:
                 nobody_since = None
@@ -172,7 +174,9 @@ class Client:
         return await self._control(S.CONTROL_RETRY, {"job_id": job_id, "attempts": attempts})
 
     async def _control(self, subject: str, body: dict[str, Any]) -> dict[str, Any]:
-        reply = await self._request(subject, dumps(body), {}, 10.0)
+        # one try: the sentinel may be waiting to catch up with the job, and a repeat
+        # would be judged after the first had acted ("cancel already requested")
+        reply = await self._request(subject, dumps(body), {}, 10.0, per_try_s=10.0)
         if reply is None:
             raise SubmitTimeout(f"no sentinel answered on {subject}")
         answer: dict[str, Any] = orjson.loads(reply.data)

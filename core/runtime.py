@@ -104,7 +104,12 @@ class Signals:
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             return task.result()
-        await cancel_and_wait([task], again_s=5.0)  # time for its cleanup to finish
+        # Cancelled once, and waited for however long its cleanup takes (stopping what a
+        # half-done start launched can take a while): a second cancel would cut that short.
+        # A cancel swallowed on the way (nats-py) only means the start finishes; then the
+        # caller stops it the usual way.
+        task.cancel()
+        await asyncio.wait({task})
         if not task.cancelled() and task.exception() is None:
             return task.result()  # it finished as the signal came: stop it the usual way
         raise Interrupted(self._got.result())

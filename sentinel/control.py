@@ -64,11 +64,11 @@ class Control:
                         "max_attempts": job.attempt + attempts}
         return {"error": f"job {job_id} kept changing; try again"}
 
-    async def _seen_latest(self, job_id: str, timeout_s: float = 5.0) -> None:
+    async def _seen_latest(self, job_id: str, timeout_s: float = 3.0) -> None:
         """Wait (a moment, at most ``timeout_s``) until the sentinel has read the job's latest
         message in the log: a request right after an outcome its sender saw (``wait``, then
-        ``retry``) is judged on that outcome, not on the view just before it (the sentinel
-        learns even its own appends by reading the log back)."""
+        ``retry``) is judged on that outcome, not on the view just before it (a client can
+        see an event in the stream before the sentinel that appended it has its ack)."""
         latest = await last_job_event(self.sentinel.nc, job_id)
         deadline = time.monotonic() + timeout_s
         while latest and self.sentinel.fleet.last_seq < latest[0]:

@@ -143,7 +143,9 @@ async def test_a_retry_right_after_the_dead_letter_waits_for_the_sentinel_to_see
         server: EmbeddedServer, client: Client) -> None:
     """A client can see the sentinel's `dead_lettered` in the stream before the sentinel
     has its ack (or reads it back); a retry sent that moment must not be refused as 'job
-    is failed'. Here the sentinel learns of that event half a second late, both ways."""
+    is failed'. Here the sentinel learns of that event 2.5 s late, both ways: longer than
+    a client's request used to wait before sending it again (the repeat was then refused
+    while the first went through)."""
     loop = asyncio.get_running_loop()
     async with Sentinel(server.url, lease_s=3.0) as sentinel, \
             Worker(server.url, handlers="fail", lease_s=3.0):
@@ -151,13 +153,13 @@ async def test_a_retry_right_after_the_dead_letter_waits_for_the_sentinel_to_see
 
         def late_batch(msgs: list[Any]) -> None:
             if any(m.subject.endswith(".dead_lettered") for m in msgs):
-                loop.call_later(0.5, observe_batch, msgs)
+                loop.call_later(2.5, observe_batch, msgs)
             else:
                 observe_batch(msgs)
 
         def late_ack(append: Any, *rest: Any) -> None:
             if append.event.type == "dead_lettered":
-                loop.call_later(0.5, after_append, append, *rest)
+                loop.call_later(2.5, after_append, append, *rest)
             else:
                 after_append(append, *rest)
         sentinel._observe_batch = late_batch  # type: ignore[method-assign]

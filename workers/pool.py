@@ -140,8 +140,10 @@ class ChildPool:
         self._all: set[Child] = set()
 
     async def start(self) -> None:
-        children = await asyncio.gather(*(Child.spawn(self.env) for _ in range(self.size)))
-        for child in children:
+        """Start the children one by one, each known to :meth:`stop` as soon as it runs
+        (a start cancelled half way leaves none behind)."""
+        for _ in range(self.size):
+            child = await Child.spawn(self.env)
             self._all.add(child)
             self._idle.put_nowait(child)
 

@@ -80,8 +80,8 @@ class Worker:
         for ref in self.handlers.values():
             resolve(ref)  # fail now, clearly, on a typo or a broken plugin
         self.pool = ChildPool(self.concurrency, memory_limit_mb=self.memory_limit_mb)
-        await self.pool.start()
         try:
+            await self.pool.start()
             await self._join()
         except BaseException:  # cancelled (a stop signal) or failed: leave nothing behind
             await self._abandon()
@@ -121,8 +121,8 @@ class Worker:
             "handlers": sorted(self.handlers), "queues": list(self.queues),
             "concurrency": self.concurrency, "prefetch": self.prefetch,
             "host": socket.gethostname(), "pid": os.getpid(), "lease_s": self.lease_s})
+        self._joined = True  # before: stored but unacknowledged is joined too
         await self.log.append(event, msg_id=f"worker:{self.worker_id}:joined:{event.at}")
-        self._joined = True
 
     async def _on_lost(self, msg: Msg) -> None:
         if not self._draining:
