@@ -4,20 +4,25 @@ only by the command that runs them."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.argtypes import CommandError, positive_int, seconds
 from core.bus import DEFAULT_URL, BusError
-from core.runtime import Interrupted
+from core.runtime import Interrupted, Signals
 from core.server import ServerError
 from core.subjects import InvalidToken
 from projections.schema import ProjectionError
+
+if TYPE_CHECKING:
+    from core.stack import Stack
 
 __all__ = ["main"]
 
@@ -25,6 +30,7 @@ Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 TRACED_COMMANDS = ("sentinel", "worker", "submit")  # the ones that make spans
 SERVICE_NATS_WAIT_S = 30.0  # a service may start before its server; a command fails fast
 UP_PORT = 4222
+SERVICES = ("sentinel", "worker", "projector")
 
 
 # -- services -----------------------------------------------------------------------------
@@ -34,7 +40,6 @@ UP_PORT = 4222
 # the first has arrived a second one has its default effect again.
 
 async def cmd_sentinel(a: argparse.Namespace) -> int:
-    from core.runtime import Signals
     from sentinel.service import Sentinel
 
     policy, per_queue = _retry_policies(a.retry)
@@ -48,7 +53,6 @@ async def cmd_sentinel(a: argparse.Namespace) -> int:
 
 
 async def cmd_worker(a: argparse.Namespace) -> int:
-    from core.runtime import Signals
     from workers.worker import Worker
 
     worker = Worker(a.nats, handlers=a.handlers, queues=tuple(_csv(a.queue)),
@@ -58,12 +62,11 @@ async def cmd_worker(a: argparse.Namespace) -> int:
     with Signals() as caught:
         await caught.before(worker.start())
         await caught.wait()
-    await worker.drain()
+        await worker.drain(hurry=caught.wait(2))  # a second signal: hand back at once
     return 0
 
 
 async def cmd_projector(a: argparse.Namespace) -> int:
-    from core.runtime import Signals
     from projections.projector import Projector
 
     projector = Projector(a.nats, _db_path(a), wait_nats_s=a.wait_nats)
@@ -76,7 +79,6 @@ async def cmd_projector(a: argparse.Namespace) -> int:
 
 async def cmd_up(a: argparse.Namespace) -> int:
     from core.bus import Unreachable
-    from core.runtime import Signals
     from core.stack import Stack
 
     env_url = os.environ.get("JETFLOW_NATS_URL")
@@ -85,23 +87,39 @@ async def cmd_up(a: argparse.Namespace) -> int:
                   handlers=a.handlers, concurrency=a.concurrency, durable=a.durable,
                   lease_s=a.lease, restart=True)
     try:
-        with Signals() as caught:
+        # SIGHUP too: the services have sessions of their own, so a closed terminal
+        # reaches `up` alone
+        with Signals(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as caught:
             await caught.before(stack.__aenter__())  # a stop while starting stops it all
             try:
                 _print_up_banner(a, stack.url, started=url is None, source=source,
                                  env_url=env_url)
                 await caught.wait()
+                print("stopping: running jobs may finish (Ctrl-C again to hand them back "
+                      "at once)...", flush=True)
+                await _stop_hurried(stack, caught)
             except BaseException:
                 await stack.stop()
                 raise
-        print("stopping...", flush=True)
-        await stack.stop()
     except Unreachable as exc:
         hint = ("drop --nats to start one" if source == "--nats" else
                 "pass --port (or unset JETFLOW_NATS_URL) to start one")
         raise BusError(f"cannot reach NATS at {exc.url}: {exc.reason}. It came from {source}, "
                        f"so `jetflow up` started no server: {hint}") from None
     return 0
+
+
+async def _stop_hurried(stack: Stack, caught: Signals) -> None:
+    """Stop the stack; a second signal meanwhile makes draining workers hand back now.
+    Further signals are caught, so nothing interrupts the stop half way."""
+    stopping = asyncio.ensure_future(stack.stop())
+    hurry = asyncio.ensure_future(caught.wait(2))
+    await asyncio.wait({stopping, hurry}, return_when=asyncio.FIRST_COMPLETED)
+    if not stopping.done():
+        print("handing running jobs back...", flush=True)
+        stack.hurry()
+    hurry.cancel()
+    await stopping
 
 
 def _print_up_banner(a: argparse.Namespace, url: str, *, started: bool, source: str,
@@ -420,6 +438,10 @@ def _setup_tracing(a: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in SERVICES:  # started by `jetflow up`: stopped (SIGTERM) if it dies
+        from core.runtime import STOP_WITH_PARENT_ENV, die_with_parent
+
+        die_with_parent(STOP_WITH_PARENT_ENV, signal.SIGTERM)
     _setup_logging(args)
     _setup_tracing(args)
     try:

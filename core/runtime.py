@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -10,7 +11,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 __all__ = ["supervise", "cancel_and_wait", "Signals", "Interrupted", "wait_for_signal",
-           "install_task_dump", "run", "loop_name"]
+           "die_with_parent", "install_task_dump", "run", "loop_name"]
 
 T = TypeVar("T")
 
@@ -67,19 +68,21 @@ class Interrupted(Exception):
 class Signals:
     """SIGINT and SIGTERM (or ``signals``) caught from the moment this is entered, so one
     that arrives while a service is still starting is kept instead of killing the process
-    (a worker killed so never records that it left)."""
+    (a worker killed so never records that it left). Every arrival is counted: a service
+    may treat the second as "hurry" while it stops."""
 
     def __init__(self, *signals: signal.Signals) -> None:
         self.chosen = signals or (signal.SIGINT, signal.SIGTERM)
-        self._got: asyncio.Future[signal.Signals] | None = None
+        self.received: list[signal.Signals] = []
+        self._arrived: asyncio.Event | None = None
 
     def __enter__(self) -> Signals:
         loop = asyncio.get_running_loop()
-        self._got = got = loop.create_future()
+        self._arrived = arrived_event = asyncio.Event()
 
         def arrived(sig: signal.Signals) -> None:
-            if not got.done():
-                got.set_result(sig)
+            self.received.append(sig)
+            arrived_event.set()
 
         for sig in self.chosen:
             loop.add_signal_handler(sig, arrived, sig)
@@ -90,19 +93,22 @@ class Signals:
         for sig in self.chosen:
             loop.remove_signal_handler(sig)
 
-    async def wait(self) -> signal.Signals:
-        """The first signal, once it has arrived (at once if it already has)."""
-        assert self._got is not None, "enter Signals first"
-        return await asyncio.shield(self._got)
+    async def wait(self, count: int = 1) -> signal.Signals:
+        """The ``count``-th signal, once it has arrived (at once if it already has)."""
+        assert self._arrived is not None, "enter Signals first"
+        while len(self.received) < count:
+            self._arrived.clear()
+            await self._arrived.wait()
+        return self.received[count - 1]
 
     async def before(self, work: Coroutine[Any, Any, T]) -> T:
         """``work``'s result, unless a signal arrives first: then ``work`` is cancelled
         (its own cleanup runs) and :class:`Interrupted` is raised."""
-        assert self._got is not None, "enter Signals first"
         task = asyncio.create_task(work)
-        either: list[asyncio.Future[Any]] = [task, self._got]
-        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        signalled = asyncio.create_task(self.wait())
+        await asyncio.wait({task, signalled}, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
+            signalled.cancel()
             return task.result()
         # Cancelled once, and waited for however long its cleanup takes (stopping what a
         # half-done start launched can take a while): a second cancel would cut that short.
@@ -112,7 +118,30 @@ class Signals:
         await asyncio.wait({task})
         if not task.cancelled() and task.exception() is None:
             return task.result()  # it finished as the signal came: stop it the usual way
-        raise Interrupted(self._got.result())
+        raise Interrupted(signalled.result())
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# In a service's environment: the pid of the `jetflow up` (core.stack) it runs under
+STOP_WITH_PARENT_ENV = "JETFLOW_STOP_WITH_PARENT"
+
+
+def die_with_parent(env_name: str, sig: signal.Signals) -> None:
+    """When the environment variable ``env_name`` holds this process's parent pid, have the
+    kernel send ``sig`` to this process as soon as that parent dies, however it dies
+    (Linux's PR_SET_PDEATHSIG; elsewhere nothing happens). The variable is removed, so the
+    processes this one starts do not take it for theirs."""
+    value = os.environ.pop(env_name, "")
+    if not value.isdigit():
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(value):  # the parent died before prctl: as if just now
+        os.kill(os.getpid(), sig)
 
 
 def install_task_dump() -> None:

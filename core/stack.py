@@ -18,6 +18,7 @@ from typing import IO, Protocol
 from core import subjects as S
 from core.bus import Tail, connect
 from core.retry import RetryPolicy, compute_backoff
+from core.runtime import STOP_WITH_PARENT_ENV
 from core.server import EmbeddedServer, ServerError
 
 __all__ = ["Stack", "Service", "restart_delay", "exit_description"]
@@ -28,6 +29,7 @@ log = logging.getLogger("jetflow.stack")
 # that had run for STABLE_S before exiting starts again from 1 s.
 RESTART_BACKOFF = RetryPolicy(base_s=1.0, factor=2.0, cap_s=30.0, jitter=0.0)
 STABLE_S = 60.0
+WORKER_STOP_S = 45.0  # a worker's grace (30 s by default) and its hand-back, then SIGKILL
 
 
 def _last_line(path: Path) -> str:
@@ -96,9 +98,14 @@ class Service:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         cmd = [sys.executable, "-m", "core.cli", *self.args, "--nats", self.url]
+        # Its own session: Ctrl-C in the terminal of `jetflow up` reaches `up` alone, which
+        # stops the services in order (SIGTERM once; a second Ctrl-C: SIGTERM again, and a
+        # draining worker hands its jobs back at once), not all of them at the same moment.
+        # It is sent SIGTERM should this process die without stopping it (kill -9).
         self.proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-            env={**os.environ, **self.env})
+            env={**os.environ, **self.env, STOP_WITH_PARENT_ENV: str(os.getpid())},
+            start_new_session=True)
         return self
 
     @property
@@ -303,11 +310,17 @@ class Stack:
         for task in keepers:
             task.cancel()
         await asyncio.gather(*keepers, return_exceptions=True)
-        await asyncio.gather(*(svc.stop() for svc in self.workers))
+        await asyncio.gather(*(svc.stop(WORKER_STOP_S) for svc in self.workers))
         await asyncio.gather(*(svc.stop() for svc in self.services()))
         if self.server:
             with contextlib.suppress(Exception):
                 await self.server.stop()
+
+    def hurry(self) -> None:
+        """During :meth:`stop`: SIGTERM once more to the workers still draining, which
+        hand their running jobs back at once."""
+        for svc in self.workers:
+            svc.signal(signal.SIGTERM)
 
     async def __aenter__(self) -> Stack:
         try:

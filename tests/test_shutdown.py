@@ -197,3 +197,115 @@ async def test_a_busy_child_dies_with_its_worker(make_stack: StackFactory,
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def test_a_second_stop_signal_hands_the_running_job_back_at_once(
+        make_stack: StackFactory, client: Client) -> None:
+    stack = await make_stack(workers=0)
+    proc = await _worker_in_its_own_group(stack.url, "--grace", "120")
+    try:
+        await stack.wait_for_workers(1, 0, 30)
+        job_id = await client.submit("sleep", {"seconds": 120.0}, max_attempts=1)
+        await _running_child(client, job_id, proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stderr is not None
+        said = b""
+        while b"draining" not in said:
+            said += await asyncio.wait_for(proc.stderr.readline(), 30)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)  # not the 120 s of grace
+        assert proc.returncode == 0, err.decode()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    history = await client.history(job_id)
+    handback = history[-1]
+    assert (handback.type, handback.data.get("handback")) == ("queued", True), history
+    assert (await client.status(job_id)).attempt == 1  # the hand-back used up no attempt
+    left = await read_log(stack.url, ["jf.worker.*.left"])
+    assert [e.data["reason"] for e in left] == ["drained"]
+
+
+async def _up_in_its_own_group(tmp_path: Path, port: int) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "core.cli", "up", "--data", str(tmp_path / "data"), "--port",
+        str(port), "--workers", "1", cwd=ROOT, env=jetflow_env(),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    assert proc.stdout is not None
+    banner = await asyncio.wait_for(proc.stdout.readline(), 60)
+    assert banner.startswith(b"jetflow is up"), banner
+    return proc
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+async def test_ctrl_c_on_up_drains_its_worker_and_twice_hands_the_job_back(
+        tmp_path: Path, presses: int) -> None:
+    """A terminal's Ctrl-C reaches `up` alone (its services have sessions of their own):
+    once, the running job finishes and the worker records leaving; twice, it is handed
+    back at once. Either way every process `up` started is gone."""
+    from core.client import connect as client_connect
+    from tests.test_up_and_connect import free_port
+
+    port = free_port()
+    proc = await _up_in_its_own_group(tmp_path, port)
+    started = _children(proc.pid)
+    client = await client_connect(f"nats://127.0.0.1:{port}")
+    try:
+        seconds = 3.0 if presses == 1 else 120.0
+        job_id = await client.submit("sleep", {"seconds": seconds}, max_attempts=1)
+
+        async def running() -> bool:
+            return (await client.status(job_id)).state == "running"
+        await wait_until(running, 30, "the job to run")
+        os.killpg(proc.pid, signal.SIGINT)
+        if presses == 2:
+            assert proc.stdout is not None
+            said = b""
+            while b"Ctrl-C again" not in said:
+                said += await asyncio.wait_for(proc.stdout.readline(), 10)
+            await asyncio.sleep(0.5)
+            os.killpg(proc.pid, signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()[-3000:]
+    finally:
+        for pid in [proc.pid, *started]:  # what a failing `up` could leave (own sessions)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await client.close()
+    await asyncio.sleep(0.5)
+    assert not [pid for pid in started if alive(pid)], "processes of `up` left running"
+    server = EmbeddedServer(tmp_path / "data", port=port)  # its store, to read the log
+    async with server:
+        history = await read_log(server.url, [f"jf.job.{job_id}.>"])
+        left = await read_log(server.url, ["jf.worker.*.left"])
+    if presses == 1:
+        assert history[-1].type == "succeeded", [e.type for e in history]
+    else:
+        assert (history[-1].type, history[-1].data.get("handback")) == ("queued", True)
+    assert [e.data["reason"] for e in left] == ["drained"]
+
+
+async def test_services_of_an_up_killed_with_9_stop_gracefully(tmp_path: Path) -> None:
+    """Nothing stops them in order then, but each is sent SIGTERM as `up` dies: the worker
+    still drains and records leaving, and no service is left running."""
+    from tests.test_up_and_connect import free_port
+
+    port = free_port()
+    proc = await _up_in_its_own_group(tmp_path, port)
+    started = _children(proc.pid)
+    services = [pid for pid in started if b"core.cli" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    try:
+        assert len(services) == 3, started
+        proc.kill()
+        await proc.wait()
+
+        async def all_gone() -> bool:
+            return not [pid for pid in services if alive(pid)]
+        await wait_until(all_gone, 30, "the services to stop after `up` died")
+        left = await read_log(f"nats://127.0.0.1:{port}", ["jf.worker.*.left"])
+        assert [e.data["reason"] for e in left] == ["drained"]
+    finally:
+        for pid in started:  # the nats-server it started, which is no Python service
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

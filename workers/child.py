@@ -7,7 +7,6 @@ instead of corrupting the protocol. ``print()`` inside a handler is sent as a lo
 
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
 import signal
@@ -19,12 +18,11 @@ from typing import IO, Any
 import orjson
 
 from core import tracing
+from core.runtime import die_with_parent
 from workers.context import JobContext, PermanentError
 from workers.frames import PARENT_ENV, encode_frame, read_frame_sync
 from workers.handlers import HandlerError, resolve
 from workers.spans import traced_run
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class _LineWriter:
@@ -83,23 +81,11 @@ def _limit_memory() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (size, size))
 
 
-def _die_with_the_worker() -> None:
-    """Be killed (SIGKILL) when the worker that started this child dies, however it dies:
-    a busy orphan would go on running a job whose lease lapses and that runs again
-    elsewhere. Linux only; elsewhere an orphan finishes its job and then reads EOF."""
-    parent = int(os.environ.get(PARENT_ENV) or 0)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            return
-    except (OSError, AttributeError):
-        return
-    if parent and os.getppid() != parent:  # it died before the line above
-        os._exit(1)
-
-
 def main() -> None:
-    _die_with_the_worker()
+    # Killed when its worker dies, however it dies: a busy orphan would go on running a job
+    # whose lease lapses and that runs again elsewhere (Linux; elsewhere an orphan
+    # finishes its job, then reads EOF).
+    die_with_parent(PARENT_ENV, signal.SIGKILL)
     tracing.setup("plugin")  # before the memory limit: its exporter thread needs a stack
     _limit_memory()
     try:

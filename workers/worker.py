@@ -15,6 +15,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Awaitable
 
 from nats.aio.msg import Msg
 
@@ -40,6 +41,20 @@ from workers.pool import ChildPool
 __all__ = ["Worker", "make_worker_id"]
 
 log = logging.getLogger("jetflow.worker")
+
+
+async def _until_done(tasks: list[asyncio.Task[None]], timeout_s: float,
+                      hurry: Awaitable[object] | None) -> set[asyncio.Task[None]]:
+    """Wait until ``tasks`` are done, ``timeout_s`` has passed or ``hurry`` is done; the
+    tasks still running."""
+    grace = asyncio.ensure_future(asyncio.wait(tasks, timeout=timeout_s))
+    hurried = asyncio.ensure_future(hurry) if hurry is not None else None
+    await asyncio.wait({grace, *([hurried] if hurried else [])},
+                       return_when=asyncio.FIRST_COMPLETED)
+    if hurried is not None and hurried.done() and not grace.done():
+        log.info("a second stop signal: handing the running jobs back now")
+    await cancel_and_wait([t for t in (grace, hurried) if t is not None])
+    return {task for task in tasks if not task.done()}
 
 
 def make_worker_id() -> str:
@@ -129,15 +144,16 @@ class Worker:
             log.warning("the sentinel declared this worker lost; joining again")
             await self._announce()
 
-    async def drain(self) -> None:
-        """Stop claiming, let running jobs finish within the grace period, then leave."""
+    async def drain(self, hurry: Awaitable[object] | None = None) -> None:
+        """Stop claiming, let running jobs finish within the grace period (or until
+        ``hurry`` is done: a second stop signal), then hand back the rest and leave."""
         self._draining = True
         await cancel_and_wait(self._tasks[1:])  # no more claims
         running = list(self._tasks_by_job.values())
         if running:
-            log.info("draining: waiting up to %.0fs for %d running job(s)", self.grace_s,
-                     len(running))
-            _done, late = await asyncio.wait(running, timeout=self.grace_s)
+            log.info("draining: waiting up to %.0fs for %d running job(s) (a second stop "
+                     "signal hands them back at once)", self.grace_s, len(running))
+            late = await _until_done(running, self.grace_s, hurry)
             for attempt in list(self.running.values()):
                 attempt.request_stop("handback")
             if late:
