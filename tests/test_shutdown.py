@@ -309,3 +309,25 @@ async def test_services_of_an_up_killed_with_9_stop_gracefully(tmp_path: Path) -
         for pid in started:  # the nats-server it started, which is no Python service
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_stop_signal_sent_to_a_busy_child_is_left_to_its_worker(
+        make_stack: StackFactory, client: Client) -> None:
+    """systemd's default KillMode signals every process of the unit: the child goes on
+    with its job, which the worker (draining) lets finish."""
+    stack = await make_stack(workers=0)
+    proc = await _worker_in_its_own_group(stack.url)
+    try:
+        await stack.wait_for_workers(1, 0, 30)
+        job_id = await client.submit("sleep", {"seconds": 2.0}, max_attempts=1)
+        child = await _running_child(client, job_id, proc.pid)
+        os.kill(child, signal.SIGTERM)
+        os.kill(child, signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
+        job = await client.wait(job_id, timeout=30)
+        assert (job.state, job.attempt) == ("succeeded", 1), job.error
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

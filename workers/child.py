@@ -81,11 +81,21 @@ def _limit_memory() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (size, size))
 
 
+def _left_to_the_worker(signum: int, frame: object) -> None:
+    """A stop signal is the worker's to act on (see :func:`main`)."""
+
+
 def main() -> None:
     # Killed when its worker dies, however it dies: a busy orphan would go on running a job
     # whose lease lapses and that runs again elsewhere (Linux; elsewhere an orphan
     # finishes its job, then reads EOF).
     die_with_parent(PARENT_ENV, signal.SIGKILL)
+    # A stop signal meant for the whole group (systemd's default KillMode, a `kill` of the
+    # group) is the worker's to act on: it drains, then stops this child with EOF or
+    # SIGKILL. A handler (not SIG_IGN) is reset by exec, so a handler's own subprocesses
+    # still get the default action.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _left_to_the_worker)
     tracing.setup("plugin")  # before the memory limit: its exporter thread needs a stack
     _limit_memory()
     try:
