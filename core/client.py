@@ -158,10 +158,10 @@ class Client:
             stored = ("" if not subject.startswith(f"{S.PREFIX}.submit.") else
                       f", and no {S.SUBMIT_STREAM} stream keeps submissions: nothing was "
                       "submitted")
-            raise NoSentinel(f"nothing listens on {subject} at "
-                             f"{self.nc.connected_url.netloc if self.nc.connected_url else '?'}"
-                             f": no jetflow sentinel is running there{stored} (start one, "
-                             "or `jetflow up`)")
+            where = self.nc.connected_url.netloc if self.nc.connected_url else "?"
+            raise NoSentinel(f"nothing listens on {subject} at {where} (for "
+                             f"{NOBODY_GRACE_S:g}s): no jetflow sentinel is running there, "
+                             f"or one is still starting{stored} (start one, or `jetflow up`)")
         return None
 
     async def cancel(self, job_id: str, reason: str | None = None) -> dict[str, Any]:
