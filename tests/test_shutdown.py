@@ -147,6 +147,14 @@ async def _worker_in_its_own_group(url: str, *args: str) -> asyncio.subprocess.P
         stderr=asyncio.subprocess.PIPE, start_new_session=True)
 
 
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (its SigCgt mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
 async def _running_child(client: Client, job_id: str, worker: int) -> int:
     """The pid of the child process of ``worker`` once ``job_id`` runs there."""
     async def running() -> bool:
@@ -321,6 +329,10 @@ async def test_a_stop_signal_sent_to_a_busy_child_is_left_to_its_worker(
         await stack.wait_for_workers(1, 0, 30)
         job_id = await client.submit("sleep", {"seconds": 2.0}, max_attempts=1)
         child = await _running_child(client, job_id, proc.pid)
+
+        async def catches() -> bool:  # past its start-up (slow on a loaded machine)
+            return _catches(child, signal.SIGTERM) and _catches(child, signal.SIGINT)
+        await wait_until(catches, 30, "the child to have its signal handlers")
         os.kill(child, signal.SIGTERM)
         os.kill(child, signal.SIGINT)
         proc.send_signal(signal.SIGTERM)
