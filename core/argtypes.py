@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["positive_int", "seconds", "CommandError"]
+__all__ = ["positive_int", "seconds", "seconds_or_zero", "CommandError"]
 
 
 class CommandError(Exception):
@@ -23,6 +23,16 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
     return value
+
+
+def seconds_or_zero(text: str) -> float:
+    """A finite number of seconds, 0 or more (``--grace 0``: no grace at all)."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass  # said by seconds()
+    return seconds(text)
 
 
 def seconds(text: str) -> float:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.argtypes import CommandError, positive_int, seconds
+from core.argtypes import CommandError, positive_int, seconds, seconds_or_zero
 from core.bus import DEFAULT_URL, BusError
 from core.runtime import Interrupted, Signals
 from core.server import ServerError
@@ -62,7 +62,11 @@ async def cmd_worker(a: argparse.Namespace) -> int:
     with Signals() as caught:
         await caught.before(worker.start())
         await caught.wait()
-        await worker.drain(hurry=caught.wait(2))  # a second signal: hand back at once
+        hurry = asyncio.ensure_future(caught.wait(2))  # a second signal: hand back at once
+        try:
+            await worker.drain(hurry=hurry)
+        finally:
+            hurry.cancel()
     return 0
 
 
@@ -87,9 +91,9 @@ async def cmd_up(a: argparse.Namespace) -> int:
                   handlers=a.handlers, concurrency=a.concurrency, durable=a.durable,
                   lease_s=a.lease, restart=True)
     try:
-        # SIGHUP too: the services have sessions of their own, so a closed terminal
-        # reaches `up` alone
-        with Signals(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as caught:
+        # (SIGHUP too: the services have sessions of their own, so a closed terminal
+        # reaches `up` alone)
+        with Signals() as caught:
             await caught.before(stack.__aenter__())  # a stop while starting stops it all
             try:
                 _print_up_banner(a, stack.url, started=url is None, source=source,
@@ -363,7 +367,7 @@ def _add_services(sub: Any) -> None:
                         "0 gives strict priority at some cost in throughput")
     p.add_argument("--memory-limit", type=positive_int, metavar="MB",
                    help="address-space limit of each child process (MemoryError beyond it)")
-    p.add_argument("--grace", type=seconds, default=30.0,
+    p.add_argument("--grace", type=seconds_or_zero, default=30.0,
                    help="on SIGTERM, wait this long for running jobs (30 s)")
     p.set_defaults(run=cmd_worker)
 

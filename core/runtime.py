@@ -66,13 +66,15 @@ class Interrupted(Exception):
 
 
 class Signals:
-    """SIGINT and SIGTERM (or ``signals``) caught from the moment this is entered, so one
+    """SIGINT, SIGTERM and SIGHUP (or ``signals``) caught from the moment this is entered, so one
     that arrives while a service is still starting is kept instead of killing the process
     (a worker killed so never records that it left). Every arrival is counted: a service
     may treat the second as "hurry" while it stops."""
 
     def __init__(self, *signals: signal.Signals) -> None:
-        self.chosen = signals or (signal.SIGINT, signal.SIGTERM)
+        # SIGHUP too (the terminal closed), unless ignored on purpose (`nohup`)
+        hup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+        self.chosen = signals or (signal.SIGINT, signal.SIGTERM, *hup)
         self.received: list[signal.Signals] = []
         self._arrived: asyncio.Event | None = None
 

@@ -92,9 +92,12 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("service", ["worker", "sentinel", "projector"])
+@pytest.mark.parametrize(("service", "sig"), [
+    ("worker", signal.SIGTERM), ("sentinel", signal.SIGTERM), ("projector", signal.SIGTERM),
+    ("worker", signal.SIGHUP),  # its terminal closed
+])
 async def test_a_service_stopped_while_waiting_for_nats_exits_at_once_and_cleanly(
-        service: str, tmp_path: Path) -> None:
+        service: str, sig: signal.Signals, tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "core.cli", service, "--nats", refused_url(),
         *(["--db", str(tmp_path / "p.sqlite")] if service == "projector" else []),
@@ -108,13 +111,13 @@ async def test_a_service_stopped_while_waiting_for_nats_exits_at_once_and_cleanl
         children = _children(proc.pid)
         if service == "worker":
             assert children, "the worker's child pool should be running while it waits"
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         err = await asyncio.wait_for(proc.stderr.read(), 10)
-        assert await asyncio.wait_for(proc.wait(), 5) == 128 + signal.SIGTERM, err
+        assert await asyncio.wait_for(proc.wait(), 5) == 128 + sig, err
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
-    assert b"stopped: SIGTERM before the service was ready" in err
+    assert f"stopped: {sig.name} before the service was ready".encode() in err
     assert b"Traceback" not in err, err.decode()
     await asyncio.sleep(0.5)
     assert not [pid for pid in children if alive(pid)], "child processes left behind"
@@ -343,3 +346,18 @@ async def test_a_stop_signal_sent_to_a_busy_child_is_left_to_its_worker(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def test_an_idle_worker_stops_without_a_word_of_warning(
+        make_stack: StackFactory) -> None:
+    stack = await make_stack(workers=0)
+    proc = await _worker_in_its_own_group(stack.url)
+    try:
+        await stack.wait_for_workers(1, 0, 30)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0
+    assert b"Warning" not in err and b"Traceback" not in err, err.decode()

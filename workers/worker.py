@@ -15,7 +15,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable
+from typing import Any
 
 from nats.aio.msg import Msg
 
@@ -44,16 +44,15 @@ log = logging.getLogger("jetflow.worker")
 
 
 async def _until_done(tasks: list[asyncio.Task[None]], timeout_s: float,
-                      hurry: Awaitable[object] | None) -> set[asyncio.Task[None]]:
-    """Wait until ``tasks`` are done, ``timeout_s`` has passed or ``hurry`` is done; the
-    tasks still running."""
+                      hurry: asyncio.Future[Any] | None) -> set[asyncio.Task[None]]:
+    """Wait until ``tasks`` are done, ``timeout_s`` has passed or ``hurry`` is done (it is
+    the caller's: left as it is); the tasks still running."""
     grace = asyncio.ensure_future(asyncio.wait(tasks, timeout=timeout_s))
-    hurried = asyncio.ensure_future(hurry) if hurry is not None else None
-    await asyncio.wait({grace, *([hurried] if hurried else [])},
+    await asyncio.wait({grace, *([hurry] if hurry else [])},
                        return_when=asyncio.FIRST_COMPLETED)
-    if hurried is not None and hurried.done() and not grace.done():
+    if hurry is not None and hurry.done() and not grace.done():
         log.info("a second stop signal: handing the running jobs back now")
-    await cancel_and_wait([t for t in (grace, hurried) if t is not None])
+    await cancel_and_wait([grace])
     return {task for task in tasks if not task.done()}
 
 
@@ -144,7 +143,7 @@ class Worker:
             log.warning("the sentinel declared this worker lost; joining again")
             await self._announce()
 
-    async def drain(self, hurry: Awaitable[object] | None = None) -> None:
+    async def drain(self, hurry: asyncio.Future[Any] | None = None) -> None:
         """Stop claiming, let running jobs finish within the grace period (or until
         ``hurry`` is done: a second stop signal), then hand back the rest and leave."""
         self._draining = True
@@ -157,8 +156,7 @@ class Worker:
             for attempt in list(self.running.values()):
                 attempt.request_stop("handback")
             if late:
-                log.info("handing back %d job(s) still running after the grace period",
-                         len(late))
+                log.info("handing back %d running job(s)", len(late))
                 await asyncio.wait(late, timeout=10.0)
         await self._leave("drained" if self._draining else "stopped")
         await self.stop()
