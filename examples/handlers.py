@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -62,3 +63,10 @@ def trace_env(args: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     return {"traceparent": os.environ.get("TRACEPARENT"),
             "correlation_id": os.environ.get("JETFLOW_CORRELATION_ID"),
             "ctx_correlation_id": ctx.correlation_id}
+
+
+def subprocess_sleep(args: dict[str, Any], ctx: JobContext) -> int:
+    """Run ``sleep SECONDS`` as a subprocess (its pid written to ``pid_file``) and wait."""
+    proc = subprocess.Popen(["sleep", str(args.get("seconds", 30))])
+    Path(args["pid_file"]).write_text(str(proc.pid))
+    return proc.wait()

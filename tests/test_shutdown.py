@@ -361,3 +361,28 @@ async def test_an_idle_worker_stops_without_a_word_of_warning(
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0
     assert b"Warning" not in err and b"Traceback" not in err, err.decode()
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+async def test_a_handlers_own_subprocess_ends_with_its_job(
+        make_stack: StackFactory, client: Client, tmp_path: Path, how: str) -> None:
+    """A job stopped by cancel or its run timeout leaves nothing its handler started."""
+    stack = await make_stack(workers=0)
+    await stack.add_worker("spawner=examples.handlers:subprocess_sleep")
+    await stack.wait_for_workers(1, 0, 30)
+    pid_file = tmp_path / "pid"
+    job_id = await client.submit("spawner", {"seconds": 60, "pid_file": str(pid_file)},
+                                 max_attempts=1, timeout_s=1.5 if how == "timeout" else None)
+
+    async def spawned() -> bool:
+        return pid_file.exists() and pid_file.read_text().isdigit()
+    await wait_until(spawned, 30, "the handler's subprocess")
+    grandchild = int(pid_file.read_text())
+    if how == "cancel":
+        await client.cancel(job_id)
+    job = await client.wait(job_id, timeout=30)
+    assert job.state == ("cancelled" if how == "cancel" else "dead_lettered")
+
+    async def gone() -> bool:
+        return not alive(grandchild)
+    await wait_until(gone, 10, "the handler's subprocess to be killed with its job")

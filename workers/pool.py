@@ -117,6 +117,11 @@ class Child:
                                         "retryable": True, "exit_code": code})
 
     async def kill(self) -> None:
+        """Kill the child and every process its handler started (its process group: the
+        child leads a session of its own), so a cancelled, timed-out or handed-back job
+        leaves no subprocess of its own running."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         if self.alive:
             self.proc.kill()
         await self.proc.wait()
@@ -180,8 +185,7 @@ class ChildPool:
             if child.proc.stdin:
                 child.proc.stdin.close()
         for child in list(self._all):
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(child.proc.wait(), 2.0)
-            except TimeoutError:
-                await child.kill()
+            await child.kill()  # and what its handlers left running in its group
         self._all.clear()
