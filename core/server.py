@@ -5,6 +5,7 @@ test fixtures alike."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import re
 import shutil
@@ -88,12 +89,35 @@ class EmbeddedServer:
         args = [find_binary(), "-c", str(config), "-a", self.host,
                 "-p", str(self.port if self.port else -1),
                 "-sd", str(self.data_dir / "nats")]
-        with self.log_path.open("ab") as log_file:  # the server logs to stderr
-            self.proc = await asyncio.create_subprocess_exec(
-                *args, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                start_new_session=True)
+        lock = self._lock_store()
+        try:
+            with self.log_path.open("ab") as log_file:  # the server logs to stderr
+                self.proc = await asyncio.create_subprocess_exec(
+                    *args, stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
+                    stderr=log_file, start_new_session=True, pass_fds=(lock,))
+            os.ftruncate(lock, 0)
+            os.write(lock, f"{self.proc.pid}\n".encode())
+        finally:
+            os.close(lock)  # the server holds the lock, through its copy, while it lives
         await self._wait_ready(offset, timeout_s)
         return self
+
+    def _lock_store(self) -> int:
+        """Lock the store for the server about to start (an open descriptor it inherits):
+        two nats-servers on one store corrupt it. The lock goes with the server's process,
+        however it ends; one still running (an earlier `jetflow up` killed with -9 leaves
+        its server) is named."""
+        fd = os.open(self.data_dir / "nats.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ServerError(f"the store {self.data_dir / 'nats'} is in use by another "
+                              f"nats-server (pid {holder}): stop it first (an earlier "
+                              "`jetflow up` killed with -9 leaves its server running), or "
+                              "use another data directory") from None
+        return fd
 
     def _write_config(self) -> Path:
         if not self.config.exists():

@@ -22,7 +22,7 @@ from core import subjects as S
 from core.bus import BusError, Unreachable, _unreachable_reason, connect
 from core.cli import up_server
 from core.client import connect as client_connect
-from core.server import EmbeddedServer
+from core.server import EmbeddedServer, ServerError
 from core.stack import Stack, exit_description, restart_delay
 from tests.conftest import wait_until
 from tests.test_projections_e2e import caught_up, query
@@ -62,7 +62,12 @@ async def run_jetflow(*args: str, env: dict[str, str] | None = None,
         sys.executable, "-m", "core.cli", *args, cwd=ROOT, env=env or jetflow_env(),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE)
-    _, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    finally:
+        if proc.returncode is None:  # timed out: stop it (and what it started) first
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 60)
     assert proc.returncode is not None
     return proc.returncode, err.decode(), time.monotonic() - started
 
@@ -370,6 +375,26 @@ async def test_c_a_server_restart_that_fails_is_said_once_per_try_then_succeeds(
     failures = [m for m in said if "could not restart" in m]
     assert failures[0].startswith("could not restart nats-server (2 times in a row): ")
     assert all("\n" not in m and len(m) < 500 for m in failures), failures
+
+
+async def test_c_a_store_in_use_by_another_server_is_refused_by_name(tmp_path: Path) -> None:
+    """Two nats-servers on one store corrupt it: the second is refused, naming the first
+    (what an `up` killed with -9 leaves), whatever its port; once that one is gone, the
+    store is free again."""
+    first = await EmbeddedServer(tmp_path / "data", port=free_port()).start()
+    try:
+        assert first.proc is not None
+        with pytest.raises(ServerError, match=f"in use by another nats-server \\(pid "
+                                              f"{first.proc.pid}\\)"):
+            await EmbeddedServer(tmp_path / "data", port=free_port()).start()
+        code, err, _ = await run_jetflow("up", "--data", str(tmp_path / "data"), "--port",
+                                         str(free_port()))
+        assert code == 1 and err.count("\n") == 1, err
+        assert f"in use by another nats-server (pid {first.proc.pid})" in err
+    finally:
+        await first.kill()
+    async with EmbeddedServer(tmp_path / "data", port=free_port()) as again:
+        await (await connect(again.url)).close()
 
 
 async def test_c_a_stack_restarts_only_when_asked_and_never_on_stop(
