@@ -105,16 +105,25 @@ class Scheduler:
 
     # -- matching -----------------------------------------------------------------------
     def dispatch(self) -> list[tuple[ReadyJob, str]]:
-        """Fill every free slot with the best job it can take; return (job, worker) pairs."""
+        """Fill every free slot with the best job it can take; return (job, worker) pairs.
+        Slots are filled in rounds, one job per worker a round, the emptiest worker first:
+        a few jobs spread over the idle workers instead of filling one worker's slots (its
+        prefetch buffer included) while another waits."""
         out: list[tuple[ReadyJob, str]] = []
-        for worker in self._workers.values():
-            while worker.free > 0:
+        candidates = [w for w in self._workers.values() if w.free > 0]
+        while candidates:
+            candidates.sort(key=lambda w: -w.free)
+            still: list[WorkerSlots] = []
+            for worker in candidates:
                 job = self._pop_best(worker)
                 if job is None:
-                    break
+                    continue  # nothing it can take: not in the next round either
                 self._assigned[job.job_id] = worker.worker_id
                 worker.assigned.add(job.job_id)
                 out.append((job, worker.worker_id))
+                if worker.free > 0:
+                    still.append(worker)
+            candidates = still
         return out
 
     def _pop_best(self, worker: WorkerSlots) -> ReadyJob | None:

@@ -198,12 +198,30 @@ def test_remove_worker_returns_held_jobs() -> None:
         s.add_ready(ready(f"j{i}", 0, i))
     pairs = s.dispatch()
     held = {job.job_id for job, w in pairs if w == "w1"}
-    assert s.remove_worker("w1") == held == {"j0", "j1"}
+    assert s.remove_worker("w1") == held == {"j0", "j2"}  # one a round: j1 went to w2
     assert all(s.assigned_to(j) is None for j in held)
     assert "w1" not in s.workers()
     assert s.remove_worker("w1") == set()
     assert s.remove_worker("never") == set()
-    assert s.assigned_to("j2") == "w2"
+    assert s.assigned_to("j1") == "w2"
+
+
+def test_a_few_jobs_spread_over_idle_workers_best_first() -> None:
+    """Not one worker's slots (prefetch included) filled while another idles: one job a
+    round to each worker, the emptiest first, each the best it can take."""
+    s = Scheduler()
+    s.add_worker(slots("w1", {"echo"}, concurrency=4))
+    s.add_worker(slots("w2", {"echo"}, concurrency=4))
+    for i in range(4):
+        s.add_ready(ready(f"j{i}", 0, i))
+    pairs = s.dispatch()
+    assert [job.job_id for job, _ in pairs] == ["j0", "j1", "j2", "j3"]
+    assert sorted(w for _, w in pairs) == ["w1", "w1", "w2", "w2"]
+    s.release("j0")  # w1 holds none now, w2 two
+    s.release("j2")
+    s.add_ready(ready("top", 9, 10))
+    s.add_ready(ready("next", 5, 11))
+    assert [(job.job_id, w) for job, w in s.dispatch()] == [("top", "w1"), ("next", "w2")]
 
 
 def test_worker_rejoin_keeps_its_jobs() -> None:
