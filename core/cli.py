@@ -35,9 +35,18 @@ SERVICES = ("sentinel", "worker", "projector")
 
 # -- services -----------------------------------------------------------------------------
 
-# A service catches SIGINT/SIGTERM from before it starts: one that arrives while it starts
-# cancels the start (which cleans up after itself) instead of killing the process, and once
-# the first has arrived a second one has its default effect again.
+# A service catches SIGINT/SIGTERM/SIGHUP from before it starts: one that arrives while it
+# starts cancels the start (which cleans up after itself) instead of killing the process;
+# a second one while a worker drains (or `up` stops) hands the running jobs back at once.
+
+async def _serve_until_signal(start: Coroutine[Any, Any, object],
+                              stop: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    with Signals() as caught:
+        await caught.before(start)
+        await caught.wait()
+    await stop()
+    return 0
+
 
 async def cmd_sentinel(a: argparse.Namespace) -> int:
     from sentinel.service import Sentinel
@@ -45,11 +54,7 @@ async def cmd_sentinel(a: argparse.Namespace) -> int:
     policy, per_queue = _retry_policies(a.retry)
     sentinel = Sentinel(a.nats, lease_s=a.lease, policy=policy, queue_policies=per_queue,
                         wait_nats_s=a.wait_nats)
-    with Signals() as caught:
-        await caught.before(sentinel.start())
-        await caught.wait()
-    await sentinel.stop()
-    return 0
+    return await _serve_until_signal(sentinel.start(), sentinel.stop)
 
 
 async def cmd_worker(a: argparse.Namespace) -> int:
@@ -74,11 +79,7 @@ async def cmd_projector(a: argparse.Namespace) -> int:
     from projections.projector import Projector
 
     projector = Projector(a.nats, _db_path(a), wait_nats_s=a.wait_nats)
-    with Signals() as caught:
-        await caught.before(projector.start())
-        await caught.wait()
-    await projector.stop()
-    return 0
+    return await _serve_until_signal(projector.start(), projector.stop)
 
 
 async def cmd_up(a: argparse.Namespace) -> int:

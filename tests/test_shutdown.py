@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from core.client import Client
 from core.runtime import Interrupted, Signals, cancel_and_wait, supervise
 from core.server import EmbeddedServer
+from core.stack import Stack
 from tests.conftest import StackFactory, read_log, wait_until
 from tests.test_up_and_connect import ROOT, alive, jetflow_env, refused_url
 from workers.worker import Worker
@@ -141,13 +143,22 @@ async def test_a_worker_whose_loop_swallows_cancellations_still_drains_and_leave
     assert all(task.done() for task in worker._tasks)
 
 
-async def _worker_in_its_own_group(url: str, *args: str) -> asyncio.subprocess.Process:
-    """`jetflow worker` leading its own process group, as a shell's foreground job does."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "core.cli", "worker", "--nats", url, "--handlers", "sleep",
-        "--concurrency", "1", *args, cwd=ROOT, env=jetflow_env(),
+@contextlib.asynccontextmanager
+async def _worker_in_its_own_group(stack: Stack, *args: str
+                                   ) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`jetflow worker` leading its own process group, as a shell's foreground job does,
+    once it has joined; its group is killed at the end, whatever the test left."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "core.cli", "worker", "--nats", stack.url, "--handlers",
+        "sleep", "--concurrency", "1", *args, cwd=ROOT, env=jetflow_env(),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    try:
+        await stack.wait_for_workers(1, 0, 30)
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _catches(pid: int, sig: signal.Signals) -> bool:
@@ -172,9 +183,7 @@ async def test_ctrl_c_in_a_terminal_drains_instead_of_failing_the_running_job(
     """A terminal's Ctrl-C signals the whole foreground process group, children included:
     the job must finish within the grace period, not die of KeyboardInterrupt."""
     stack = await make_stack(workers=0)
-    proc = await _worker_in_its_own_group(stack.url, "--grace", "30")
-    try:
-        await stack.wait_for_workers(1, 0, 30)
+    async with _worker_in_its_own_group(stack, "--grace", "30") as proc:
         job_id = await client.submit("sleep", {"seconds": 2.0}, max_attempts=1)
         await _running_child(client, job_id, proc.pid)
         os.killpg(proc.pid, signal.SIGINT)
@@ -182,9 +191,6 @@ async def test_ctrl_c_in_a_terminal_drains_instead_of_failing_the_running_job(
         assert (job.state, job.attempt) == ("succeeded", 1), job.error
         _, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err.decode()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
     left = await read_log(stack.url, ["jf.worker.*.left"])
     assert [e.data["reason"] for e in left] == ["drained"]
 
@@ -194,9 +200,7 @@ async def test_a_busy_child_dies_with_its_worker(make_stack: StackFactory,
     """An orphan would go on running a job whose lease lapses and that then runs again
     elsewhere: the child of a worker killed with -9 is killed too."""
     stack = await make_stack(workers=0)
-    proc = await _worker_in_its_own_group(stack.url)
-    try:
-        await stack.wait_for_workers(1, 0, 30)
+    async with _worker_in_its_own_group(stack) as proc:
         job_id = await client.submit("sleep", {"seconds": 60.0})
         child = await _running_child(client, job_id, proc.pid)
         proc.kill()
@@ -205,17 +209,12 @@ async def test_a_busy_child_dies_with_its_worker(make_stack: StackFactory,
         async def gone() -> bool:
             return not alive(child)
         await wait_until(gone, 10, "the busy child to die with its worker")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 async def test_a_second_stop_signal_hands_the_running_job_back_at_once(
         make_stack: StackFactory, client: Client) -> None:
     stack = await make_stack(workers=0)
-    proc = await _worker_in_its_own_group(stack.url, "--grace", "120")
-    try:
-        await stack.wait_for_workers(1, 0, 30)
+    async with _worker_in_its_own_group(stack, "--grace", "120") as proc:
         job_id = await client.submit("sleep", {"seconds": 120.0}, max_attempts=1)
         await _running_child(client, job_id, proc.pid)
         proc.send_signal(signal.SIGTERM)
@@ -226,9 +225,6 @@ async def test_a_second_stop_signal_hands_the_running_job_back_at_once(
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 30)  # not the 120 s of grace
         assert proc.returncode == 0, err.decode()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
     history = await client.history(job_id)
     handback = history[-1]
     assert (handback.type, handback.data.get("handback")) == ("queued", True), history
@@ -327,9 +323,7 @@ async def test_a_stop_signal_sent_to_a_busy_child_is_left_to_its_worker(
     """systemd's default KillMode signals every process of the unit: the child goes on
     with its job, which the worker (draining) lets finish."""
     stack = await make_stack(workers=0)
-    proc = await _worker_in_its_own_group(stack.url)
-    try:
-        await stack.wait_for_workers(1, 0, 30)
+    async with _worker_in_its_own_group(stack) as proc:
         job_id = await client.submit("sleep", {"seconds": 2.0}, max_attempts=1)
         child = await _running_child(client, job_id, proc.pid)
 
@@ -343,22 +337,14 @@ async def test_a_stop_signal_sent_to_a_busy_child_is_left_to_its_worker(
         assert (job.state, job.attempt) == ("succeeded", 1), job.error
         _, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err.decode()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 async def test_an_idle_worker_stops_without_a_word_of_warning(
         make_stack: StackFactory) -> None:
     stack = await make_stack(workers=0)
-    proc = await _worker_in_its_own_group(stack.url)
-    try:
-        await stack.wait_for_workers(1, 0, 30)
+    async with _worker_in_its_own_group(stack) as proc:
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0
     assert b"Warning" not in err and b"Traceback" not in err, err.decode()
 
