@@ -27,7 +27,8 @@ bench: $(STAMP)  ## each benchmark prints its table and writes bench/results/*.j
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/python -m tests.typecheck_tree >/dev/null
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .jetflow .pytest_cache
+	rm -rf $(VENV) .jetflow .pytest_cache build

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.throughput import jetflow_burst, machine_info, save_result, say
-from core.client import connect
-from core.stack import Stack
+from jetflow import connect
+from jetflow.up import Stack
 
 
 async def measure(durable: bool, jobs: int, workdir: Path) -> dict[str, Any]:

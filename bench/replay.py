@@ -8,15 +8,15 @@
 Each phase runs against an embedded nats-server (the project's nats.conf) in a temporary
 directory:
 
-1. **log** - ``--events`` synthetic but valid events (:mod:`projections.synthetic`: many
+1. **log** - ``--events`` synthetic but valid events (:mod:`jetflow.projections.synthetic`: many
    jobs in flight, retries, dead letters, rejections, the headers real appends carry) are
    appended to JF_EVENTS, pipelined.
 2. **raw floor** - the same events merely fetched, by the reader the projector uses
-   (:class:`projections.reader.StreamReader`, turning each message into the projection's
-   input) and by :class:`core.bus.Tail`; each in a child process, like the replay.
-3. **replay** - ``jetflow replay``'s :func:`projections.replay.rebuild` of the whole log
+   (:class:`jetflow.projections.reader.StreamReader`, turning each message into the projection's
+   input) and by :class:`jetflow.adapters.bus.Tail`; each in a child process, like the replay.
+3. **replay** - ``jetflow replay``'s :func:`jetflow.projections.replay.rebuild` of the whole log
    into a new SQLite file, in a child process whose RSS (with its own reading child's,
-   :mod:`projections.fetcher`) is sampled every 0.2 s.
+   :mod:`jetflow.projections.fetcher`) is sampled every 0.2 s.
 4. **live lag** - a fresh server, the real ``jetflow projector`` process, and ``--rate``
    events/s appended for ``--seconds``; every 0.1 s the lag is measured as the age of the
    oldest appended event the projection's checkpoint has not reached (0 when caught up),
@@ -44,15 +44,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from core import subjects as S
-from core.bus import Publisher, Tail, connect, ensure_streams
-from core.codec import encode_event
-from core.metadata import parse_ack_reply
-from core.runtime import loop_name, run
-from core.server import EmbeddedServer
-from projections.reader import StreamReader
-from projections.replay import rebuild
-from projections.synthetic import Appended, publish_log, synthetic_log
+from jetflow.adapters.bus import Publisher, Tail, connect, ensure_streams
+from jetflow.adapters.nats_server import EmbeddedServer
+from jetflow.adapters.runtime import loop_name, run
+from jetflow.core import subjects as S
+from jetflow.core.codec import encode_event
+from jetflow.core.metadata import parse_ack_reply
+from jetflow.projections.reader import StreamReader
+from jetflow.projections.replay import rebuild
+from jetflow.projections.synthetic import Appended, publish_log, synthetic_log
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=5000, help="replay batch (events/txn)")
     p.add_argument("--rate", type=int, default=2000, help="live events per second")
     p.add_argument("--seconds", type=float, default=60.0, help="live phase duration")
-    p.add_argument("--no-tail", action="store_true", help="skip the core.bus.Tail floor")
+    p.add_argument("--no-tail", action="store_true", help="skip the bus.Tail floor")
     p.add_argument("--child", nargs=3, metavar=("MODE", "URL", "ARG"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -97,7 +97,7 @@ async def _drain_reader(nc: Any, head: int) -> int:
     events = 0
     try:
         async for msgs in reader.batches():
-            events += len(msgs)  # already the projector's input (core.metadata.Stored)
+            events += len(msgs)  # already the projector's input (jetflow.core.metadata.Stored)
             if reader.next_seq > head:
                 return events
     finally:
@@ -178,7 +178,7 @@ async def append_log(url: str, events: int) -> dict[str, Any]:
 async def live_lag(url: str, db: Path, log_dir: Path, rate: int, seconds: float
                    ) -> dict[str, Any]:
     """The real projector process while ``rate`` events/s are appended."""
-    from core.stack import Service
+    from jetflow.up import Service
 
     nc = await connect(url, name="bench-live")
     await ensure_streams(nc.jetstream())
@@ -285,7 +285,7 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         results["floor_reader"] = run_child("reader", server.url, "-", args.batch)
         say(f"  {results['floor_reader']['events_per_s']:,.0f} events/s")
         if not args.no_tail:
-            say("raw floor: fetching them with core.bus.Tail ...")
+            say("raw floor: fetching them with jetflow.adapters.bus.Tail ...")
             results["floor_tail"] = run_child("tail", server.url, "-", args.batch)
             say(f"  {results['floor_tail']['events_per_s']:,.0f} events/s")
         say("replay: rebuilding a projection from seq 1 ...")
@@ -321,7 +321,7 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
              f"target >= {TARGET_RATE:,}"),
             ("raw floor: projector's reader", f"{summary['floor_reader_events_per_s']:,} "
                                                "events/s", ""),
-            ("raw floor: core.bus.Tail", "skipped (--no-tail)" if args.no_tail else
+            ("raw floor: jetflow.adapters.bus.Tail", "skipped (--no-tail)" if args.no_tail else
              f"{summary['floor_tail_events_per_s']:,} events/s", ""),
             ("replay / reader floor", f"{summary['replay_to_floor_ratio']:.2f}", ""),
             ("replay peak RSS", f"{summary['replay_peak_rss_mb']:.0f} MB",

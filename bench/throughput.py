@@ -60,12 +60,12 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from core.bus import TIMEOUTS, Publisher, Tail
-from core.bus import connect as bus_connect
-from core.client import Client, connect
-from core.events import Event
-from core.server import EmbeddedServer, find_binary
-from core.stack import Stack
+from jetflow import Client, connect
+from jetflow.adapters.bus import TIMEOUTS, Publisher, Tail
+from jetflow.adapters.bus import connect as bus_connect
+from jetflow.adapters.nats_server import EmbeddedServer, find_binary
+from jetflow.core.events import Event
+from jetflow.up import Stack
 
 __all__ = ["main"]
 

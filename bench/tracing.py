@@ -6,7 +6,7 @@ OTLP/HTTP, in one run, same machine.
 Each measurement is a fresh ``Stack`` (embedded nats-server, a sentinel, 2 workers x 8,
 no projector) that first runs ``--warmup`` jobs (child processes started and their
 imports done: a one-time cost), then ``--jobs`` echo jobs submitted 200 at a time through
-``core.client`` and waited for with ``watch``/``wait_terminal``. "on" exports to a
+``jetflow.adapters.client`` and waited for with ``watch``/``wait_terminal``. "on" exports to a
 ``jetflow collector`` in its own process (an OTLP/HTTP receiver that decodes every request
 and writes each span to a file, roughly what Jaeger's receiver does), with the SDK's
 default batching. The rounds alternate off/on so drift on a busy machine hits both.
@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.throughput import jetflow_burst, machine_info, save_result, say
-from core.client import connect
-from core.stack import Stack
+from jetflow import connect
+from jetflow.up import Stack
 
 __all__ = ["main"]
 
@@ -43,7 +43,7 @@ OTEL_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
 async def collector(spans_file: Path) -> AsyncIterator[dict[str, Any]]:
     """A ``jetflow collector`` process on a free port; yields {"url", "spans"}."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "core.cli", "collector", "--port", "0", "--out",
+        sys.executable, "-m", "jetflow.cli", "collector", "--port", "0", "--out",
         str(spans_file), stdout=asyncio.subprocess.PIPE, cwd=REPO)
     assert proc.stdout is not None
     first = (await asyncio.wait_for(proc.stdout.readline(), 30.0)).decode()

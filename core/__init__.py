@@ -1,3 +1,3 @@
-"""jetflow's core: the pure domain (events, state machines, codec, subjects, scheduling,
-retry policy) plus clearly separate adapter modules (``bus``, ``server``, ``client``,
-``cli``) that the pure modules never import."""
+"""jetflow's pure domain (``jetflow.core``): events, codec, state machines, subjects,
+submission validation, retry policy, scheduling and the fleet model. No module here does
+I/O or imports anything of jetflow outside this package (tests/test_purity.py checks)."""

@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from core.events import FIELDS, SCHEMA_VERSION, Event, stored_event
-from core.subjects import parse_event_subject
+from jetflow.core.events import FIELDS, SCHEMA_VERSION, Event, stored_event
+from jetflow.core.subjects import parse_event_subject
 
 __all__ = ["CodecError", "Unreadable", "encode_event", "decode_event", "MAX_EVENT_BYTES",
            "dumps", "loads"]

@@ -13,10 +13,10 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field, replace
 
-from core.events import Event
-from core.job import TERMINAL, IllegalTransition, JobState, apply
-from core.retry import DeadLetter, Retry, RetryPolicy, next_action, policy_for
-from core.scheduler import ReadyJob, Scheduler, WorkerSlots
+from jetflow.core.events import Event
+from jetflow.core.job import TERMINAL, IllegalTransition, JobState, apply
+from jetflow.core.retry import DeadLetter, Retry, RetryPolicy, next_action, policy_for
+from jetflow.core.scheduler import ReadyJob, Scheduler, WorkerSlots
 
 __all__ = ["Fleet", "WorkerInfo", "Append", "Dispatch"]
 

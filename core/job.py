@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from operator import attrgetter
 from typing import Any
 
-from core.events import Event
+from jetflow.core.events import Event
 
 __all__ = [
     "JobState",

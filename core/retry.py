@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from core.job import JobState
+from jetflow.core.job import JobState
 
 __all__ = ["RetryPolicy", "Retry", "DeadLetter", "compute_backoff", "next_action",
            "policy_for"]

@@ -2,7 +2,7 @@
 
 A submission arrives on ``jf.submit.<queue>`` from anybody (``nats pub``, the CLI, the
 client). :func:`parse_submission` turns the bytes into a :class:`Submission` or raises
-:class:`~core.codec.CodecError` with a reason that the sentinel records verbatim in a
+:class:`~jetflow.core.codec.CodecError` with a reason that the sentinel records verbatim in a
 ``rejected`` event.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.codec import CodecError, loads
+from jetflow.core.codec import CodecError, loads
 
 __all__ = [
     "Submission",

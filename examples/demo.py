@@ -17,12 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from core import subjects as S
-from core.client import Client, connect
-from core.job import fold
-from core.render import job_lines
-from core.stack import Stack
-from core.submission import derive_job_id
+from jetflow import Client, connect
+from jetflow.cli.render import job_lines
+from jetflow.core import subjects as S
+from jetflow.core.job import fold
+from jetflow.core.submission import derive_job_id
+from jetflow.up import Stack
 
 DATA = Path(".jetflow/demo")
 

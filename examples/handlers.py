@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workers.context import JobContext, PermanentError
+from jetflow import JobContext, PermanentError
 
 
 def segfault(args: dict[str, Any], ctx: JobContext) -> None:

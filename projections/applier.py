@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from core import subjects as S
-from core.job import TERMINAL
-from projections.store import Store
-from projections.views import JobView, Raw, WorkerView, fold_batch
+from jetflow.core import subjects as S
+from jetflow.core.job import TERMINAL
+from jetflow.projections.store import Store
+from jetflow.projections.views import JobView, Raw, WorkerView, fold_batch
 
 __all__ = ["Applier", "JobCache"]
 

@@ -59,13 +59,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from core import subjects as S
-from core.codec import CodecError, decode_event
-from core.metadata import Stored
-from core.natsclient import Client
-from projections.reader import StreamReader
-from projections.replay import Progress, stream_head
-from projections.schema import ProjectionError
+from jetflow.adapters.natsclient import Client
+from jetflow.core import subjects as S
+from jetflow.core.codec import CodecError, decode_event
+from jetflow.core.metadata import Stored
+from jetflow.projections.reader import StreamReader
+from jetflow.projections.replay import Progress, stream_head
+from jetflow.projections.schema import ProjectionError
 
 __all__ = ["SCHEMA", "ExportError", "ExportResult", "export_parquet", "rows_of"]
 

@@ -5,10 +5,10 @@ the views ~10 µs and writing it ~5 µs. The machine has two, so ``jetflow repla
 in a child process (this module) while the parent folds and writes, and the two halves
 overlap (``bench/replay.py`` measures both the floor and the whole).
 
-The child reads ``JF_EVENTS`` with :class:`projections.reader.StreamReader` from a
+The child reads ``JF_EVENTS`` with :class:`jetflow.projections.reader.StreamReader` from a
 sequence up to a bound (a sequence, and optionally a store time) and writes batches to
 its stdout as frames: an 8-byte big-endian length, then a pickle of the batch's
-:class:`core.metadata.Stored` fields as plain tuples. A frame of length 0 ends the
+:class:`jetflow.core.metadata.Stored` fields as plain tuples. A frame of length 0 ends the
 stream; anything else (a crash; a server lost for ``give_up_s``, 30 s by default) ends it
 with a non-zero exit, reported by the parent with the child's own log on stderr. The URL
 comes through the environment (``JETFLOW_NATS_URL``), so credentials in it never show in a
@@ -32,8 +32,8 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from core import subjects as S
-from core.metadata import Stored
+from jetflow.core import subjects as S
+from jetflow.core.metadata import Stored
 
 __all__ = ["Bounds", "FetchError", "fetch"]
 
@@ -68,7 +68,7 @@ async def fetch(url: str, start_seq: int, bounds: Bounds, *, batch: int = 5000,
                 give_up_s: float = 30.0) -> AsyncGenerator[list[Stored], None]:
     """Batches of ``JF_EVENTS`` from ``start_seq`` to ``bounds``, read by a child process
     that gives up (:class:`FetchError` here) when reading fails for ``give_up_s``."""
-    args = [sys.executable, "-m", "projections.fetcher", str(start_seq), str(bounds.to_seq),
+    args = [sys.executable, "-m", "jetflow.projections.fetcher", str(start_seq), str(bounds.to_seq),
             str(batch), "--give-up-s", str(give_up_s)]
     if bounds.until_ns is not None:
         args += ["--until-ns", str(bounds.until_ns)]
@@ -113,8 +113,8 @@ async def _read(stream: asyncio.StreamReader, size: int) -> bytes:
 
 async def _serve(start_seq: int, bounds: Bounds, batch: int, give_up_s: float,
                  out: BinaryIO) -> None:
-    from core.bus import connect
-    from projections.reader import StreamReader
+    from jetflow.adapters.bus import connect
+    from jetflow.projections.reader import StreamReader
 
     nc = await connect(os.environ.get("JETFLOW_NATS_URL"), name="jetflow-replay-reader",
                        wait_s=5.0)
@@ -141,7 +141,7 @@ def _write(out: BinaryIO, frame: bytes) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m projections.fetcher",
+    p = argparse.ArgumentParser(prog="python -m jetflow.projections.fetcher",
                                 description="The reading half of `jetflow replay` (internal).")
     p.add_argument("start_seq", type=int)
     p.add_argument("to_seq", type=int)
@@ -149,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--until-ns", type=int)
     p.add_argument("--give-up-s", type=float, default=30.0)
     a = p.parse_args(argv)
-    from core.bus import BusError
-    from core.runtime import run
-    from core.tracing import install_logging
-    from projections.reader import StreamUnreadable
+    from jetflow.adapters.bus import BusError
+    from jetflow.adapters.runtime import run
+    from jetflow.adapters.tracing import install_logging
+    from jetflow.projections.reader import StreamUnreadable
 
     install_logging("warning", os.environ.get("JETFLOW_LOG_FORMAT", "text"),
                     service="jetflow-replay-reader")

@@ -9,11 +9,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from core import subjects as S
-from core.codec import CodecError, loads
-from core.metadata import Stored
-from core.natsclient import Client
-from projections.reader import StreamReader
+from jetflow.adapters.natsclient import Client
+from jetflow.core import subjects as S
+from jetflow.core.codec import CodecError, loads
+from jetflow.core.metadata import Stored
+from jetflow.projections.reader import StreamReader
 
 __all__ = ["Heartbeat", "read_heartbeats", "parse_heartbeat"]
 

@@ -12,12 +12,12 @@ import asyncio
 import logging
 from pathlib import Path
 
-from core import subjects as S
-from core.bus import FIRST_CONNECT_WAIT_S, connect, ensure_streams
-from core.runtime import cancel_and_wait, supervise
-from projections.applier import Applier
-from projections.reader import StreamReader
-from projections.store import Store
+from jetflow.adapters.bus import FIRST_CONNECT_WAIT_S, connect, ensure_streams
+from jetflow.adapters.runtime import cancel_and_wait, supervise
+from jetflow.core import subjects as S
+from jetflow.projections.applier import Applier
+from jetflow.projections.reader import StreamReader
+from jetflow.projections.store import Store
 
 __all__ = ["Projector"]
 

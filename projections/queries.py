@@ -9,9 +9,9 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from core.codec import Unreadable
-from core.events import Event
-from core.job import JobState
+from jetflow.core.codec import Unreadable
+from jetflow.core.events import Event
+from jetflow.core.job import JobState
 
 __all__ = [
     "as_of",

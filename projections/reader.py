@@ -1,14 +1,14 @@
 """A fast, resilient batch reader of a stream: what the projector, the replay and the
 export read with.
 
-It has :class:`core.bus.Tail`'s contract (batches from a sequence onwards, an empty batch
-after an idle period, a new ephemeral consumer right after the last sequence seen when
+It has :class:`jetflow.adapters.bus.Tail`'s contract (batches from a sequence onwards, an
+empty batch after an idle period, a new ephemeral consumer right after the last sequence seen when
 anything fails) but not its speed limit: nats-py's ``fetch()`` waits for every message
 with a fresh task and ``wait_for`` (~21k messages/s on this machine), and even a plain
 callback subscription parses every header block into a dict and queues a ``Msg`` for a
-task (~50k/s). Here a raw subscription (:mod:`core.natsclient`) hands the wire's bytes to
-a synchronous callback that keeps them; a batch is turned into
-:class:`core.metadata.Stored` tuples in one pass, with only the ack subject parsed and the
+task (~50k/s). Here a raw subscription (:mod:`jetflow.adapters.natsclient`) hands the wire's
+bytes to a synchronous callback that keeps them; a batch is turned into
+:class:`jetflow.core.metadata.Stored` tuples in one pass, with only the ack subject parsed and the
 header block kept unparsed for whoever needs a header (``bench/replay.py`` measures it).
 
 Protocol: one pull request open at a time (a delivered message carries its original
@@ -34,9 +34,9 @@ from typing import Any
 import nats.js.errors
 from nats.aio.subscription import Subscription
 
-from core.bus import tail_consumer
-from core.metadata import Stored, ack_numbers, status_of
-from core.natsclient import Client
+from jetflow.adapters.bus import tail_consumer
+from jetflow.adapters.natsclient import Client
+from jetflow.core.metadata import Stored, ack_numbers, status_of
 
 __all__ = ["StreamReader", "StreamUnreadable"]
 
@@ -67,8 +67,8 @@ class _Pull:
 
 class StreamReader:
     """``async for msgs in StreamReader(nc, "JF_EVENTS", start_seq=1).batches(): ...``
-    where ``nc`` comes from :func:`core.bus.connect` and each batch is a list of
-    :class:`core.metadata.Stored`.
+    where ``nc`` comes from :func:`jetflow.adapters.bus.connect` and each batch is a list of
+    :class:`jetflow.core.metadata.Stored`.
 
     A failure (a lost server, a deleted consumer, a bad delivery) is retried with a fresh
     consumer after a pause, for ever by default (the live projector waits out any outage);

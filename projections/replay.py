@@ -1,6 +1,6 @@
 """Rebuilding a projection from the log: from sequence 1 up to the head, a sequence or a
 time (time travel), with the same :class:`Applier` as the live projector. The log is read
-by a child process (:mod:`projections.fetcher`) while this one folds and writes."""
+by a child process (:mod:`jetflow.projections.fetcher`) while this one folds and writes."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 
 from nats.aio.client import Client
 
-from core import subjects as S
-from projections.applier import Applier
-from projections.fetcher import Bounds, FetchError, fetch
-from projections.store import Store, check_replaceable, remove_db
+from jetflow.core import subjects as S
+from jetflow.projections.applier import Applier
+from jetflow.projections.fetcher import Bounds, FetchError, fetch
+from jetflow.projections.store import Store, check_replaceable, remove_db
 
 __all__ = ["ReplayResult", "Progress", "rebuild", "Bounds"]
 

@@ -22,8 +22,8 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from projections.schema import INDEX_DDL, SCHEMA_VERSION, TABLE_DDL, ProjectionError
-from projections.views import (
+from jetflow.projections.schema import INDEX_DDL, SCHEMA_VERSION, TABLE_DDL, ProjectionError
+from jetflow.projections.views import (
     BatchRows,
     JobView,
     WorkerView,

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NATS
 
-from core import subjects as S
-from core.bus import Ack, Publisher
-from core.codec import encode_event
-from core.events import Event
+from jetflow.adapters.bus import Ack, Publisher
+from jetflow.core import subjects as S
+from jetflow.core.codec import encode_event
+from jetflow.core.events import Event
 
 __all__ = ["synthetic_log", "publish_log", "Appended"]
 

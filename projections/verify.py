@@ -15,9 +15,9 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from projections.replay import Progress, rebuild
-from projections.schema import TABLES
-from projections.store import open_reader, read_only_uri
+from jetflow.projections.replay import Progress, rebuild
+from jetflow.projections.schema import TABLES
+from jetflow.projections.store import open_reader, read_only_uri
 
 __all__ = ["RowDiff", "TableDiff", "VerifyResult", "snapshot", "compare", "verify"]
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import orjson
 
-from core.codec import CodecError, decode_event
-from core.events import Event
-from core.job import Fields, JobState, as_fields, from_fields, try_step
-from core.metadata import Stored, header_value
-from core.subjects import HDR_TRACEPARENT
+from jetflow.core.codec import CodecError, decode_event
+from jetflow.core.events import Event
+from jetflow.core.job import Fields, JobState, as_fields, from_fields, try_step
+from jetflow.core.metadata import Stored, header_value
+from jetflow.core.subjects import HDR_TRACEPARENT
 
 __all__ = [
     "Raw",
@@ -44,7 +44,7 @@ Raw = Stored  # one stored message as the projection sees it
 
 @dataclass(slots=True)
 class JobView:
-    """A job's fields (:func:`core.job.as_fields`) plus what only the projection tracks.
+    """A job's fields (:func:`jetflow.core.job.as_fields`) plus what only the projection tracks.
 
     The fold never changes a view it was given: a batch works on its own copy of each job
     it touches, so the views in a cache stay as the rows written before the batch."""

@@ -9,16 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from core.bus import Conflict, job_messages_after, last_job_event
-from core.codec import CodecError, decode_event
-from core.events import Event
-from core.fleet import Append
-from core.job import NEW, TERMINAL, JobState, fold_skipping
+from nats.aio.client import Client as NATS
 
-if TYPE_CHECKING:
-    from sentinel.service import Sentinel
+from jetflow.adapters.bus import Conflict, job_messages_after, last_job_event
+from jetflow.core.codec import CodecError, decode_event
+from jetflow.core.events import Event
+from jetflow.core.fleet import Append, Fleet
+from jetflow.core.job import NEW, TERMINAL, JobState, fold_skipping
 
 __all__ = ["Control"]
 
@@ -26,14 +26,21 @@ Answer = dict[str, Any]
 
 
 class Control:
-    def __init__(self, sentinel: Sentinel) -> None:
-        self.sentinel = sentinel
+    """Answers requests from the sentinel's view (``fleet``), reading the log through
+    ``nc`` and recording a decision with ``append`` (the sentinel's expected-sequence
+    append, which raises :class:`Conflict` when the job moved)."""
+
+    def __init__(self, fleet: Fleet, nc: NATS,
+                 append: Callable[[Append], Awaitable[None]]) -> None:
+        self.fleet = fleet
+        self.nc = nc
+        self.append = append
 
     async def cancel(self, job_id: str, body: dict[str, Any]) -> Answer:
         reason = str(body.get("reason") or "cancel requested")[:500]
         await self._seen_latest(job_id)
         for _ in range(3):
-            job = self.sentinel.fleet.jobs.get(job_id)
+            job = self.fleet.jobs.get(job_id)
             if job is None or job.terminal:
                 return await self._not_active(job_id, "cancel")
             if job.cancel_requested:
@@ -52,7 +59,7 @@ class Control:
             return {"error": "'attempts' must be an integer from 1 to 100"}
         await self._seen_latest(job_id)
         for _ in range(3):
-            job = self.sentinel.fleet.jobs.get(job_id)
+            job = self.fleet.jobs.get(job_id)
             if job is None or job.state != "dead_lettered":
                 return await self._not_active(job_id, "retry", job)
             event = Event("job", job_id, "queued", _now(),
@@ -69,16 +76,16 @@ class Control:
         message in the log: a request right after an outcome its sender saw (``wait``, then
         ``retry``) is judged on that outcome, not on the view just before it (a client can
         see an event in the stream before the sentinel that appended it has its ack)."""
-        latest = await last_job_event(self.sentinel.nc, job_id)
+        latest = await last_job_event(self.nc, job_id)
         deadline = time.monotonic() + timeout_s
-        while latest and self.sentinel.fleet.last_seq < latest[0]:
+        while latest and self.fleet.last_seq < latest[0]:
             if time.monotonic() > deadline:
                 return  # judged on what it has; its answer says to try again if it lags
             await asyncio.sleep(0.01)
 
     async def _try(self, append: Append) -> bool:
         try:
-            await self.sentinel.append_decision(append)
+            await self.append(append)
             return True
         except Conflict:
             await asyncio.sleep(0.05)  # the tail brings what moved; look again
@@ -104,7 +111,7 @@ class Control:
         them (a message published by hand that is no event, or that may not happen, is
         left out): for a job the sentinel does not hold, finished or never submitted."""
         events = []
-        for seq, subject, data in await job_messages_after(self.sentinel.nc, job_id, 0):
+        for seq, subject, data in await job_messages_after(self.nc, job_id, 0):
             with contextlib.suppress(CodecError):
                 events.append(decode_event(subject, data, seq))
         return fold_skipping(events, job_id)[0].state

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from core import subjects as S
-from core.codec import CodecError, loads
-from core.events import Event
-from core.fleet import Append
-from core.submission import (
+from jetflow.core import subjects as S
+from jetflow.core.codec import CodecError, loads
+from jetflow.core.events import Event
+from jetflow.core.fleet import Append
+from jetflow.core.submission import (
     HANDLER_RE,
     JOB_ID_RE,
     MAX_SUBMISSION_BYTES,

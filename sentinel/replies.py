@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 
-from core.codec import dumps
-from core.events import Event
+from jetflow.core.codec import dumps
+from jetflow.core.events import Event
 
 __all__ = ["ReplyBook"]
 

@@ -1,4 +1,4 @@
-"""The sentinel: the control plane's adapter around :class:`core.fleet.Fleet`.
+"""The sentinel: the control plane's adapter around :class:`jetflow.core.fleet.Fleet`.
 
 It rebuilds the fleet from JF_EVENTS on start, then runs four supervised loops: the event
 tail (observe), the intake (JF_SUBMIT -> ``submitted``/``rejected``), a ticker (retries
@@ -17,8 +17,7 @@ from dataclasses import replace
 
 from nats.aio.msg import Msg
 
-from core import subjects as S
-from core.bus import (
+from jetflow.adapters.bus import (
     FIRST_CONNECT_WAIT_S,
     TIMEOUTS,
     Ack,
@@ -33,17 +32,18 @@ from core.bus import (
     reconnects,
     submit_consumer,
 )
-from core.codec import CodecError, decode_event, dumps, loads
-from core.events import Event
-from core.fleet import Append, Dispatch, Fleet
-from core.metadata import parse_ack_reply
-from core.retry import RetryPolicy
-from core.runtime import cancel_and_wait, supervise
-from core.submission import submission_fingerprint
-from sentinel.control import Control
-from sentinel.intake import Decision, Intake, RawSubmission
-from sentinel.replies import ReplyBook
-from sentinel.spans import SentinelSpans
+from jetflow.adapters.runtime import cancel_and_wait, supervise
+from jetflow.core import subjects as S
+from jetflow.core.codec import CodecError, decode_event, dumps, loads
+from jetflow.core.events import Event
+from jetflow.core.fleet import Append, Dispatch, Fleet
+from jetflow.core.metadata import parse_ack_reply
+from jetflow.core.retry import RetryPolicy
+from jetflow.core.submission import submission_fingerprint
+from jetflow.sentinel.control import Control
+from jetflow.sentinel.intake import Decision, Intake, RawSubmission
+from jetflow.sentinel.replies import ReplyBook
+from jetflow.sentinel.spans import SentinelSpans
 
 __all__ = ["Sentinel"]
 
@@ -94,7 +94,7 @@ class Sentinel:
         self.log = EventLog(Publisher(self.nc))
         info = await self.js.stream_info(S.SUBMIT_STREAM)
         self.intake = Intake(info.created.isoformat() if info.created else "0")
-        self.control = Control(self)
+        self.control = Control(self.fleet, self.nc, self.append_decision)
         self.events = Tail(self.js, S.EVENTS_STREAM, batch=self.batch)
         await self._catch_up()
         await self.nc.subscribe(S.SUBMIT_WILDCARD, queue=S.SENTINEL_REPLY_GROUP,

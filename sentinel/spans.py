@@ -19,12 +19,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from core import subjects as S
-from core import tracing
-from core.bus import Ack, Conflict
-from core.events import Event
-from core.fleet import Append, Dispatch
-from sentinel.intake import Decision, RawSubmission
+from jetflow.adapters import tracing
+from jetflow.adapters.bus import Ack, Conflict
+from jetflow.core import subjects as S
+from jetflow.core.events import Event
+from jetflow.core.fleet import Append, Dispatch
+from jetflow.sentinel.intake import Decision, RawSubmission
 
 __all__ = ["SentinelSpans", "SubmissionSpans", "DecisionSpans"]
 

@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 
-from core import subjects as S
-from core.bus import Tail, connect, ensure_streams
-from core.client import Client
-from core.client import connect as client_connect
-from core.codec import decode_event
-from core.events import Event
-from core.metadata import parse_ack_reply
-from core.server import EmbeddedServer
-from core.stack import Stack
+from jetflow import Client
+from jetflow import connect as client_connect
+from jetflow.adapters.bus import Tail, connect, ensure_streams
+from jetflow.adapters.nats_server import EmbeddedServer
+from jetflow.core import subjects as S
+from jetflow.core.codec import decode_event
+from jetflow.core.events import Event
+from jetflow.core.metadata import parse_ack_reply
+from jetflow.up import Stack
 
 
 @pytest.fixture

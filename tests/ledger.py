@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from core.events import Event
-from core.job import TERMINAL
+from jetflow.core.events import Event
+from jetflow.core.job import TERMINAL
 
 
 @dataclass

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from core.client import Client
-from core.server import EmbeddedServer
+from jetflow import Client
+from jetflow.adapters.nats_server import EmbeddedServer
 from tests.conftest import StackFactory
 from tests.test_projections_e2e import cli
 

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.codec import MAX_EVENT_BYTES, CodecError, decode_event, dumps, encode_event, loads
-from core.events import FIELDS, SCHEMA_VERSION, Event, stored_event
-from core.metadata import (
+from jetflow.core.codec import MAX_EVENT_BYTES, CodecError, decode_event, dumps, encode_event, loads
+from jetflow.core.events import FIELDS, SCHEMA_VERSION, Event, stored_event
+from jetflow.core.metadata import (
     Delivery,
     ack_numbers,
     header_block,
@@ -22,7 +22,7 @@ from core.metadata import (
     parse_ack_reply,
     status_of,
 )
-from core.subjects import event_subject
+from jetflow.core.subjects import event_subject
 
 PROPERTY = settings(max_examples=200, deadline=None)
 

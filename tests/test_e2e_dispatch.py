@@ -6,10 +6,10 @@ import asyncio
 import time
 from collections import Counter
 
-from core.bus import Conflict, EventLog, Publisher, connect
-from core.client import Client
-from core.events import Event, job_event
-from core.server import EmbeddedServer
+from jetflow import Client
+from jetflow.adapters.bus import Conflict, EventLog, Publisher, connect
+from jetflow.adapters.nats_server import EmbeddedServer
+from jetflow.core.events import Event, job_event
 from tests.conftest import StackFactory, read_log, url_of, wait_until
 
 
@@ -82,7 +82,7 @@ async def test_500_concurrent_submissions_succeed_exactly_once(make_stack: Stack
 async def test_racing_claims_exactly_one_wins(server: EmbeddedServer) -> None:
     """Two connections claim the same attempt at once, 200 times: one wins each time."""
     ncs = [await connect(server.url) for _ in range(3)]
-    from core.bus import ensure_streams
+    from jetflow.adapters.bus import ensure_streams
 
     await ensure_streams(ncs[0].jetstream())
     logs = [EventLog(Publisher(nc)) for nc in ncs]

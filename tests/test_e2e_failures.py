@@ -12,16 +12,16 @@ from typing import Any
 
 import pytest
 
-from core.bus import EventLog, Publisher
-from core.client import Client, JobError
-from core.codec import encode_event
-from core.events import Event, job_event
-from core.server import EmbeddedServer
-from sentinel.service import Sentinel
+from jetflow import Client, JobError
+from jetflow.adapters.bus import EventLog, Publisher
+from jetflow.adapters.nats_server import EmbeddedServer
+from jetflow.core.codec import encode_event
+from jetflow.core.events import Event, job_event
+from jetflow.sentinel.service import Sentinel
+from jetflow.workers.attempt import Attempt, Deps
+from jetflow.workers.pool import Outcome
+from jetflow.workers.worker import Worker
 from tests.conftest import StackFactory, wait_until
-from workers.attempt import Attempt, Deps
-from workers.pool import Outcome
-from workers.worker import Worker
 
 FAST_RETRY = ["--retry", "0.3,2,2"]
 CRASHY = ("echo,sleep,fail,crash=examples.handlers:segfault,bye=examples.handlers:hard_exit,"

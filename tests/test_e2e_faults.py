@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from nats.js.api import StreamConfig
 
-from core.bus import BusError, connect, ensure_streams
-from core.client import Client
-from core.server import find_binary
+from jetflow import Client
+from jetflow.adapters.bus import BusError, connect, ensure_streams
+from jetflow.adapters.nats_server import find_binary
 from tests.conftest import StackFactory, read_log, url_of
 from tests.test_e2e_dispatch import assert_exactly_once
 

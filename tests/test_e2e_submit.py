@@ -11,9 +11,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from core import subjects as S
-from core.client import Client, SubmissionRejected
-from core.submission import MAX_SUBMISSION_BYTES, derive_job_id
+from jetflow import Client, SubmissionRejected
+from jetflow.core import subjects as S
+from jetflow.core.submission import MAX_SUBMISSION_BYTES, derive_job_id
 from tests.conftest import StackFactory, read_log, url_of
 from tests.test_projections_e2e import caught_up, query
 from tests.test_stream_reading import raw_publish

@@ -1,5 +1,5 @@
 """Traces across real processes: the sentinel, a worker and its plugin child export over
-OTLP/HTTP to a real receiver in this process (``core.collector``, decoding the protobuf
+OTLP/HTTP to a real receiver in this process (``jetflow.adapters.collector``, decoding the protobuf
 requests); the submitting side is the test process (a private SDK provider, so the global
 one stays untouched) or the ``jetflow submit`` command."""
 
@@ -19,11 +19,11 @@ import orjson
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from core import subjects as S
-from core.client import Client
-from core.collector import Collector
-from core.stack import Stack
-from core.tracing import trace_id_of
+from jetflow import Client
+from jetflow.adapters.collector import Collector
+from jetflow.adapters.tracing import trace_id_of
+from jetflow.core import subjects as S
+from jetflow.up import Stack
 from tests.conftest import StackFactory
 
 pytestmark = pytest.mark.e2e
@@ -227,7 +227,7 @@ async def test_missing_or_malformed_traceparent_starts_a_new_trace(
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "core.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "jetflow.cli", *args], capture_output=True,
                           text=True, timeout=60, cwd=ROOT, env=dict(os.environ))
 
 

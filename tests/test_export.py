@@ -20,12 +20,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-import projections.export as export_module
-from core.bus import connect
-from core.server import EmbeddedServer
-from core.subjects import EVENTS_STREAM
-from projections.export import ExportError, ExportResult, _Runs, export_parquet
-from projections.reader import StreamReader
+import jetflow.projections.export as export_module
+from jetflow.adapters.bus import connect
+from jetflow.adapters.nats_server import EmbeddedServer
+from jetflow.core.subjects import EVENTS_STREAM
+from jetflow.projections.export import ExportError, ExportResult, _Runs, export_parquet
+from jetflow.projections.reader import StreamReader
 from tests.test_projections_e2e import cli, publish_synthetic
 
 pytestmark = pytest.mark.e2e

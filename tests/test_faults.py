@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from core.bus import connect, ensure_streams
-from core.client import Client, SubmitTimeout
-from core.server import EmbeddedServer
-from core.stack import Service, Stack
-from core.submission import derive_job_id
+from jetflow import Client, SubmitTimeout
+from jetflow.adapters.bus import connect, ensure_streams
+from jetflow.adapters.nats_server import EmbeddedServer
+from jetflow.core.submission import derive_job_id
+from jetflow.up import Service, Stack
 from tests.conftest import StackFactory, read_log, url_of, wait_until
 from tests.ledger import Ledger
 from tests.test_projections_e2e import caught_up, query, rebuilt_equal
@@ -171,7 +171,7 @@ async def test_duplicate_after_the_dedup_window_is_one_job(
     await nc.close()
     async with Stack(data_dir=tmp_path / "dedup", nats_url=server.url, workers=1,
                      projector=False):
-        from core.client import connect as client_connect
+        from jetflow import connect as client_connect
 
         client = await client_connect(server.url)
         first = await client.submit("echo", {"n": 1}, msg_id="order-7")

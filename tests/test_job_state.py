@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from core.events import FIELDS, JOB_EVENTS, Event
-from core.job import (
+from jetflow.core.events import FIELDS, JOB_EVENTS, Event
+from jetflow.core.job import (
     ACTIVE,
     TERMINAL,
     TRANSITIONS,
@@ -22,7 +22,7 @@ from core.job import (
     fold,
     from_fields,
 )
-from core.job import step as step_fields
+from jetflow.core.job import step as step_fields
 
 JOB = "job-1"
 NEW = "new"

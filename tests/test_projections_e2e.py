@@ -18,21 +18,21 @@ from typing import Any
 import pyarrow.dataset as pads
 import pytest
 
-from core import subjects as S
-from core.bus import connect, ensure_streams
-from core.client import Client, SubmissionRejected
-from core.codec import encode_event
-from core.events import Event
-from core.job import fold
-from core.server import EmbeddedServer
-from core.stack import Service
-from core.subjects import EVENTS_STREAM
-from projections.projector import Projector
-from projections.reader import StreamReader
-from projections.replay import rebuild
-from projections.store import Store
-from projections.synthetic import publish_log, synthetic_log
-from projections.verify import compare
+from jetflow import Client, SubmissionRejected
+from jetflow.adapters.bus import connect, ensure_streams
+from jetflow.adapters.nats_server import EmbeddedServer
+from jetflow.core import subjects as S
+from jetflow.core.codec import encode_event
+from jetflow.core.events import Event
+from jetflow.core.job import fold
+from jetflow.core.subjects import EVENTS_STREAM
+from jetflow.projections.projector import Projector
+from jetflow.projections.reader import StreamReader
+from jetflow.projections.replay import rebuild
+from jetflow.projections.store import Store
+from jetflow.projections.synthetic import publish_log, synthetic_log
+from jetflow.projections.verify import compare
+from jetflow.up import Service
 from tests.conftest import StackFactory, read_log, url_of, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -95,7 +95,7 @@ async def project(url: str, db: Path) -> int:
 
 async def cli(url: str, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "core.cli", *args, "--nats", url,
+        sys.executable, "-m", "jetflow.cli", *args, "--nats", url,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
@@ -155,8 +155,8 @@ async def test_rebuild_equals_the_live_projection_after_a_mixed_run(
 KILL_MID_TRANSACTION = """
 import asyncio, os, signal, sys
 from pathlib import Path
-from projections import store
-from projections.projector import Projector
+from jetflow.projections import store
+from jetflow.projections.projector import Projector
 
 writes = 0
 original = store.Store.write
@@ -256,7 +256,7 @@ async def test_time_travel_gives_the_counts_at_a_sequence(server: EmbeddedServer
 
 
 def expected_view(events: list[Any], upto: int) -> dict[str, Any]:
-    """The queue view at ``upto``, computed independently with core.job.fold."""
+    """The queue view at ``upto``, computed independently with jetflow.core.job.fold."""
     by_job: dict[str, list[Any]] = {}
     for e in events:
         if e.kind == "job" and e.seq <= upto:
@@ -496,7 +496,7 @@ async def test_a_terminated_replay_leaves_no_file(server: EmbeddedServer,
     await publish_synthetic(server.url, 20_000)
     target = tmp_path / "big.sqlite"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "core.cli", "replay", "--db", str(target), "--batch", "50",
+        sys.executable, "-m", "jetflow.cli", "replay", "--db", str(target), "--batch", "50",
         "--nats", server.url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
     async def building() -> bool:

@@ -18,21 +18,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from core import subjects as S
-from core.codec import encode_event
-from core.events import Event
-from core.job import JobState
-from core.metadata import header_block
-from projections.applier import Applier, JobCache
-from projections.heartbeats import parse_heartbeat
-from projections.progress import progress_reporter
-from projections.queries import worker_status
-from projections.render import status_view
-from projections.schema import SCHEMA_VERSION, TABLES, ProjectionError
-from projections.store import Store, file_version, open_reader
-from projections.synthetic import synthetic_log
-from projections.verify import compare
-from projections.views import (
+from jetflow.cli.progress import progress_reporter
+from jetflow.cli.tables import status_view
+from jetflow.core import subjects as S
+from jetflow.core.codec import encode_event
+from jetflow.core.events import Event
+from jetflow.core.job import JobState
+from jetflow.core.metadata import header_block
+from jetflow.projections.applier import Applier, JobCache
+from jetflow.projections.heartbeats import parse_heartbeat
+from jetflow.projections.queries import worker_status
+from jetflow.projections.schema import SCHEMA_VERSION, TABLES, ProjectionError
+from jetflow.projections.store import Store, file_version, open_reader
+from jetflow.projections.synthetic import synthetic_log
+from jetflow.projections.verify import compare
+from jetflow.projections.views import (
     JobView,
     Raw,
     WorkerView,

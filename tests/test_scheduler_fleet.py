@@ -11,16 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core import subjects as S
-from core.codec import decode_event, encode_event
-from core.events import FIELDS, Event
-from core.fleet import Append, Fleet
-from core.job import JobState, apply
-from core.retry import DeadLetter, Retry, RetryPolicy, compute_backoff, next_action
-from core.scheduler import ReadyJob, Scheduler, WorkerSlots
-from core.submission import MAX_SUBMISSION_BYTES, derive_job_id, submission_fingerprint
-from sentinel.intake import KEEP_BODY_BYTES, Intake, RawSubmission
-from sentinel.replies import ReplyBook
+from jetflow.core import subjects as S
+from jetflow.core.codec import decode_event, encode_event
+from jetflow.core.events import FIELDS, Event
+from jetflow.core.fleet import Append, Fleet
+from jetflow.core.job import JobState, apply
+from jetflow.core.retry import DeadLetter, Retry, RetryPolicy, compute_backoff, next_action
+from jetflow.core.scheduler import ReadyJob, Scheduler, WorkerSlots
+from jetflow.core.submission import MAX_SUBMISSION_BYTES, derive_job_id, submission_fingerprint
+from jetflow.sentinel.intake import KEEP_BODY_BYTES, Intake, RawSubmission
+from jetflow.sentinel.replies import ReplyBook
 
 PROPERTY = settings(max_examples=200, deadline=None)
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from core.client import Client
-from core.runtime import Interrupted, Signals, cancel_and_wait, supervise
-from core.server import EmbeddedServer
-from core.stack import Stack
+from jetflow import Client
+from jetflow.adapters.nats_server import EmbeddedServer
+from jetflow.adapters.runtime import Interrupted, Signals, cancel_and_wait, supervise
+from jetflow.up import Stack
+from jetflow.workers.worker import Worker
 from tests.conftest import StackFactory, read_log, wait_until
 from tests.test_up_and_connect import ROOT, alive, jetflow_env, refused_url
-from workers.worker import Worker
 
 
 async def _swallow_cancellations(seconds: float) -> None:
@@ -101,7 +101,7 @@ def _children(pid: int) -> list[int]:
 async def test_a_service_stopped_while_waiting_for_nats_exits_at_once_and_cleanly(
         service: str, sig: signal.Signals, tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "core.cli", service, "--nats", refused_url(),
+        sys.executable, "-m", "jetflow.cli", service, "--nats", refused_url(),
         *(["--db", str(tmp_path / "p.sqlite")] if service == "projector" else []),
         cwd=ROOT, env=jetflow_env(), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
@@ -149,7 +149,7 @@ async def _worker_in_its_own_group(stack: Stack, *args: str
     """`jetflow worker` leading its own process group, as a shell's foreground job does,
     once it has joined; its group is killed at the end, whatever the test left."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "core.cli", "worker", "--nats", stack.url, "--handlers",
+        sys.executable, "-m", "jetflow.cli", "worker", "--nats", stack.url, "--handlers",
         "sleep", "--concurrency", "1", *args, cwd=ROOT, env=jetflow_env(),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE, start_new_session=True)
@@ -235,7 +235,7 @@ async def test_a_second_stop_signal_hands_the_running_job_back_at_once(
 
 async def _up_in_its_own_group(tmp_path: Path, port: int) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "core.cli", "up", "--data", str(tmp_path / "data"), "--port",
+        sys.executable, "-m", "jetflow.cli", "up", "--data", str(tmp_path / "data"), "--port",
         str(port), "--workers", "1", cwd=ROOT, env=jetflow_env(),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, start_new_session=True)
@@ -251,7 +251,7 @@ async def test_ctrl_c_on_up_drains_its_worker_and_twice_hands_the_job_back(
     """A terminal's Ctrl-C reaches `up` alone (its services have sessions of their own):
     once, the running job finishes and the worker records leaving; twice, it is handed
     back at once. Either way every process `up` started is gone."""
-    from core.client import connect as client_connect
+    from jetflow import connect as client_connect
     from tests.test_up_and_connect import free_port
 
     port = free_port()
@@ -301,7 +301,8 @@ async def test_services_of_an_up_killed_with_9_stop_gracefully(tmp_path: Path) -
     port = free_port()
     proc = await _up_in_its_own_group(tmp_path, port)
     started = _children(proc.pid)
-    services = [pid for pid in started if b"core.cli" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    services = [pid for pid in started
+                if b"jetflow.cli" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     try:
         assert len(services) == 3, started
         proc.kill()

@@ -1,5 +1,5 @@
-"""Raw subscriptions (core.natsclient) against a real nats-server: the wire's bytes reach
-the callback untouched, other subscriptions on the connection are not affected, and the
+"""Raw subscriptions (jetflow.adapters.natsclient) against a real nats-server: the wire's
+bytes reach the callback untouched, other subscriptions on the connection are not affected, and the
 bulk reader and the replay's reading child work through them."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 from nats.aio.msg import Msg
 
-from core import subjects as S
-from core.bus import connect, ensure_streams
-from core.metadata import Stored, header_value, status_of
-from core.server import EmbeddedServer
-from projections.applier import Applier
-from projections.fetcher import Bounds, FetchError, fetch
-from projections.reader import StreamReader, StreamUnreadable
-from projections.replay import rebuild
+from jetflow.adapters.bus import connect, ensure_streams
+from jetflow.adapters.nats_server import EmbeddedServer
+from jetflow.core import subjects as S
+from jetflow.core.metadata import Stored, header_value, status_of
+from jetflow.projections.applier import Applier
+from jetflow.projections.fetcher import Bounds, FetchError, fetch
+from jetflow.projections.reader import StreamReader, StreamUnreadable
+from jetflow.projections.replay import rebuild
 from tests.test_projections_e2e import publish_synthetic
 
 Wire = tuple[bytes, bytes, bytes, bytes | None]
@@ -223,13 +223,13 @@ async def test_fetch_fails_when_the_server_goes_away_mid_read(server: EmbeddedSe
 
 
 def fetcher_processes() -> list[int]:
-    """Running `python -m projections.fetcher` children of this test process."""
+    """Running `python -m jetflow.projections.fetcher` children of this test process."""
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             with contextlib.suppress(OSError):
                 cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-                if b"projections.fetcher" in cmdline:
+                if b"jetflow.projections.fetcher" in cmdline:
                     found.append(int(proc.name))
     return found
 

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core import subjects as S
-from core.codec import CodecError
-from core.submission import (
+from jetflow.core import subjects as S
+from jetflow.core.codec import CodecError
+from jetflow.core.submission import (
     JOB_ID_RE,
     MAX_SUBMISSION_BYTES,
     Submission,

@@ -16,10 +16,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from core import subjects as S
-from core import tracing
-from core.collector import Collector
-from core.trace_cli import span_tree
+from jetflow.adapters import tracing
+from jetflow.adapters.collector import Collector
+from jetflow.cli.trace import span_tree
+from jetflow.core import subjects as S
 
 TID = "4bf92f3577b34da6a3ce929d0e0e4736"
 SID = "00f067aa0ba902b7"

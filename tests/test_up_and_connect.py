@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from core import subjects as S
-from core.bus import BusError, Unreachable, _unreachable_reason, connect
-from core.cli import up_server
-from core.client import connect as client_connect
-from core.server import EmbeddedServer, ServerError
-from core.stack import Stack, exit_description, restart_delay
+from jetflow import connect as client_connect
+from jetflow.adapters.bus import BusError, Unreachable, _unreachable_reason, connect
+from jetflow.adapters.nats_server import EmbeddedServer, ServerError
+from jetflow.cli.services import up_server
+from jetflow.core import subjects as S
+from jetflow.up import Stack, exit_description, restart_delay
 from tests.conftest import wait_until
 from tests.test_projections_e2e import caught_up, query
 
@@ -59,7 +59,7 @@ async def run_jetflow(*args: str, env: dict[str, str] | None = None,
     """Run ``jetflow ARGS`` to the end: (exit code, stderr, seconds it took)."""
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "core.cli", *args, cwd=ROOT, env=env or jetflow_env(),
+        sys.executable, "-m", "jetflow.cli", *args, cwd=ROOT, env=env or jetflow_env(),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE)
     try:
@@ -122,7 +122,7 @@ async def test_a_connection_reconnects_forever_after_the_first_connect(
 async def test_a_service_waits_for_a_server_that_starts_late(tmp_path: Path) -> None:
     server = EmbeddedServer(tmp_path / "srv", port=free_port())
     sentinel = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "core.cli", "sentinel", "--nats", server.url, cwd=ROOT,
+        sys.executable, "-m", "jetflow.cli", "sentinel", "--nats", server.url, cwd=ROOT,
         env=jetflow_env(), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
@@ -195,7 +195,7 @@ class Up:
 
     def service_pid(self, service: str) -> int | None:
         return next((pid for pid, cmd in self.children().items()
-                     if f"core.cli {service} " in cmd), None)
+                     if f"jetflow.cli {service} " in cmd), None)
 
 
 @contextlib.asynccontextmanager
@@ -205,7 +205,7 @@ async def jetflow_up(tmp_path: Path, *args: str, env: dict[str, str] | None = No
     data, stderr = tmp_path / "data", tmp_path / "up.stderr"
     with stderr.open("wb") as err_file:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "core.cli", "up", "--data", str(data), "--workers", "1",
+            sys.executable, "-m", "jetflow.cli", "up", "--data", str(data), "--workers", "1",
             *args, cwd=ROOT, env=env or jetflow_env(), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=err_file)
     up = Up(proc, stderr, data)
@@ -286,7 +286,7 @@ async def test_c_up_restarts_its_killed_nats_server_and_the_services_carry_on(
             await client.close()
         first = server_pid()
         assert first is not None, up.children()
-        services = {pid for pid, cmd in up.children().items() if "core.cli" in cmd}
+        services = {pid for pid, cmd in up.children().items() if "jetflow.cli" in cmd}
         os.kill(first, signal.SIGKILL)
 
         async def replaced() -> bool:
@@ -312,7 +312,7 @@ async def test_c_up_restarts_its_killed_nats_server_and_the_services_carry_on(
         await caught_up(db, url)
         assert sorted(query(db, "SELECT state FROM jobs")) == [("succeeded",)] * 2
         # the same three services: they reconnected, none had to be restarted
-        assert {pid for pid, cmd in up.children().items() if "core.cli" in cmd} == services
+        assert {pid for pid, cmd in up.children().items() if "jetflow.cli" in cmd} == services
         assert len(services) == 3
     assert up.proc.returncode == 0, up.log()
     assert up.log().count("exited unexpectedly") == 1, up.log()
@@ -325,14 +325,14 @@ async def test_c_up_stopped_while_it_starts_stops_everything_it_started(
     stderr = tmp_path / "up.stderr"
     with stderr.open("wb") as err_file:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "core.cli", "up", "--data", str(tmp_path / "data"),
+            sys.executable, "-m", "jetflow.cli", "up", "--data", str(tmp_path / "data"),
             "--port", str(free_port()), "--workers", "2", cwd=ROOT, env=jetflow_env(),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=err_file)
     up = Up(proc, stderr, tmp_path / "data")
     try:
         async def services_launched() -> bool:
-            return sum("core.cli" in cmd for cmd in up.children().values()) >= 2
+            return sum("jetflow.cli" in cmd for cmd in up.children().values()) >= 2
         await wait_until(services_launched, 30, "up to launch its services")
         started = up.children()
         proc.send_signal(signal.SIGTERM)

@@ -20,13 +20,13 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from core import subjects as S
-from core.bus import Conflict, EventLog, job_messages_after
-from core.codec import CodecError, decode_event, dumps
-from core.events import Event
-from core.job import TRANSITIONS
-from workers.pool import ChildPool, Outcome
-from workers.spans import traced_attempt, traced_claim, traced_record
+from jetflow.adapters.bus import Conflict, EventLog, job_messages_after
+from jetflow.core import subjects as S
+from jetflow.core.codec import CodecError, decode_event, dumps
+from jetflow.core.events import Event
+from jetflow.core.job import TRANSITIONS
+from jetflow.workers.pool import ChildPool, Outcome
+from jetflow.workers.spans import traced_attempt, traced_claim, traced_record
 
 __all__ = ["Attempt", "Deps"]
 

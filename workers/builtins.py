@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from workers.context import JobContext, PermanentError
+from jetflow.workers.context import JobContext, PermanentError
 
 __all__ = ["echo", "sleep", "fail"]
 

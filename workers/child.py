@@ -1,4 +1,4 @@
-"""A child process that runs handlers, one job at a time: ``python -m workers.child``.
+"""A child process that runs handlers, one job at a time: ``python -m jetflow.workers.child``.
 
 Frames come in on stdin and go out on a private copy of stdout; the real stdout (fd 1)
 is pointed at stderr, so anything a handler or a C library prints becomes a log line
@@ -17,12 +17,12 @@ from typing import IO, Any
 
 import orjson
 
-from core import tracing
-from core.runtime import die_with_parent
-from workers.context import JobContext, PermanentError
-from workers.frames import PARENT_ENV, encode_frame, read_frame_sync
-from workers.handlers import HandlerError, resolve
-from workers.spans import traced_run
+from jetflow.adapters import tracing
+from jetflow.adapters.runtime import die_with_parent
+from jetflow.workers.context import JobContext, PermanentError
+from jetflow.workers.frames import PARENT_ENV, encode_frame, read_frame_sync
+from jetflow.workers.handlers import HandlerError, resolve
+from jetflow.workers.spans import traced_run
 
 
 class _LineWriter:

@@ -8,15 +8,17 @@ when the worker starts, so a typo fails at once with a clear message, not per jo
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, cast
 
 __all__ = ["BUILTINS", "HandlerError", "parse_handlers", "resolve"]
 
 BUILTINS: dict[str, str] = {
-    "echo": "workers.builtins:echo",
-    "sleep": "workers.builtins:sleep",
-    "fail": "workers.builtins:fail",
+    "echo": "jetflow.workers.builtins:echo",
+    "sleep": "jetflow.workers.builtins:sleep",
+    "fail": "jetflow.workers.builtins:fail",
 }
 
 
@@ -25,7 +27,8 @@ class HandlerError(ValueError):
 
 
 def parse_handlers(spec: str) -> dict[str, str]:
-    """``"echo,img=pkg.mod:fn"`` -> ``{"echo": "workers.builtins:echo", "img": "pkg.mod:fn"}``."""
+    """``"echo,img=pkg.mod:fn"`` -> ``{"echo": "jetflow.workers.builtins:echo",
+    "img": "pkg.mod:fn"}``."""
     out: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, ref = item.partition("=")
@@ -42,9 +45,14 @@ def parse_handlers(spec: str) -> dict[str, str]:
 
 
 def resolve(ref: str) -> Callable[..., Any]:
+    """The function ``module:function`` names. Modules in the current directory are
+    importable, whether the worker runs as ``jetflow worker`` or ``python -m``: the
+    directory is appended to ``sys.path`` (after the installed packages, which it does
+    not shadow)."""
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
         raise HandlerError(f"handler reference {ref!r} must be module:function")
+    _current_directory_importable()
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
@@ -53,3 +61,9 @@ def resolve(ref: str) -> Callable[..., Any]:
     if not callable(fn):
         raise HandlerError(f"{ref!r}: {module_name} has no callable {attr!r}")
     return cast(Callable[..., Any], fn)
+
+
+def _current_directory_importable() -> None:
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)

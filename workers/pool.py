@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from workers.frames import HEADER, PARENT_ENV, encode_frame
+from jetflow.workers.frames import HEADER, PARENT_ENV, encode_frame
 
 __all__ = ["ChildPool", "Outcome"]
 
@@ -47,9 +47,9 @@ class Child:
     async def spawn(cls, env: dict[str, str] | None = None) -> Child:
         # Its own session: Ctrl-C in a terminal (SIGINT to the foreground process group)
         # is the worker's to handle (drain), not a KeyboardInterrupt in a running job. It
-        # dies with the worker (see workers.child).
+        # dies with the worker (see jetflow.workers.child).
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "workers.child", stdin=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "jetflow.workers.child", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env={**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}, limit=2**24,
             start_new_session=True)

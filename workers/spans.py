@@ -17,25 +17,51 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from core import subjects as S
-from core import tracing
+from jetflow.adapters import tracing
+from jetflow.core import subjects as S
+from jetflow.workers.pool import Outcome
 
-if TYPE_CHECKING:
-    from workers.attempt import Attempt
-    from workers.pool import Outcome
+__all__ = ["traced_attempt", "traced_claim", "traced_record", "traced_run", "Traced"]
 
-__all__ = ["traced_attempt", "traced_claim", "traced_record", "traced_run"]
 
-T = TypeVar("T")
+class _Worker(Protocol):
+    @property
+    def worker_id(self) -> str: ...
+
+
+class Traced(Protocol):
+    """What the spans read of an attempt (:class:`jetflow.workers.attempt.Attempt`)."""
+
+    headers: dict[str, str]
+
+    @property
+    def work(self) -> dict[str, Any]: ...
+
+    @property
+    def deps(self) -> _Worker: ...
+
+    @property
+    def job_id(self) -> str: ...
+
+    @property
+    def number(self) -> int: ...
+
+    @property
+    def outcome(self) -> Outcome | None: ...
+
+    def msg_id(self, type_: str) -> str: ...
+
+
+AttemptT = TypeVar("AttemptT", bound=Traced)
 ERROR_OUTCOMES = ("failed", "timed_out")
 ENV_TRACEPARENT = "TRACEPARENT"
 ENV_TRACESTATE = "TRACESTATE"
 ENV_CORRELATION_ID = "JETFLOW_CORRELATION_ID"
 
 
-def _attempt_attributes(a: Attempt, message_id: str | None) -> dict[str, Any]:
+def _attempt_attributes(a: Traced, message_id: str | None) -> dict[str, Any]:
     w = a.work
     return {**tracing.messaging(S.work_subject(a.deps.worker_id), "process", message_id),
             **tracing.job_attributes(job_id=a.job_id, handler=w.get("handler"),
@@ -44,12 +70,12 @@ def _attempt_attributes(a: Attempt, message_id: str | None) -> dict[str, Any]:
                                      correlation_id=a.headers.get(S.HDR_CORRELATION_ID))}
 
 
-def traced_attempt(run: Callable[[Attempt], Awaitable[None]]
-                   ) -> Callable[[Attempt], Awaitable[None]]:
+def traced_attempt(run: Callable[[AttemptT], Awaitable[None]]
+                   ) -> Callable[[AttemptT], Awaitable[None]]:
     """``Attempt.run`` inside the attempt's span and log context."""
 
     @functools.wraps(run)
-    async def wrapper(attempt: Attempt) -> None:
+    async def wrapper(attempt: AttemptT) -> None:
         with tracing.log_context(attempt.headers):
             if not tracing.enabled():
                 return await run(attempt)
@@ -80,12 +106,12 @@ def _mark_outcome(span: Any, outcome: Outcome | None) -> None:
         span.set_attribute("jetflow.retryable", bool(error.get("retryable", True)))
 
 
-def traced_claim(claim: Callable[[Attempt], Awaitable[int | None]]
-                 ) -> Callable[[Attempt], Awaitable[int | None]]:
+def traced_claim(claim: Callable[[AttemptT], Awaitable[int | None]]
+                 ) -> Callable[[AttemptT], Awaitable[int | None]]:
     """``Attempt.claim`` (the ``started`` append) ends with a ``claimed`` span event."""
 
     @functools.wraps(claim)
-    async def wrapper(attempt: Attempt) -> int | None:
+    async def wrapper(attempt: AttemptT) -> int | None:
         seq = await claim(attempt)
         tracing.add_event("claimed" if seq is not None else "claimed elsewhere",
                           seq=seq, msg_id=attempt.msg_id("started"))
@@ -94,12 +120,12 @@ def traced_claim(claim: Callable[[Attempt], Awaitable[int | None]]
     return wrapper
 
 
-def traced_record(record: Callable[[Attempt, Outcome], Awaitable[None]]
-                  ) -> Callable[[Attempt, Outcome], Awaitable[None]]:
+def traced_record(record: Callable[[AttemptT, Outcome], Awaitable[None]]
+                  ) -> Callable[[AttemptT, Outcome], Awaitable[None]]:
     """``Attempt.record`` (the result's append) ends with a ``recorded`` span event."""
 
     @functools.wraps(record)
-    async def wrapper(attempt: Attempt, outcome: Outcome) -> None:
+    async def wrapper(attempt: AttemptT, outcome: Outcome) -> None:
         await record(attempt, outcome)
         tracing.add_event("recorded", outcome=outcome.kind)
 

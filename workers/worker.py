@@ -19,8 +19,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from core import subjects as S
-from core.bus import (
+from jetflow.adapters.bus import (
     FIRST_CONNECT_WAIT_S,
     TIMEOUTS,
     EventLog,
@@ -31,12 +30,13 @@ from core.bus import (
     reconnects,
     work_consumer,
 )
-from core.codec import dumps, loads
-from core.events import Event
-from core.runtime import cancel_and_wait, supervise
-from workers.attempt import Attempt, Deps
-from workers.handlers import parse_handlers, resolve
-from workers.pool import ChildPool
+from jetflow.adapters.runtime import cancel_and_wait, supervise
+from jetflow.core import subjects as S
+from jetflow.core.codec import dumps, loads
+from jetflow.core.events import Event
+from jetflow.workers.attempt import Attempt, Deps
+from jetflow.workers.handlers import parse_handlers, resolve
+from jetflow.workers.pool import ChildPool
 
 __all__ = ["Worker", "make_worker_id"]
 

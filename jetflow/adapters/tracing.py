@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from typing import Any
 
-from core import subjects as S
+from jetflow.core import subjects as S
 
 __all__ = [
     "setup",

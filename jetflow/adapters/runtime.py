@@ -23,7 +23,7 @@ async def supervise(name: str, loop: Callable[[], Awaitable[None]],
                     finished: Callable[[], bool] = lambda: False) -> None:
     """Run ``loop`` forever: a crash is logged and the loop restarted, never lost silently.
     A loop that returns once ``finished()`` holds (its service is stopping) has ended."""
-    from core.bus import Resubscribe
+    from jetflow.adapters.bus import Resubscribe
 
     while True:
         try:
@@ -124,7 +124,7 @@ class Signals:
 
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-# In a service's environment: the pid of the `jetflow up` (core.stack) it runs under
+# In a service's environment: the pid of the `jetflow up` (jetflow.up) it runs under
 STOP_WITH_PARENT_ENV = "JETFLOW_STOP_WITH_PARENT"
 
 

@@ -5,7 +5,7 @@ dict, decodes the subjects, queues the message and wakes the subscription's task
 costs ~15 µs a message on this 2-core machine and capped a replay's reading at ~50k
 events/s. A raw subscription skips all of it: the protocol parser's bytes go straight to
 a plain (synchronous) callback, ``cb(subject, reply, data, header_block)``, and whoever
-reads a stream in bulk parses only the little it needs (:mod:`core.metadata`).
+reads a stream in bulk parses only the little it needs (:mod:`jetflow.core.metadata`).
 
 Everything else (connecting, reconnecting and re-subscribing, unsubscribing) stays
 nats-py's: a raw subscription is an ordinary subscription whose messages are diverted.

@@ -38,7 +38,8 @@ def find_binary() -> str:
 
 
 def default_config() -> Path:
-    """The project's nats.conf (``JETFLOW_NATS_CONF`` overrides)."""
+    """The project's nats.conf (``JETFLOW_NATS_CONF`` overrides): the package's copy
+    (``jetflow/nats.conf``, in the repository a link to the top-level ``nats.conf``)."""
     override = os.environ.get("JETFLOW_NATS_CONF")
     if override:
         return Path(override)

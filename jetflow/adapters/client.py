@@ -2,7 +2,7 @@
 
 ::
 
-    from core.client import connect
+    from jetflow import connect
 
     client = await connect("nats://127.0.0.1:4222")
     job_id = await client.submit("echo", {"x": 1}, queue="default", priority=5)
@@ -27,16 +27,16 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from core import subjects as S
-from core import tracing
-from core.bus import TIMEOUTS, BusError, Tail, last_job_event
-from core.bus import connect as bus_connect
-from core.codec import CodecError, Unreadable, decode_event, dumps
-from core.events import Event
-from core.job import TERMINAL, JobState, fold_skipping
-from core.metadata import parse_ack_reply
-from core.runtime import cancel_and_wait
-from core.submission import derive_job_id
+from jetflow.adapters import tracing
+from jetflow.adapters.bus import TIMEOUTS, BusError, Tail, last_job_event
+from jetflow.adapters.bus import connect as bus_connect
+from jetflow.adapters.runtime import cancel_and_wait
+from jetflow.core import subjects as S
+from jetflow.core.codec import CodecError, Unreadable, decode_event, dumps
+from jetflow.core.events import Event
+from jetflow.core.job import TERMINAL, JobState, fold_skipping
+from jetflow.core.metadata import parse_ack_reply
+from jetflow.core.submission import derive_job_id
 
 __all__ = ["Client", "connect", "JobError", "NoSentinel", "SubmissionRejected", "SubmitTimeout"]
 

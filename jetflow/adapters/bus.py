@@ -31,11 +31,11 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from core import subjects as S
-from core.codec import encode_event
-from core.events import Event
-from core.metadata import parse_ack_reply
-from core.natsclient import Client
+from jetflow.adapters.natsclient import Client
+from jetflow.core import subjects as S
+from jetflow.core.codec import encode_event
+from jetflow.core.events import Event
+from jetflow.core.metadata import parse_ack_reply
 
 __all__ = [
     "DEFAULT_URL",
@@ -106,7 +106,7 @@ async def connect(url: str | None = None, *, name: str = "jetflow",
                   wait_s: float = FIRST_CONNECT_WAIT_S) -> Client:
     """Connect, trying again for up to ``wait_s`` (a command fails fast; a service that may
     start before its server passes longer), reconnecting forever afterwards. The client is
-    nats-py's with raw subscriptions (:mod:`core.natsclient`)."""
+    nats-py's with raw subscriptions (:mod:`jetflow.adapters.natsclient`)."""
     url = url or default_url()
     deadline = time.monotonic() + wait_s
     errors = _ErrorLog()

@@ -11,7 +11,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from projections.queries import STATE_ORDER
+from jetflow.projections.queries import STATE_ORDER
 
 __all__ = ["console", "status_view", "workers_view", "jobs_view", "errors_view", "when",
            "age"]

@@ -6,9 +6,9 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from core.codec import Unreadable
-from core.events import Event
-from core.job import JobState
+from jetflow.core.codec import Unreadable
+from jetflow.core.events import Event
+from jetflow.core.job import JobState
 
 __all__ = ["job_lines", "job_json"]
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core import subjects as S
-from core.tracing import trace_id_of
+from jetflow.adapters.tracing import trace_id_of
+from jetflow.cli.options import common_options
+from jetflow.core import subjects as S
 
 __all__ = ["add_commands", "span_tree", "traces_of"]
 
@@ -29,7 +29,7 @@ SHOWN_ATTRIBUTES = ("jetflow.attempt", "jetflow.outcome", "jetflow.worker_id",
 # -- the commands -----------------------------------------------------------------------------
 
 async def cmd_trace(a: argparse.Namespace) -> int:
-    from core.client import JobError, connect
+    from jetflow.adapters.client import JobError, connect
 
     client = await connect(a.nats)
     try:
@@ -77,8 +77,8 @@ def _lines(a: argparse.Namespace, traces: dict[str, list[str]], correlation: str
 
 
 async def cmd_collector(a: argparse.Namespace) -> int:
-    from core.collector import Collector
-    from core.runtime import wait_for_signal
+    from jetflow.adapters.collector import Collector
+    from jetflow.adapters.runtime import wait_for_signal
 
     out = Path(a.out) if a.out else None
     with Collector(a.host, a.port, out=out, keep=False) as collector:
@@ -90,7 +90,7 @@ async def cmd_collector(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: Any, common_options: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_commands(sub: Any) -> None:
     p = sub.add_parser("trace", help="a job's trace id(s), Jaeger link and span tree",
                        description="Print the trace id(s) a job's events carry and a Jaeger "
                                    "link; with a local collector's span file, the span tree.")
@@ -137,7 +137,7 @@ def _spans_file(a: argparse.Namespace) -> Path | None:
 def _load(path: Path | None) -> list[SpanDict]:
     if path is None or not path.exists():
         return []
-    from core.collector import load_spans
+    from jetflow.adapters.collector import load_spans
 
     return load_spans(path)
 

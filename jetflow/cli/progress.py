@@ -18,7 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from projections.render import console
+from jetflow.cli.tables import console
 
 __all__ = ["progress_reporter", "Report"]
 

@@ -1,5 +1,5 @@
 """The whole system as real processes: nats-server (unless a URL is given), a sentinel,
-workers and the projector, each ``python -m core.cli <service>``. ``jetflow up``, the
+workers and the projector, each ``python -m jetflow.cli <service>``. ``jetflow up``, the
 demo, the benchmarks and the end-to-end tests all run it the same way; only ``jetflow up``
 asks for ``restart=True`` (the fault tests kill services and expect them to stay dead)."""
 
@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import IO, Protocol
 
-from core import subjects as S
-from core.bus import Tail, connect
-from core.retry import RetryPolicy, compute_backoff
-from core.runtime import STOP_WITH_PARENT_ENV
-from core.server import EmbeddedServer, ServerError
+from jetflow.adapters.bus import Tail, connect
+from jetflow.adapters.nats_server import EmbeddedServer, ServerError
+from jetflow.adapters.runtime import STOP_WITH_PARENT_ENV
+from jetflow.core import subjects as S
+from jetflow.core.retry import RetryPolicy, compute_backoff
 
 __all__ = ["Stack", "Service", "restart_delay", "exit_description"]
 
@@ -97,7 +97,7 @@ class Service:
         self._close_log()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
-        cmd = [sys.executable, "-m", "core.cli", *self.args, "--nats", self.url]
+        cmd = [sys.executable, "-m", "jetflow.cli", *self.args, "--nats", self.url]
         # Its own session: Ctrl-C in the terminal of `jetflow up` reaches `up` alone, which
         # stops the services in order (SIGTERM once; a second Ctrl-C: SIGTERM again, and a
         # draining worker hands its jobs back at once), not all of them at the same moment.
@@ -275,7 +275,7 @@ class Stack:
     async def _events_head(self) -> int:
         nc = await connect(self.url)
         try:
-            from core.bus import ensure_streams
+            from jetflow.adapters.bus import ensure_streams
 
             js = nc.jetstream()
             await ensure_streams(js)
