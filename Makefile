@@ -17,8 +17,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m examples.demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(STAMP)  ## the whole suite, on both cores (pytest-xdist); one file: make test T=tests/x.py
+	$(BIN)/python -m pytest -q -n 2 $(T)
 
 bench: $(STAMP)  ## each benchmark prints its table and writes bench/results/*.json
 	$(BIN)/python -m bench.throughput

@@ -21,6 +21,16 @@ from jetflow.core.scheduler import ReadyJob, Scheduler, WorkerSlots
 __all__ = ["Fleet", "WorkerInfo", "Append", "Dispatch"]
 
 LEASE_GRACE_S = 3.0  # a heartbeat this long after a claim must list the job
+# A worker that missed this many heartbeats (plus a quarter of an interval for transit
+# and a busy event loop) is *silent*: it is offered nothing new, and the offers it has not
+# claimed go to other workers at once. Its lease still decides when it is lost.
+SILENT_AFTER_BEATS = 2.25
+
+
+def default_heartbeat_s(lease_s: float) -> float:
+    """A worker's heartbeat interval when its ``joined`` event does not say (recorded
+    before it did): what workers have always used, a quarter of the lease, at most 2 s."""
+    return min(2.0, lease_s / 4)
 
 
 @dataclass(slots=True)
@@ -37,6 +47,8 @@ class WorkerInfo:
     last_seen: float = 0.0
     beat_at: float = 0.0  # the worker's clock when it built its last heartbeat
     beat_running: frozenset[str] = frozenset()
+    heartbeat_s: float = 2.0
+    silent: bool = False  # missed heartbeats: offered nothing new (see SILENT_AFTER_BEATS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +83,7 @@ class Fleet:
     last_seq: int = 0
     _timers: list[tuple[float, str]] = field(default_factory=list)
     _dispatched_at: dict[str, float] = field(default_factory=dict)
+    _cancel_reasons: dict[str, str] = field(default_factory=dict)  # what a cancel said
 
     # -- observing the log --------------------------------------------------------------
     def observe(self, event: Event) -> str | None:
@@ -94,10 +107,13 @@ class Fleet:
         self._update_scheduler(old, new, event)
         if event.type == "submitted":
             self._arm_timeouts(new)
+        elif event.type == "cancel_requested" and isinstance(event.get("reason"), str):
+            self._cancel_reasons[event.id] = event.data["reason"]
         # Dead letters stay known: an operator may re-drive them (queued again).
         if new.state in TERMINAL and new.state != "dead_lettered":
             self.jobs.pop(event.id, None)
             self._dispatched_at.pop(event.id, None)
+            self._cancel_reasons.pop(event.id, None)
         else:
             self.jobs[event.id] = new
             self.dirty.add(event.id)
@@ -136,7 +152,8 @@ class Fleet:
             info = WorkerInfo(wid, frozenset(event.data["handlers"]),
                               frozenset(event.data["queues"]), event.data["concurrency"],
                               event.get("host", ""), event.get("pid", 0), "live",
-                              event.seq, event.seq, event.at)
+                              event.seq, event.seq, event.at,
+                              heartbeat_s=_heartbeat_interval(event, self.lease_s))
             old = self.workers.get(wid)
             if old is not None:
                 info.last_seen = max(old.last_seen, info.last_seen)
@@ -173,6 +190,9 @@ class Fleet:
         info.last_seen = max(info.last_seen, at)
         if running is not None and beat_at >= info.beat_at:
             info.beat_at, info.beat_running = beat_at, running
+        if info.silent and info.status == "live":
+            info.silent = False
+            self.sched.resume(worker_id)
 
     def live_handlers(self) -> frozenset[str]:
         return frozenset(h for w in self.workers.values() if w.status == "live"
@@ -184,7 +204,8 @@ class Fleet:
         if job is None:
             return None
         if job.cancel_requested and job.state != "running":
-            return self._job(job, "cancelled", now, job.attempt, reason="cancel requested")
+            return self._job(job, "cancelled", now, job.attempt,
+                             reason=self._cancel_reasons.get(job.job_id, "cancel requested"))
         expired = self._expired(job, now)
         if expired is not None:
             return expired
@@ -263,17 +284,32 @@ class Fleet:
         self.dirty |= self.jobs.keys()
 
     def due(self, now: float) -> tuple[set[str], list[Append]]:
-        """Jobs whose timer fired (to decide again) and workers to declare lost."""
+        """Jobs whose timer fired (to decide again) and workers to declare lost; workers
+        that fell silent are offered nothing more, and their unclaimed offers go back."""
         ready: set[str] = set()
         while self._timers and self._timers[0][0] <= now:
             ready.add(heapq.heappop(self._timers)[1])
         lost = [self._lost(w, now) for w in self.workers.values()
                 if w.status == "live" and now - w.last_seen > self.lease_s]
+        for w in self.workers.values():
+            if w.status == "live" and not w.silent \
+                    and now - w.last_seen > SILENT_AFTER_BEATS * w.heartbeat_s:
+                self._silence(w)
         for job_id, at in list(self._dispatched_at.items()):
             if now - at > self.dispatch_timeout_s:  # offered but never claimed
-                self.sched.release(job_id)
-                self._requeue({job_id})
+                self._withdraw(job_id)
         return ready, lost
+
+    def _silence(self, w: WorkerInfo) -> None:
+        w.silent = True
+        held = self.sched.pause(w.worker_id)
+        for job_id in held & self._dispatched_at.keys():  # offered, not claimed
+            self._withdraw(job_id)
+
+    def _withdraw(self, job_id: str) -> None:
+        """An offer that was not claimed: the job is ready for another worker."""
+        self.sched.release(job_id)
+        self._requeue({job_id})
 
     def _lost(self, w: WorkerInfo, now: float) -> Append:
         event = Event("worker", w.worker_id, "lost", now,
@@ -291,3 +327,13 @@ class Fleet:
             self._dispatched_at[job.job_id] = now
             out.append(Dispatch(job, worker_id, job.last_seq))
         return out
+
+
+def _heartbeat_interval(joined: Event, lease_s: float) -> float:
+    """The interval a ``joined`` event announces, else the default for its lease."""
+    value = joined.get("heartbeat_s")
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 3600:
+        return float(value)
+    lease = joined.get("lease_s")
+    ok = isinstance(lease, int | float) and not isinstance(lease, bool) and lease > 0
+    return default_heartbeat_s(float(lease) if ok else lease_s)

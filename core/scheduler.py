@@ -31,6 +31,7 @@ class WorkerSlots:
     queues: frozenset[str]
     concurrency: int
     assigned: set[str] = field(default_factory=set)
+    paused: bool = False  # silent (missed heartbeats): no new offers until it beats again
 
     @property
     def free(self) -> int:
@@ -97,6 +98,19 @@ class Scheduler:
             self._assigned.pop(job_id, None)
         return set(worker.assigned)
 
+    def pause(self, worker_id: str) -> set[str]:
+        """Offer the worker nothing more until :meth:`resume`; return the jobs it holds."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return set()
+        worker.paused = True
+        return set(worker.assigned)
+
+    def resume(self, worker_id: str) -> None:
+        worker = self._workers.get(worker_id)
+        if worker is not None:
+            worker.paused = False
+
     def workers(self) -> dict[str, WorkerSlots]:
         return self._workers
 
@@ -110,7 +124,7 @@ class Scheduler:
         a few jobs spread over the idle workers instead of filling one worker's slots (its
         prefetch buffer included) while another waits."""
         out: list[tuple[ReadyJob, str]] = []
-        candidates = [w for w in self._workers.values() if w.free > 0]
+        candidates = [w for w in self._workers.values() if w.free > 0 and not w.paused]
         while candidates:
             candidates.sort(key=lambda w: -w.free)
             still: list[WorkerSlots] = []

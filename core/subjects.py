@@ -49,6 +49,8 @@ SUBMIT_WILDCARD = f"{PREFIX}.submit.>"
 CONTROL_CANCEL = f"{PREFIX}.ctl.cancel"  # {"job_id", "reason"?} -> cancel_requested
 CONTROL_RETRY = f"{PREFIX}.ctl.retry"  # {"job_id", "attempts"?} -> a dead letter re-driven
 SENTINEL_PING = f"{PREFIX}.ctl.sentinel.ping"  # answered by a sentinel that is ready
+# answered by every projector: {"db", "host", "pid", "seq"} (where its file is)
+PROJECTOR_WHERE = f"{PREFIX}.ctl.projector.where"
 
 # -- consumers -----------------------------------------------------------------------
 SENTINEL_SUBMIT_CONSUMER = "jf-sentinel-submit"
@@ -69,6 +71,27 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_\-:]{1,128}\Z")  # \Z: "$" would accept a trai
 
 class InvalidToken(ValueError):
     """A value that cannot be used as one token of a NATS subject."""
+
+
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # \Z: "$" would accept a trailing "\n"
+JOB_ID_RULE = "1-64 characters of A-Z a-z 0-9 _ -"
+
+
+def job_id_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a job id (the one rule, for submissions and reads alike),
+    or None."""
+    if isinstance(value, str) and JOB_ID_RE.match(value):
+        return None
+    return f"invalid job id {value!r}: a job id is {JOB_ID_RULE}"
+
+
+def check_job_id(value: object) -> str:
+    """``value`` if it can be a job id, else :class:`InvalidToken` saying the rule."""
+    problem = job_id_problem(value)
+    if problem:
+        raise InvalidToken(problem)
+    assert isinstance(value, str)
+    return value
 
 
 def check_token(value: object, what: str = "token") -> str:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from jetflow.core.codec import CodecError, loads
+from jetflow.core.subjects import JOB_ID_RE, job_id_problem
 
 __all__ = [
     "Submission",
@@ -23,12 +24,12 @@ __all__ = [
     "check_handler_known",
     "derive_job_id",
     "submission_fingerprint",
+    "differing_fields",
     "MAX_SUBMISSION_BYTES",
     "JOB_ID_RE",
 ]
 
 MAX_SUBMISSION_BYTES = 256 * 1024
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # \Z: "$" would accept a trailing "\n"
 HANDLER_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
 MAX_ATTEMPTS_LIMIT = 100
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
@@ -125,9 +126,10 @@ def _job_id(body: dict[str, Any]) -> str | None:
     job_id = body.get("job_id")
     if job_id is None:
         return None
-    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
-        raise CodecError("bad_job_id", f"'job_id' must match [A-Za-z0-9_-]{{1,64}}, "
-                                       f"got {job_id!r}")
+    problem = job_id_problem(job_id)
+    if problem:
+        raise CodecError("bad_job_id", problem)
+    assert isinstance(job_id, str)
     return job_id
 
 
@@ -182,3 +184,14 @@ def submission_fingerprint(subject: str, msg_id: str | None, raw: bytes) -> str:
     for part in (subject.encode(), b"\0", (msg_id or "").encode(), b"\0", raw):
         h.update(part)
     return h.hexdigest()
+
+
+# What a submitter chose of a job: a resubmission of its id that differs in any of these is
+# not an idempotent retry (the ids and sequences of the submission itself may differ).
+CHOSEN_FIELDS = ("handler", "args", "queue", "priority", "max_attempts", "timeout_s",
+                 "queue_timeout_s", "deadline_s", "retry", "correlation_id")
+
+
+def differing_fields(existing: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The fields of a ``submitted`` event's data in which ``new`` is not ``existing``."""
+    return [name for name in CHOSEN_FIELDS if existing.get(name) != new.get(name)]

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         JobError,
         NoSentinel,
         SubmissionRejected,
+        Submitted,
         SubmitTimeout,
         connect,
     )
@@ -45,6 +46,7 @@ __all__ = [
     "PermanentError",
     "SubmissionRejected",
     "SubmitTimeout",
+    "Submitted",
     "connect",
 ]
 
@@ -54,6 +56,7 @@ _HOME = {
     "NoSentinel": "jetflow.adapters.client",
     "SubmissionRejected": "jetflow.adapters.client",
     "SubmitTimeout": "jetflow.adapters.client",
+    "Submitted": "jetflow.adapters.client",
     "connect": "jetflow.adapters.client",
     "JobState": "jetflow.core.job",
     "JobContext": "jetflow.workers.context",

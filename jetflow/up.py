@@ -21,7 +21,7 @@ from jetflow.adapters.runtime import STOP_WITH_PARENT_ENV
 from jetflow.core import subjects as S
 from jetflow.core.retry import RetryPolicy, compute_backoff
 
-__all__ = ["Stack", "Service", "restart_delay", "exit_description"]
+__all__ = ["Stack", "Service", "StartError", "restart_delay", "exit_description"]
 
 log = logging.getLogger("jetflow.stack")
 
@@ -61,6 +61,11 @@ def exit_description(code: int) -> str:
         return f"killed by {signal.Signals(-code).name}"
     except ValueError:
         return f"killed by signal {-code}"
+
+
+class StartError(RuntimeError):
+    """A service ended while the stack was starting: a configuration it cannot run
+    (an unknown handler, a module that does not import...). Nothing is restarted."""
 
 
 class Restartable(Protocol):
@@ -161,7 +166,8 @@ class Stack:
                  workers: int = 2, handlers: str = "echo,sleep,fail", concurrency: int = 4,
                  durable: bool = False, lease_s: float = 15.0, projector: bool = True,
                  worker_args: list[str] | None = None,
-                 sentinel_args: list[str] | None = None, restart: bool = False) -> None:
+                 sentinel_args: list[str] | None = None, restart: bool = False,
+                 log_level: str | None = None, log_format: str | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.server = None if nats_url else EmbeddedServer(self.data_dir, port=port,
                                                            durable=durable)
@@ -177,6 +183,9 @@ class Stack:
         self.workers: list[Service] = []
         self.projector: Service | None = None
         self.restart = restart
+        self.log_level = log_level
+        self.log_format = log_format
+        self._starting = False
         self._keepers: list[asyncio.Task[None]] = []
 
     @property
@@ -188,22 +197,44 @@ class Stack:
         return self.data_dir / "logs"
 
     async def start(self, ready_timeout_s: float = 30.0) -> Stack:
+        """Start everything and wait until it is ready. A service that ends meanwhile
+        is a :class:`StartError` (its log's last line says why); what ``restart`` asks
+        for begins once all is up, so a configuration that cannot run is said once
+        instead of being restarted for ever."""
         if self.server:
             await self.server.start()
-            if self.restart:
-                self._keepers.append(asyncio.create_task(self._keep_running(self.server),
-                                                         name="keep-nats-server"))
         head = await self._events_head()
+        self._starting = True
         await self.add_sentinel()
         for _ in range(self.n_workers):
             await self.add_worker()
         if self.with_projector:
             self.projector = await self._launch(Service(
-                "projector", ["projector", "--db", str(self.data_dir / "projections.sqlite")],
-                self.url, self.log_dir))
+                "projector", ["projector", "--db", str(self.data_dir / "projections.sqlite"),
+                              *self._common()], self.url, self.log_dir))
         await self.wait_for_workers(self.n_workers, head, ready_timeout_s)
         await self.wait_for_sentinel(ready_timeout_s)
+        self._starting = False
+        if self.restart:
+            kept: list[Restartable] = [*([self.server] if self.server else []),
+                                       *self.services()]
+            for svc in kept:
+                self._keep(svc)
         return self
+
+    def _common(self) -> list[str]:
+        """What every service is started with besides its own arguments."""
+        return [*(["--log-level", self.log_level] if self.log_level else []),
+                *(["--log-format", self.log_format] if self.log_format else [])]
+
+    def _check_started(self) -> None:
+        """While starting: raise :class:`StartError` if a service has ended."""
+        for svc in self.services():
+            if not svc.running and svc.proc is not None:
+                code = svc.proc.returncode
+                assert code is not None
+                raise StartError(f"{svc.name} ended while starting ({exit_description(code)}):"
+                                 f" {_last_line(svc.log_path)} (its log: {svc.log_path})")
 
     async def wait_for_sentinel(self, timeout_s: float = 30.0) -> None:
         """Wait until a sentinel answers on the ping subject (it has caught up)."""
@@ -211,6 +242,8 @@ class Stack:
         deadline = time.monotonic() + timeout_s
         try:
             while True:
+                if self._starting:
+                    self._check_started()
                 try:
                     await nc.request(S.SENTINEL_PING, b"", timeout=0.5)
                     return
@@ -225,25 +258,29 @@ class Stack:
     async def add_sentinel(self) -> Service:
         name = f"sentinel-{len(self.sentinels) + 1}"
         svc = await self._launch(Service(name, ["sentinel", "--lease", str(self.lease_s),
-                                                *self.sentinel_args], self.url, self.log_dir))
+                                                *self._common(), *self.sentinel_args],
+                                         self.url, self.log_dir))
         self.sentinels.append(svc)
         return svc
 
     async def add_worker(self, handlers: str | None = None, *extra: str) -> Service:
         name = f"worker-{len(self.workers) + 1}"
         args = ["worker", "--handlers", handlers or self.handlers, "--concurrency",
-                str(self.concurrency), "--lease", str(self.lease_s), *self.worker_args,
-                *extra]
+                str(self.concurrency), "--lease", str(self.lease_s), *self._common(),
+                *self.worker_args, *extra]
         svc = await self._launch(Service(name, args, self.url, self.log_dir))
         self.workers.append(svc)
         return svc
 
     async def _launch(self, svc: Service) -> Service:
         await svc.start()
-        if self.restart:
-            self._keepers.append(asyncio.create_task(self._keep_running(svc),
-                                                     name=f"keep-{svc.name}"))
+        if self.restart and not self._starting:  # added later: kept running at once
+            self._keep(svc)
         return svc
+
+    def _keep(self, svc: Restartable) -> None:
+        self._keepers.append(asyncio.create_task(self._keep_running(svc),
+                                                 name=f"keep-{svc.name}"))
 
     async def _keep_running(self, svc: Restartable) -> None:
         """Restart ``svc`` (a service, or the embedded nats-server, which restarts on its
@@ -295,6 +332,8 @@ class Stack:
                 seen |= {m.subject.split(".")[2] for m in batch}
                 if len(seen) >= count:
                     return
+                if self._starting:
+                    self._check_started()
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"only {len(seen)} of {count} workers joined in "
                                        f"{timeout_s:g}s; see {self.log_dir}")

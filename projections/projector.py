@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from pathlib import Path
+
+from nats.aio.msg import Msg
 
 from jetflow.adapters.bus import FIRST_CONNECT_WAIT_S, connect, ensure_streams
 from jetflow.adapters.runtime import cancel_and_wait, supervise
 from jetflow.core import subjects as S
+from jetflow.core.codec import dumps
 from jetflow.projections.applier import Applier
 from jetflow.projections.reader import StreamReader
 from jetflow.projections.store import Store
@@ -44,6 +49,7 @@ class Projector:
             self.nc = await connect(self.url, name="jetflow-projector",
                                     wait_s=self.wait_nats_s)
             await ensure_streams(self.nc.jetstream())
+            await self.nc.subscribe(S.PROJECTOR_WHERE, cb=self._on_where)
         except BaseException:  # cancelled (a stop signal) or failed: leave nothing open
             await self.stop()
             raise
@@ -65,6 +71,16 @@ class Projector:
 
     async def checkpoint(self) -> int:
         return self.store.checkpoint()[0]
+
+    def where(self) -> dict[str, object]:
+        """Where this projector keeps its file: what read commands run from another
+        directory ask for (``jf.ctl.projector.where``)."""
+        return {"db": str(self.db_path.resolve()), "host": socket.gethostname(),
+                "pid": os.getpid(), "seq": self.store.checkpoint()[0]}
+
+    async def _on_where(self, msg: Msg) -> None:
+        if msg.reply:
+            await self.nc.publish(msg.reply, dumps(self.where()))
 
     async def _run(self) -> None:
         applier = Applier(self.store)

@@ -265,8 +265,9 @@ async def open_reader(path: Path) -> aiosqlite.Connection:
         raise ProjectionError(f"{path} is not a regular file: choose another --db")
     if not path.exists():
         raise ProjectionError(
-            f"no projection at {path}: run `jetflow projector` (or `jetflow up`), or build "
-            f"one with `jetflow replay --db {path}`; --db chooses another file")
+            f"no projection at {path}: pass --db FILE, or --data DIR (the directory "
+            "`jetflow up` or `jetflow projector` keeps it in), or build one with "
+            f"`jetflow replay --db {path}`")
     version = file_version(path)
     if version is None:
         raise ProjectionError(f"{path} is not a jetflow projection (no checkpoint table)")

@@ -77,11 +77,17 @@ class ReplyBook:
             self._waiting.popitem(last=False)
 
     @staticmethod
-    def body_for(event: Event, duplicate: bool = False) -> bytes:
+    def body_for(event: Event, duplicate: bool = False,
+                 differs: list[str] | None = None) -> bytes:
+        """The answer: the job id; ``duplicate`` when the job existed already, and then
+        ``differs``, the fields in which this submission is not the job's (not an
+        idempotent retry: the job keeps what it was first submitted with)."""
         if event.type == "rejected":
             return dumps({"error": event.data["reason"], "code": event.data["code"],
                           "job_id": event.id})
         body: dict[str, object] = {"job_id": event.id}
         if duplicate:
             body["duplicate"] = True
+        if differs:
+            body["differs"] = differs
         return dumps(body)

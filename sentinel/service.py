@@ -21,6 +21,7 @@ from jetflow.adapters.bus import (
     FIRST_CONNECT_WAIT_S,
     TIMEOUTS,
     Ack,
+    BusError,
     Conflict,
     EventLog,
     Publisher,
@@ -28,6 +29,7 @@ from jetflow.adapters.bus import (
     check_connection,
     connect,
     ensure_streams,
+    job_event_of_type,
     last_job_event,
     reconnects,
     submit_consumer,
@@ -39,7 +41,7 @@ from jetflow.core.events import Event
 from jetflow.core.fleet import Append, Dispatch, Fleet
 from jetflow.core.metadata import parse_ack_reply
 from jetflow.core.retry import RetryPolicy
-from jetflow.core.submission import submission_fingerprint
+from jetflow.core.submission import differing_fields, submission_fingerprint
 from jetflow.sentinel.control import Control
 from jetflow.sentinel.intake import Decision, Intake, RawSubmission
 from jetflow.sentinel.replies import ReplyBook
@@ -157,7 +159,9 @@ class Sentinel:
         self.spans.observed(event)
         if why:
             log.debug("not applied: %s %s seq %d: %s", event.id, event.type, event.seq, why)
-        if event.type in ("submitted", "rejected"):
+        if duplicate and event.type == "submitted":  # its id was taken: say if it differs
+            asyncio.ensure_future(self._answer_duplicate(event))
+        elif event.type in ("submitted", "rejected"):
             self._answer(event, duplicate)
         if event.kind == "job" and event.id not in self.fleet.jobs:
             self.trace.pop(event.id, None)
@@ -300,7 +304,7 @@ class Sentinel:
         submitter picked an id that is taken (recorded under the derived id instead)."""
         event = d.append.event
         if d.accepted:
-            self._answer(event, duplicate=True)
+            asyncio.ensure_future(self._answer_duplicate(event))
             return True
         if event.id == d.derived_id:
             return True  # this very rejection was recorded before a redelivery
@@ -339,8 +343,13 @@ class Sentinel:
         job_id = Intake.job_id_of(msg.data, (msg.headers or {}).get(S.HDR_MSG_ID))
         if not await self._job_exists(job_id):
             return
+        raw = RawSubmission(msg.subject, msg.data, msg.headers or {}, 0)
+        decision = self.intake.decide(raw, self.fleet.known_handlers, time.time())
+        new = decision.append.event.data if decision.accepted else None
+        body = ReplyBook.body_for(Event("job", job_id, "submitted", 0.0, {}), duplicate=True,
+                                  differs=await self._differs(job_id, new))
         if self.replies.withdraw(fingerprint, msg.reply):
-            await self.nc.publish(msg.reply, dumps({"job_id": job_id, "duplicate": True}))
+            await self.nc.publish(msg.reply, body)
 
     async def _job_exists(self, job_id: str) -> bool:
         try:
@@ -348,11 +357,35 @@ class Sentinel:
         except TIMEOUTS:
             return False
 
+    async def _answer_duplicate(self, event: Event) -> None:
+        """Answer a submission of a job id that exists, saying where it differs."""
+        differs = await self._differs(event.id, event.data)
+        fingerprint = event.get("fp")
+        if fingerprint:
+            body = ReplyBook.body_for(event, duplicate=True, differs=differs)
+            for inbox in self.replies.answer(fingerprint, body,
+                                             everyone=bool(event.get("msg_id"))):
+                await self.nc.publish(inbox, body)
+        if differs:
+            log.warning("job %s submitted again with other %s: the job keeps its first "
+                        "submission", event.id, ", ".join(differs))
+
+    async def _differs(self, job_id: str, new: dict[str, object] | None) -> list[str]:
+        """The fields in which ``new`` (a submission's ``submitted`` data) is not what the
+        job was submitted with; [] when they agree or the first one cannot be read."""
+        if new is None:
+            return []
+        try:
+            found = await job_event_of_type(self.nc, job_id, "submitted")
+            first = decode_event(found[1], found[2], found[0]) if found else None
+        except (*TIMEOUTS, BusError, CodecError):
+            return []
+        return differing_fields(first.data, new) if first is not None else []
+
     async def _on_control(self, msg: Msg) -> None:
         try:
             body = loads(msg.data)
-            job_id = S.check_token(body.get("job_id"), "job id") if isinstance(body, dict) \
-                else S.check_token(None, "job id")
+            job_id = S.check_job_id(body.get("job_id") if isinstance(body, dict) else None)
         except (CodecError, S.InvalidToken) as exc:
             answer: dict[str, object] = {"error": f"{exc}; send {{\"job_id\": \"...\"}}"}
         else:

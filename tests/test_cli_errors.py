@@ -5,14 +5,22 @@ before the job does, a job that does not exist."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import re
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from jetflow import Client
-from jetflow.adapters.nats_server import EmbeddedServer
+from jetflow.adapters.nats_server import EmbeddedServer, find_binary
 from tests.conftest import StackFactory
 from tests.test_projections_e2e import cli
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.e2e
 
@@ -75,3 +83,96 @@ async def test_a_wait_that_ends_first_says_which_job_goes_on(make_stack: StackFa
     assert answer["error"].startswith(f"timed out: job {answer['job_id']} is still queued")
     code, out, err = await cli(stack.url, "submit", "echo", "--wait", "--wait-timeout", "1")
     assert code == 1 and "is still queued after 1s; it goes on" in one_line(err)
+
+
+# -- every command, against a server it cannot use ----------------------------------------
+
+READERS = [["submit", "echo"], ["cancel", "j1"], ["retry", "j1"], ["status"], ["workers"],
+           ["jobs"], ["errors"], ["job", "j1"], ["history", "j1"], ["replay", "--db", "{tmp}/r"],
+           ["replay", "--verify"], ["export", "--parquet", "{tmp}/pq"], ["trace", "j1"]]
+SERVICES = [["sentinel", "--wait-nats", "1"], ["worker", "--wait-nats", "1"],
+            ["projector", "--wait-nats", "1", "--data", "{tmp}/p"], ["up"]]
+
+
+@pytest.fixture
+async def plain_server(tmp_path: Path) -> AsyncIterator[str]:
+    """A nats-server without JetStream."""
+    proc = await asyncio.create_subprocess_exec(
+        find_binary(), "-a", "127.0.0.1", "-p", "-1", stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    port = None
+    while True:
+        line = (await asyncio.wait_for(proc.stderr.readline(), 15)).decode()
+        assert line, "nats-server exited"
+        if found := re.search(r"Listening for client connections on [^\s]*:(\d+)", line):
+            port = found.group(1)
+        if "Server is ready" in line:
+            break
+    try:
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+SENTINEL_WAITERS = ("submit", "cancel", "retry")  # each waits 3 s for a sentinel
+
+
+async def _every_command(url: str, tmp_path: Path, commands: list[list[str]],
+                         modes: tuple[bool, ...]) -> dict[str, tuple[int, str, str]]:
+    """Run each command (in each mode: with --json or not) from an empty directory: those
+    that wait for a sentinel as processes of their own at once, the others one after
+    another in one process (tests/cli_driver.py)."""
+    work = tmp_path / "cwd"
+    work.mkdir(exist_ok=True)
+    argvs = [[a.replace("{tmp}", str(tmp_path)) for a in c] + ["--json"] * j + ["--nats", url]
+             for c in commands for j in modes]
+    waiting = [a for a in argvs if a[0] in SENTINEL_WAITERS]
+    rest = [a for a in argvs if a[0] not in SENTINEL_WAITERS]
+    driver = asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.cli_driver", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=work,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc, *alone = await asyncio.gather(driver, *(cli(url, *a[:-2], cwd=work)
+                                                   for a in waiting))
+    out, err = await asyncio.wait_for(proc.communicate(json.dumps(rest).encode()), 120)
+    assert proc.returncode == 0, err.decode()
+    results = [tuple(r) for r in json.loads(out)]
+    return {" ".join(a[:-2]): r for a, r in zip([*rest, *waiting], [*results, *alone],
+                                                  strict=True)}  # type: ignore[misc]
+
+
+def _says_one_thing(name: str, result: tuple[int, str, str], *, as_json: bool) -> str:
+    code, out, err = result
+    assert code not in (0, 2), f"{name}: exit {code}\n{out}{err}"
+    assert "Traceback" not in out + err, f"{name}:\n{err}"
+    if as_json:
+        assert err == "", f"{name}: stderr with --json: {err}"
+        return str(json.loads(out)["error"])
+    assert out == "", f"{name}: {out}"
+    return one_line(err)
+
+
+async def test_every_command_against_a_server_without_jetstream(plain_server: str,
+                                                               tmp_path: Path) -> None:
+    readers, services = await asyncio.gather(
+        _every_command(plain_server, tmp_path, READERS, (False, True)),
+        _every_command(plain_server, tmp_path, SERVICES, (False,)))
+    results = readers | services
+    for name, result in results.items():
+        said = _says_one_thing(name, result, as_json=name.endswith("--json"))
+        reads_no_log = name.split()[0] in ("submit", "cancel", "retry", "status", "workers",
+                                           "jobs", "errors") or name.startswith("replay --v")
+        assert reads_no_log or "JetStream is not enabled" in said, f"{name}: {said}"
+
+
+async def test_every_command_against_a_server_without_jetflow(server: EmbeddedServer,
+                                                              tmp_path: Path) -> None:
+    """JetStream, but no jetflow stream (no sentinel ever ran): the services would
+    create them, so only the commands that read or submit are tried."""
+    results = await _every_command(server.url, tmp_path, READERS, (False, True))
+    for name, result in results.items():
+        said = _says_one_thing(name, result, as_json=name.endswith("--json"))
+        if name.split()[0] in ("job", "history", "trace", "export") \
+                or name.startswith("replay --db"):
+            assert "no JF_EVENTS stream" in said, f"{name}: {said}"

@@ -215,6 +215,27 @@ async def test_killed_worker_is_lost_and_its_job_runs_elsewhere(make_stack: Stac
     assert "lost" in lost.data["reason"]
 
 
+async def test_jobs_after_a_worker_kill9_start_on_a_live_worker_at_once(
+        make_stack: StackFactory, client: Client) -> None:
+    """A worker killed with -9 looks like the emptiest one. Four seconds later (its
+    lease, 15 s, far from over) the jobs submitted start on the live worker within 2 s:
+    the dead one got no offer after its second missed heartbeat, and what it had been
+    offered went to the live one at once."""
+    stack = await make_stack(workers=2, concurrency=2, lease_s=15.0)
+    await stack.workers[0].kill()
+    await asyncio.sleep(4.0)
+    submitted = {}
+    for i in range(4):
+        job_id = await client.submit("echo", {"i": i})
+        submitted[job_id] = time.time()
+    for job_id, at in submitted.items():
+        job = await client.wait(job_id, timeout=30)
+        started = next(e for e in await client.history(job_id) if e.type == "started")
+        assert job.state == "succeeded" and job.attempt == 1
+        assert f"-{stack.workers[0].pid}-" not in started.data["worker"]
+        assert started.at - at < 2.0, f"{job_id} started {started.at - at:.2f}s after submit"
+
+
 async def test_sigterm_drains_and_hands_back(make_stack: StackFactory, client: Client) -> None:
     stack = await make_stack(workers=1, concurrency=1, worker_args=["--grace", "0.5"])
     job_id = await client.submit("sleep", {"seconds": 3}, max_attempts=1)

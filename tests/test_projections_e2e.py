@@ -93,10 +93,11 @@ async def project(url: str, db: Path) -> int:
         return await caught_up(db, url)
 
 
-async def cli(url: str, *args: str) -> tuple[int, str, str]:
+async def cli(url: str, *args: str, cwd: Path | None = None,
+              env: dict[str, str] | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "jetflow.cli", *args, "--nats", url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=cwd, env=env)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -377,7 +378,8 @@ async def test_read_commands(make_stack: StackFactory, client: Client, tmp_path:
     assert code == 0 and done in out
 
     code, _, err = await cli(url, "status", "--data", str(tmp_path / "none"))
-    assert code == 1 and "no projection at" in err and "jetflow projector" in err
+    assert code == 1 and "no projection at" in err and "--data DIR" in err
+    assert "run `jetflow projector`" not in err  # (not: start a second stack)
     # with --json a failure is JSON on stdout too, for the program reading it
     code, out, err = await cli(url, "status", "--json", "--data", str(tmp_path / "none"))
     assert code == 1 and err == "" and "no projection at" in json.loads(out)["error"]

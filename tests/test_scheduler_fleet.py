@@ -317,10 +317,10 @@ class World:
 
     # the events other actors (workers, submitters) append
     def join(self, worker_id: str, handlers: list[str], queues: list[str] | None = None,
-             concurrency: int = 1, at: float = 0.0) -> Event:
+             concurrency: int = 1, at: float = 0.0, **more: Any) -> Event:
         return self.store(Event("worker", worker_id, "joined", at, {
             "handlers": handlers, "queues": queues or ["default"],
-            "concurrency": concurrency, "host": "h", "pid": 1}))
+            "concurrency": concurrency, "host": "h", "pid": 1, **more}))
 
     def submit(self, job_id: str, at: float = 0.0, handler: str = "echo", priority: int = 0,
                max_attempts: int = 3, queue: str = "default") -> Event:
@@ -351,8 +351,16 @@ class World:
         return self.store(Event("job", job_id, "succeeded", at, {
             "attempt": job.attempt, "worker": job.worker}))
 
+    def beat(self, now: float) -> None:
+        """Every live worker heartbeats (what a healthy fleet does every interval)."""
+        for info in self.fleet.workers.values():
+            if info.status == "live":
+                self.fleet.heartbeat(info.worker_id, now)
+
     def run(self, job_id: str, now: float) -> str:
-        """Dispatch the job and let the offered worker claim it; return that worker."""
+        """Dispatch the job and let the offered worker claim it; return that worker. The
+        workers have been beating all along."""
+        self.beat(now)
         offers = [d for d in self.fleet.dispatch(now) if d.job.job_id == job_id]
         assert len(offers) == 1
         assert offers[0].seq == self.last[("job", job_id)]
@@ -552,11 +560,75 @@ def test_an_unclaimed_offer_is_withdrawn_after_the_dispatch_timeout() -> None:
     w.join("w1", ["echo"])
     w.queue("j1", 0.0)
     assert len(w.fleet.dispatch(1.0)) == 1
+    w.beat(31.0)
     w.fleet.due(31.0)
     assert w.fleet.dispatch(31.0) == []  # not yet: exactly the timeout
+    w.beat(31.5)
     w.fleet.due(31.5)
     [offer] = w.fleet.dispatch(32.0)
     assert offer.job.job_id == "j1"
+
+
+def test_a_silent_worker_gets_nothing_new_and_its_unclaimed_offers_go_elsewhere() -> None:
+    """A worker killed with -9 looks like the emptiest one: after its second missed
+    heartbeat it is offered nothing, and what it was offered but did not claim is offered
+    to a live worker at once (not after the lease or the dispatch timeout)."""
+    w = World(Fleet(lease_s=15.0, dispatch_timeout_s=30.0))
+    w.join("w1", ["echo"], concurrency=3, heartbeat_s=1.0)
+    w.join("w2", ["echo"], concurrency=3, heartbeat_s=1.0)
+    w.beat(10.0)
+    w.queue("j1", 10.0)
+    w.queue("j2", 10.0)
+    offers = {d.job.job_id: d.worker_id for d in w.fleet.dispatch(10.0)}
+    assert sorted(offers.values()) == ["w1", "w2"]  # one each: both look empty
+    dead = offers["j2"]
+    alive = ({"w1", "w2"} - {dead}).pop()
+    w.fleet.heartbeat(alive, 11.0)
+    w.fleet.heartbeat(alive, 12.0)
+    assert w.fleet.due(12.2) == (set(), [])  # 2.2 intervals since its last beat
+    assert w.fleet.dispatch(12.2) == []
+    assert not w.fleet.workers[dead].silent
+    assert w.fleet.due(12.3) == (set(), [])  # silent now, not lost: no event
+    assert w.fleet.workers[dead].silent and w.fleet.workers[dead].status == "live"
+    [again] = w.fleet.dispatch(12.3)
+    assert (again.job.job_id, again.worker_id) == ("j2", alive)
+    w.fleet.heartbeat(alive, 13.0)
+    w.queue("j3", 13.0)
+    w.queue("j4", 13.0)
+    assert {d.worker_id for d in w.fleet.dispatch(13.0)} == {alive}  # room for one more
+    assert w.fleet.sched.ready_count() == 1  # j4 waits for a live slot, not for the dead
+    w.fleet.heartbeat(dead, 14.0)  # it was only slow: offers resume
+    assert not w.fleet.workers[dead].silent
+    [late] = w.fleet.dispatch(14.0)
+    assert (late.job.job_id, late.worker_id) == ("j4", dead)
+
+
+def test_a_silent_worker_keeps_its_running_attempts_until_its_lease() -> None:
+    w = World(Fleet(lease_s=15.0))
+    w.join("w1", ["echo"], heartbeat_s=1.0, at=0.0)
+    w.queue("j1", 0.0)
+    assert w.run("j1", 0.0) == "w1"
+    w.fleet.heartbeat("w1", 1.0, beat_at=1.0, running=frozenset({"j1"}))
+    assert w.fleet.due(5.0) == (set(), [])
+    assert w.fleet.workers["w1"].silent
+    assert w.fleet.decide("j1", 5.0, 0.5) is None  # still its attempt
+    _, [lost] = w.fleet.due(16.5)  # the lease decides
+    w.commit(lost)
+    timed_out = w.fleet.decide("j1", 16.5, 0.5)
+    assert timed_out is not None and timed_out.event.type == "timed_out"
+
+
+@pytest.mark.parametrize(("joined", "interval"), [
+    ({"heartbeat_s": 0.5, "lease_s": 15.0}, 0.5),
+    ({"lease_s": 4.0}, 1.0),             # recorded before workers said: a quarter lease
+    ({}, 2.0),                           # nor its lease: the sentinel's (15 s), at most 2 s
+    ({"heartbeat_s": "soon", "lease_s": True}, 2.0),  # forged: the defaults
+])
+def test_the_heartbeat_interval_comes_from_the_joined_event(joined: dict[str, Any],
+                                                            interval: float) -> None:
+    w = World(Fleet(lease_s=15.0))
+    w.join("w1", ["echo"], **joined)
+    assert w.fleet.workers["w1"].heartbeat_s == interval
 
 
 def test_dispatch_respects_priority() -> None:

@@ -199,13 +199,15 @@ class Up:
 
 
 @contextlib.asynccontextmanager
-async def jetflow_up(tmp_path: Path, *args: str, env: dict[str, str] | None = None
-                     ) -> AsyncIterator[tuple[Up, str]]:
-    """`jetflow up ARGS` until its banner: (the process, the banner's first line)."""
+async def jetflow_up(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
+                     before: list[str] | None = None) -> AsyncIterator[tuple[Up, str]]:
+    """`jetflow [BEFORE] up ARGS` until its banner: (the process, the banner's first
+    line)."""
     data, stderr = tmp_path / "data", tmp_path / "up.stderr"
     with stderr.open("wb") as err_file:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "jetflow.cli", "up", "--data", str(data), "--workers", "1",
+            sys.executable, "-m", "jetflow.cli", *(before or []), "up", "--data", str(data),
+            "--workers", "1",
             *args, cwd=ROOT, env=env or jetflow_env(), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=err_file)
     up = Up(proc, stderr, data)

@@ -59,6 +59,7 @@ class Attempt:
     headers: dict[str, str]
     started_seq: int | None = None
     outcome: Outcome | None = None
+    cancel_reason: str = "cancel requested"  # what the cancel request said
     stop: asyncio.Future[str] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -191,7 +192,7 @@ class Attempt:
 
     def _outcome_event(self, outcome: Outcome) -> Event:
         if outcome.kind == "cancel":
-            return self._event("cancelled", attempt=self.number, reason="cancel requested",
+            return self._event("cancelled", attempt=self.number, reason=self.cancel_reason,
                                worker=self.deps.worker_id)
         if outcome.kind == "handback":
             return self._event("queued", attempt=self.number + 1, handback=True,

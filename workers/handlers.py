@@ -56,7 +56,9 @@ def resolve(ref: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
-        raise HandlerError(f"cannot import {module_name!r} for {ref!r}: {exc}") from None
+        where = ", ".join(p or "." for p in sys.path)
+        raise HandlerError(f"cannot import {module_name!r} for handler {ref!r}: "
+                           f"{type(exc).__name__}: {exc} (searched: {where})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise HandlerError(f"{ref!r}: {module_name} has no callable {attr!r}")

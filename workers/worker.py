@@ -34,6 +34,7 @@ from jetflow.adapters.runtime import cancel_and_wait, supervise
 from jetflow.core import subjects as S
 from jetflow.core.codec import dumps, loads
 from jetflow.core.events import Event
+from jetflow.core.fleet import default_heartbeat_s
 from jetflow.workers.attempt import Attempt, Deps
 from jetflow.workers.handlers import parse_handlers, resolve
 from jetflow.workers.pool import ChildPool
@@ -78,7 +79,7 @@ class Worker:
         self.prefetch = concurrency if prefetch is None else prefetch
         self.memory_limit_mb = memory_limit_mb
         # several heartbeats per lease, or a busy machine makes healthy workers look lost
-        self.heartbeat_s = heartbeat_s or min(2.0, lease_s / 4)
+        self.heartbeat_s = heartbeat_s or default_heartbeat_s(lease_s)
         self.lease_s = lease_s
         self.grace_s = grace_s
         self.worker_id = S.check_token(worker_id or make_worker_id(), "worker id")
@@ -134,7 +135,8 @@ class Worker:
         event = Event("worker", self.worker_id, "joined", time.time(), {
             "handlers": sorted(self.handlers), "queues": list(self.queues),
             "concurrency": self.concurrency, "prefetch": self.prefetch,
-            "host": socket.gethostname(), "pid": os.getpid(), "lease_s": self.lease_s})
+            "host": socket.gethostname(), "pid": os.getpid(), "lease_s": self.lease_s,
+            "heartbeat_s": self.heartbeat_s})
         self._joined = True  # before: stored but unacknowledged is joined too
         await self.log.append(event, msg_id=f"worker:{self.worker_id}:joined:{event.at}")
 
@@ -255,9 +257,19 @@ class Worker:
         if attempt is None or attempt.started_seq is None:
             return
         if parts[3] == "cancel_requested":
+            attempt.cancel_reason = _reason_of(msg.data) or attempt.cancel_reason
             attempt.request_stop("cancel")
         elif parts[3] == "timed_out" and _by_someone_else(msg.data, self.worker_id):
             attempt.request_stop("lost")
+
+
+def _reason_of(data: bytes) -> str | None:
+    """The ``reason`` of an event's data, if it has one (a hand-made message may not)."""
+    try:
+        reason = loads(data).get("data", {}).get("reason")
+    except Exception:  # noqa: BLE001 - not an event: no reason
+        return None
+    return reason[:500] if isinstance(reason, str) else None
 
 
 def _by_someone_else(data: bytes, worker_id: str) -> bool:

@@ -29,6 +29,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamInfo,
 )
 
 from jetflow.adapters.natsclient import Client
@@ -46,6 +47,11 @@ __all__ = [
     "reconnects",
     "connect",
     "ensure_streams",
+    "require_stream",
+    "job_event_of_type",
+    "no_jetstream",
+    "no_stream",
+    "NO_JETSTREAM",
     "EventLog",
     "Pending",
     "Ack",
@@ -108,6 +114,7 @@ async def connect(url: str | None = None, *, name: str = "jetflow",
     start before its server passes longer), reconnecting forever afterwards. The client is
     nats-py's with raw subscriptions (:mod:`jetflow.adapters.natsclient`)."""
     url = url or default_url()
+    check_url(url)
     deadline = time.monotonic() + wait_s
     errors = _ErrorLog()
     said = False
@@ -125,6 +132,20 @@ async def connect(url: str | None = None, *, name: str = "jetflow",
                         _unreachable_reason(errors.last), wait_s)
             said = True
         await asyncio.sleep(0.2)
+
+
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def check_url(url: str) -> None:
+    """A :class:`BusError` for a server URL whose scheme NATS does not speak (``http://``
+    is the usual slip), before anything tries to connect to it."""
+    for server in url.split(","):
+        scheme, sep, _ = server.strip().partition("://")
+        if sep and scheme.lower() not in NATS_SCHEMES:
+            raise BusError(f"{server.strip()!r} is not a NATS URL: the scheme is {scheme}://, "
+                           "NATS speaks nats:// (or tls://, ws://, wss://); write "
+                           "nats://HOST:PORT")
 
 
 async def _try_connect(url: str, name: str, errors: _ErrorLog,
@@ -260,16 +281,41 @@ def tail_consumer(start_seq: int, filter_subjects: list[str] | None) -> Consumer
                           filter_subjects=filter_subjects, max_waiting=8)
 
 
+# What nats-py raises when the server has no JetStream (or it does not answer).
+NO_JETSTREAM = (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError,
+                nats.js.errors.NoStreamResponseError, *TIMEOUTS)
+
+
+def no_jetstream(exc: BaseException) -> BusError:
+    return BusError("JetStream is not enabled on this NATS server "
+                    f"({type(exc).__name__}); start nats-server with -js, or use "
+                    "`jetflow up`")
+
+
+def no_stream(name: str) -> BusError:
+    return BusError(f"this server has no {name} stream: no jetflow sentinel has run on it "
+                    "(start one, or `jetflow up`)")
+
+
+async def require_stream(js: JetStreamContext, name: str) -> StreamInfo:
+    """The stream's info, or a :class:`BusError` that says why there is none (no
+    JetStream on the server, or no jetflow there yet): what a command that reads the
+    log checks first."""
+    try:
+        return await js.stream_info(name)
+    except nats.js.errors.NotFoundError:
+        raise no_stream(name) from None
+    except NO_JETSTREAM as exc:
+        raise no_jetstream(exc) from None
+
+
 async def ensure_streams(js: JetStreamContext, *, replicas: int = 1,
                          dedup_window_s: float = 120.0) -> None:
     """Create the streams if missing; refuse clearly if JetStream is off or a stream clashes."""
     try:
         await js.account_info()
-    except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError,
-            nats.js.errors.NoStreamResponseError, *TIMEOUTS) as exc:
-        raise BusError("JetStream is not enabled on this NATS server "
-                       f"({type(exc).__name__}); start nats-server with -js, or use "
-                       "`jetflow up`") from None
+    except NO_JETSTREAM as exc:
+        raise no_jetstream(exc) from None
     for config in stream_configs(replicas=replicas, dedup_window_s=dedup_window_s):
         await _ensure_stream(js, config)
 
@@ -447,6 +493,14 @@ class EventLog:
 async def last_job_event(nc: NATS, job_id: str) -> tuple[int, str, bytes] | None:
     """(stream seq, subject, data) of the job's latest event, by direct get; None if none."""
     return await _direct_get(nc, job_id, {"last_by_subj": S.job_filter(job_id)})
+
+
+async def job_event_of_type(nc: NATS, job_id: str, type_: str
+                            ) -> tuple[int, str, bytes] | None:
+    """(stream seq, subject, data) of the job's latest event of this type (its one
+    ``submitted``, say), by direct get; None if it has none."""
+    return await _direct_get(nc, job_id,
+                             {"last_by_subj": S.event_subject("job", job_id, type_)})
 
 
 async def job_messages_after(nc: NATS, job_id: str, seq: int,

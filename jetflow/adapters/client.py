@@ -16,9 +16,10 @@ request carries its id) and raises :class:`SubmissionRejected` with the reason o
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import nats.errors
 import nats.js.errors
@@ -28,7 +29,15 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from jetflow.adapters import tracing
-from jetflow.adapters.bus import TIMEOUTS, BusError, Tail, last_job_event
+from jetflow.adapters.bus import (
+    NO_JETSTREAM,
+    TIMEOUTS,
+    BusError,
+    Tail,
+    last_job_event,
+    no_jetstream,
+    no_stream,
+)
 from jetflow.adapters.bus import connect as bus_connect
 from jetflow.adapters.runtime import cancel_and_wait
 from jetflow.core import subjects as S
@@ -38,7 +47,23 @@ from jetflow.core.job import TERMINAL, JobState, fold_skipping
 from jetflow.core.metadata import parse_ack_reply
 from jetflow.core.submission import derive_job_id
 
-__all__ = ["Client", "connect", "JobError", "NoSentinel", "SubmissionRejected", "SubmitTimeout"]
+__all__ = ["Client", "connect", "JobError", "NoSentinel", "SubmissionRejected", "SubmitTimeout",
+           "Submitted"]
+
+log = logging.getLogger("jetflow.client")
+
+
+class Submitted(NamedTuple):
+    """What the sentinel answered a submission."""
+
+    job_id: str
+    duplicate: bool = False  # the job id existed already: this is that job
+    differs: tuple[str, ...] = ()  # ...and this submission was not the same as it
+
+    def warning(self) -> str:
+        return (f"job {self.job_id} exists and was submitted with other "
+                f"{', '.join(self.differs)}: it keeps its first submission (another "
+                "--job-id submits a new job)")
 
 
 class SubmissionRejected(Exception):
@@ -98,7 +123,31 @@ class Client:
                      correlation_id: str | None = None, msg_id: str | None = None,
                      headers: Mapping[str, str] | None = None,
                      reply_timeout_s: float = 10.0) -> str:
-        """Submit a job; return its id once it is in the log."""
+        """Submit a job; return its id once it is in the log. A ``job_id`` that exists
+        already returns that job (logged as a warning when this submission differs from
+        it: :meth:`submit_result` says how)."""
+        result = await self.submit_result(
+            handler, args, queue=queue, priority=priority, job_id=job_id,
+            max_attempts=max_attempts, timeout_s=timeout_s, queue_timeout_s=queue_timeout_s,
+            deadline_s=deadline_s, retry=retry, correlation_id=correlation_id, msg_id=msg_id,
+            headers=headers, reply_timeout_s=reply_timeout_s)
+        if result.differs:
+            log.warning("%s", result.warning())
+        return result.job_id
+
+    async def submit_result(self, handler: str, args: Mapping[str, Any] | None = None, *,
+                            queue: str = "default", priority: int = 0,
+                            job_id: str | None = None, max_attempts: int | None = None,
+                            timeout_s: float | None = None,
+                            queue_timeout_s: float | None = None,
+                            deadline_s: float | None = None,
+                            retry: Mapping[str, float] | None = None,
+                            correlation_id: str | None = None, msg_id: str | None = None,
+                            headers: Mapping[str, str] | None = None,
+                            reply_timeout_s: float = 10.0) -> Submitted:
+        """:meth:`submit`, with what the sentinel said: whether the job existed already
+        (``duplicate``) and in which fields this submission differs from it
+        (``differs``: the job keeps what it was first submitted with)."""
         body: dict[str, Any] = {"handler": handler, "args": dict(args or {}),
                                 "priority": priority}
         for key, value in (("job_id", job_id), ("max_attempts", max_attempts),
@@ -112,12 +161,12 @@ class Client:
         with tracing.outgoing(f"publish {subject}", {**(headers or {}), S.HDR_MSG_ID: msg_id},
                               attributes=_submit_attributes(subject, msg_id, body)) as hdrs:
             found = await self._submitted(subject, dumps(body), hdrs, reply_timeout_s, job_id)
-            tracing.annotate(job_id=found)
+            tracing.annotate(job_id=found.job_id)
         return found
 
     async def _submitted(self, subject: str, body: bytes, hdrs: dict[str, str],
-                         reply_timeout_s: float, job_id: str | None) -> str:
-        """Send the submission; the job id of the answer, or raise."""
+                         reply_timeout_s: float, job_id: str | None) -> Submitted:
+        """Send the submission; the sentinel's answer, or raise."""
         reply = await self._request(subject, body, hdrs, reply_timeout_s)
         if reply is None:
             expected = job_id or derive_job_id(hdrs[S.HDR_MSG_ID], "", 0)
@@ -128,7 +177,9 @@ class Client:
         if "error" in answer:
             raise SubmissionRejected(answer["error"], answer.get("code", ""),
                                      answer.get("job_id"))
-        return str(answer["job_id"])
+        differs = answer.get("differs")
+        return Submitted(str(answer["job_id"]), bool(answer.get("duplicate")),
+                         tuple(str(f) for f in differs) if isinstance(differs, list) else ())
 
     async def _request(self, subject: str, body: bytes, headers: dict[str, str],
                        timeout_s: float, per_try_s: float = 2.0) -> Msg | None:
@@ -167,11 +218,13 @@ class Client:
     async def cancel(self, job_id: str, reason: str | None = None) -> dict[str, Any]:
         """Ask a sentinel to cancel: a queued job ends at once, a running one within ~2 s.
         Returns the sentinel's answer (``noop`` for a job that already finished)."""
-        return await self._control(S.CONTROL_CANCEL, {"job_id": job_id, "reason": reason})
+        return await self._control(S.CONTROL_CANCEL, {"job_id": S.check_job_id(job_id),
+                                                      "reason": reason})
 
     async def retry(self, job_id: str, attempts: int = 3) -> dict[str, Any]:
         """Re-drive a dead-lettered job with ``attempts`` more attempts."""
-        return await self._control(S.CONTROL_RETRY, {"job_id": job_id, "attempts": attempts})
+        return await self._control(S.CONTROL_RETRY, {"job_id": S.check_job_id(job_id),
+                                                     "attempts": attempts})
 
     async def _control(self, subject: str, body: dict[str, Any]) -> dict[str, Any]:
         # one try: the sentinel may be waiting to catch up with the job, and a repeat
@@ -214,15 +267,16 @@ class Client:
         return events, unreadable
 
     async def _messages(self, job_id: str) -> list[Msg]:
-        S.check_token(job_id, "job id")
+        S.check_job_id(job_id)
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
                                 filter_subject=S.job_filter(job_id), inactive_threshold=10.0,
                                 mem_storage=True)
         try:
             info = await self.js.add_consumer(S.EVENTS_STREAM, config=config)
         except nats.js.errors.NotFoundError:
-            raise BusError(f"this server has no {S.EVENTS_STREAM} stream: no jetflow sentinel "
-                           "has run on it (start one, or `jetflow up`)") from None
+            raise no_stream(S.EVENTS_STREAM) from None
+        except NO_JETSTREAM as exc:
+            raise no_jetstream(exc) from None
         total = info.num_pending or 0
         msgs: list[Msg] = []
         if total:
@@ -241,7 +295,7 @@ class Client:
         return fold_skipping(await self.history(job_id), job_id)[0]
 
     async def last_event(self, job_id: str) -> Event | None:
-        found = await last_job_event(self.nc, S.check_token(job_id, "job id"))
+        found = await last_job_event(self.nc, S.check_job_id(job_id))
         return None if found is None else decode_event(found[1], found[2], found[0])
 
     # -- waiting ------------------------------------------------------------------------

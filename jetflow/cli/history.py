@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
-from jetflow.cli.options import common_options, db_path, projection_options
-from jetflow.core.subjects import check_token
+from jetflow.cli.options import common_options, projection_options
+from jetflow.cli.projection import projection_path
+from jetflow.core.subjects import check_job_id
 from jetflow.projections.schema import ProjectionError
 
 __all__ = ["add_commands"]
@@ -18,8 +20,10 @@ async def cmd_job(a: argparse.Namespace) -> int:
     """The projection's view of a job when it has it, else the stream's."""
     from jetflow.cli.render import job_json, job_lines
 
-    check_token(a.job_id, "job id")
-    found = await _job_from_projection(a) if (a.db or db_path(a).exists()) else None
+    check_job_id(a.job_id)
+    path = await projection_path(a, required=False)
+    readable = path is not None and (a.db or path.exists())
+    found = await _job_from_projection(a, path) if path is not None and readable else None
     if found is None:
         return await _print_history(a, source="stream", fallback=True)
     state, events, trace_id, seq, errors = found
@@ -36,15 +40,15 @@ async def cmd_job(a: argparse.Namespace) -> int:
     return 0
 
 
-async def _job_from_projection(a: argparse.Namespace) -> Any:
+async def _job_from_projection(a: argparse.Namespace, path: Path) -> Any:
     from jetflow.projections.queries import as_of, job_errors, job_from_projection
     from jetflow.projections.store import open_reader
 
-    db = await open_reader(db_path(a))
+    db = await open_reader(path)
     try:
         found, position = await job_from_projection(db, a.job_id), await as_of(db)
         if found is None and position["snapshot"]:  # not the present stream's job instead
-            raise ProjectionError(f"no job {a.job_id!r} in the replay snapshot {db_path(a)} "
+            raise ProjectionError(f"no job {a.job_id!r} in the replay snapshot {path} "
                                   f"(`jetflow history {a.job_id}` reads the stream as it is "
                                   "now)")
         if found is None:
@@ -66,7 +70,7 @@ async def _print_history(a: argparse.Namespace, *, source: str,
     from jetflow.cli.render import job_json, job_lines
     from jetflow.core.job import fold_skipping
 
-    check_token(a.job_id, "job id")
+    check_job_id(a.job_id)
     client = await connect(a.nats)
     try:
         events, unreadable = await client.history_report(a.job_id)

@@ -8,11 +8,13 @@ import logging
 import signal
 import sys
 
+import nats.errors
+
 from jetflow.adapters.bus import BusError
 from jetflow.adapters.nats_server import ServerError
 from jetflow.adapters.runtime import Interrupted
 from jetflow.cli import control, history, replay, services, submit, trace, views
-from jetflow.cli.options import CommandError
+from jetflow.cli.options import CommandError, common_options
 from jetflow.cli.output import error
 from jetflow.core.subjects import InvalidToken
 from jetflow.projections.schema import ProjectionError
@@ -28,6 +30,7 @@ def parser() -> argparse.ArgumentParser:
         prog="jetflow", description="Event-sourced job processing on NATS JetStream.",
         epilog="Run `jetflow up` to start everything locally, then `jetflow submit echo "
                "--args '{\"x\":1}' --wait`.")
+    common_options(root, top=True)
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in GROUPS:
         group.add_commands(sub)
@@ -78,6 +81,8 @@ def _main(args: argparse.Namespace) -> int:
     # SIGPIPE stays ignored (Python's default): with SIG_DFL a service writing to the
     # socket of a nats-server that just died is killed without a word.
     from jetflow.adapters.client import JobError
+    from jetflow.up import StartError
+    from jetflow.workers.handlers import HandlerError
 
     try:
         from jetflow.adapters.runtime import run
@@ -87,12 +92,15 @@ def _main(args: argparse.Namespace) -> int:
         sys.stderr.close()
         return 0
     except (BusError, JobError, ProjectionError, InvalidToken, ServerError,
-            CommandError) as exc:
+            CommandError, HandlerError, StartError) as exc:
         # no server, no such job, a projection file that cannot be used, a job id that
-        # cannot be one, a port taken, --args that are no JSON object
+        # cannot be one, a port taken, --args that are no JSON object, a handler that
+        # cannot be found, a service of `up` that cannot start
         return error(args, str(exc))
     except TimeoutError as exc:
         return error(args, f"timed out: {exc}" if str(exc) else "timed out")
+    except nats.errors.Error as exc:  # what no command foresaw: still one line
+        return error(args, f"NATS said {type(exc).__name__}: {exc}")
     except Interrupted as exc:  # stopped while it was starting: nothing half done is left
         print(f"stopped: {exc}", file=sys.stderr)
         return 128 + exc.signal

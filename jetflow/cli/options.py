@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,19 @@ def csv(value: str) -> list[str]:
 
 
 def json_arg(text: str, flag: str) -> dict[str, Any]:
-    """A JSON object given on the command line, or a :class:`CommandError` naming ``flag``."""
+    """A JSON object given on the command line, ``@FILE`` (read from the file) or ``-``
+    (read from stdin): a command line holds ~200 KB at most, a submission 256 KiB. Else
+    a :class:`CommandError` naming ``flag``."""
+    if text == "-":
+        text, flag = sys.stdin.read(), f"{flag} - (stdin)"
+    elif text.startswith("@"):
+        path = Path(text[1:])
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommandError(f"{flag} {text}: cannot read {path}: "
+                               f"{getattr(exc, 'strerror', None) or exc}") from None
+        flag = f"{flag} @{path}"
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -91,17 +104,24 @@ def json_arg(text: str, flag: str) -> dict[str, Any]:
 
 # -- option groups ----------------------------------------------------------------------------
 
-def common_options(p: argparse.ArgumentParser, *, nats_help: str | None = None) -> None:
-    p.add_argument("--nats", default=os.environ.get("JETFLOW_NATS_URL"), metavar="URL",
+def common_options(p: argparse.ArgumentParser, *, nats_help: str | None = None,
+                   top: bool = False) -> None:
+    """The options every command takes. They may come before the command too (``jetflow
+    --log-format json submit ...``): the top parser (``top``) holds the defaults, and a
+    command's own parser sets only what is given after it."""
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    p.add_argument("--nats", default=default(None), metavar="URL",
                    help=nats_help or f"NATS server or cluster URL (env JETFLOW_NATS_URL, "
                                      f"default {DEFAULT_URL})")
-    p.add_argument("--log-level", default=os.environ.get("JETFLOW_LOG_LEVEL", "INFO"),
+    p.add_argument("--log-level", default=default(os.environ.get("JETFLOW_LOG_LEVEL", "INFO")),
                    help="DEBUG, INFO, WARNING... (env JETFLOW_LOG_LEVEL)")
     p.add_argument("--log-format", choices=("text", "json"),
-                   default=os.environ.get("JETFLOW_LOG_FORMAT", "text"),
+                   default=default(os.environ.get("JETFLOW_LOG_FORMAT", "text")),
                    help="text, or json for one structured object per line; both carry the "
                         "correlation id and trace id (env JETFLOW_LOG_FORMAT)")
-    p.add_argument("--trace-console", action="store_true",
+    p.add_argument("--trace-console", action="store_true", default=default(False),
                    help="print spans to stderr (local debugging; also sets "
                         "OTEL_TRACES_EXPORTER for the processes this one starts)")
 
@@ -112,13 +132,14 @@ def data_option(p: argparse.ArgumentParser) -> None:
 
 def db_path(a: argparse.Namespace) -> Path:
     """``--db``, else ``<data>/projections.sqlite``."""
-    return Path(a.db) if a.db else Path(a.data) / PROJECTION_FILE
+    return Path(a.db) if a.db else Path(a.data or DEFAULT_DATA) / PROJECTION_FILE
 
 
 def projection_options(p: argparse.ArgumentParser, db_help: str = "projection file "
                        f"(default <data>/{PROJECTION_FILE})") -> None:
     p.add_argument("--db", help=db_help)
-    data_option(p)
+    p.add_argument("--data", help=f"data directory (default ./{DEFAULT_DATA}, or else the "
+                                  "directory of the projector running on this machine)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 

@@ -16,13 +16,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from jetflow.adapters.natsclient import Client
 from jetflow.cli.options import (
     common_options,
-    db_path,
     positive_int,
     projection_options,
     unix_time,
 )
+from jetflow.cli.output import error
+from jetflow.cli.projection import projection_path
+from jetflow.core import subjects as S
 
 __all__ = ["add_commands"]
 
@@ -32,19 +35,29 @@ async def cmd_replay(a: argparse.Namespace) -> int:
         ignored = [flag for flag, value in (("--to-seq", a.to_seq), ("--until", a.until),
                                             ("--force", a.force)) if value]
         if ignored:
-            print(f"error: --verify compares at the live projection's own sequence; it takes "
-                  f"no {', '.join(ignored)}", file=sys.stderr)
-            return 2
+            return error(a, "--verify compares at the live projection's own sequence; it "
+                            f"takes no {', '.join(ignored)}", code=2)
         return await _verify(a)
     if not a.db:
-        print("error: replay needs --db NEW.sqlite (a new file), or --verify",
-              file=sys.stderr)
-        return 2
+        return error(a, "replay needs --db NEW.sqlite (a new file), or --verify", code=2)
     return await _rebuild(a)
 
 
+async def _log_reader(a: argparse.Namespace, name: str) -> Client:
+    """A connection to the server whose log the command reads, once it is known to
+    have one (else the one-line reason: no JetStream, no jetflow there yet)."""
+    from jetflow.adapters.bus import connect, require_stream
+
+    nc = await connect(a.nats, name=name)
+    try:
+        await require_stream(nc.jetstream(), S.EVENTS_STREAM)
+    except BaseException:
+        await nc.close()
+        raise
+    return nc
+
+
 async def _rebuild(a: argparse.Namespace) -> int:
-    from jetflow.adapters.bus import connect
     from jetflow.cli.progress import progress_reporter
     from jetflow.projections.fetcher import FetchError
     from jetflow.projections.replay import rebuild
@@ -52,20 +65,17 @@ async def _rebuild(a: argparse.Namespace) -> int:
 
     path = Path(a.db)
     if path.exists() and not a.force:
-        print(f"error: {path} exists; replay builds a new file (--force replaces it)",
-              file=sys.stderr)
-        return 1
+        return error(a, f"{path} exists; replay builds a new file (--force replaces it)")
     check_replaceable(path)  # a projection no projector is writing, nothing else
+    nc = await _log_reader(a, "jetflow-replay")
     remove_db(path)
-    nc = await connect(a.nats, name="jetflow-replay")
     terminated: list[int] = []
     try:
         with progress_reporter("replay") as report, _terminate_cancels(terminated):
             result = await rebuild(nc, path, to_seq=a.to_seq, until=a.until,
                                    batch=a.batch, progress=report)
     except FetchError as exc:
-        print(f"error: {exc}; {path} was not written", file=sys.stderr)
-        return 1
+        return error(a, f"{exc}; {path} was not written")
     except asyncio.CancelledError:
         if not terminated:
             raise
@@ -113,20 +123,19 @@ def _terminate_cancels(received: list[int]) -> Iterator[None]:
 
 
 async def _verify(a: argparse.Namespace) -> int:
-    from jetflow.adapters.bus import connect
     from jetflow.cli.progress import progress_reporter
     from jetflow.projections.fetcher import FetchError
     from jetflow.projections.verify import verify
 
-    live = db_path(a)
-    nc = await connect(a.nats, name="jetflow-verify")
+    live = await projection_path(a)
+    assert live is not None
+    nc = await _log_reader(a, "jetflow-verify")
     try:
         with tempfile.TemporaryDirectory(prefix="jetflow-verify-") as tmp, \
                 progress_reporter("verify") as report:
             result = await verify(nc, live, Path(tmp), batch=a.batch, progress=report)
     except FetchError as exc:
-        print(f"error: {exc}; nothing was verified", file=sys.stderr)
-        return 2
+        return error(a, f"{exc}; nothing was verified", code=2)
     finally:
         await nc.close()
     _print_verify(result, live, a.json)
@@ -153,17 +162,21 @@ def _print_verify(result: Any, live: Path, as_json: bool) -> None:
 
 
 async def cmd_export(a: argparse.Namespace) -> int:
-    from jetflow.adapters.bus import connect
     from jetflow.cli.progress import progress_reporter
     from jetflow.projections.export import export_parquet
 
-    nc = await connect(a.nats, name="jetflow-export")
+    nc = await _log_reader(a, "jetflow-export")
     try:
         with progress_reporter("export") as report:
             result = await export_parquet(nc, Path(a.parquet), from_seq=a.from_seq,
                                           progress=report)
     finally:
         await nc.close()
+    if a.json:
+        print(json.dumps({"dir": a.parquet, "events": result.events,
+                          "last_seq": result.last_seq, "files": result.files,
+                          "seconds": round(result.seconds, 3)}))
+        return 0
     if not result.events:
         print(f"nothing to export: the stream holds no message at or after seq {a.from_seq}",
               file=sys.stderr)
@@ -202,4 +215,5 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--parquet", required=True, metavar="DIR", help="output directory")
     p.add_argument("--from-seq", type=positive_int, default=1, metavar="N",
                    help="start at sequence N (1)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=cmd_export)

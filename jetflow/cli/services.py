@@ -90,7 +90,8 @@ async def cmd_up(a: argparse.Namespace) -> int:
     port, url, source = up_server(a.port, a.nats, env_url)
     stack = Stack(data_dir=Path(a.data), port=port, nats_url=url, workers=a.workers,
                   handlers=a.handlers, concurrency=a.concurrency, durable=a.durable,
-                  lease_s=a.lease, restart=True)
+                  lease_s=a.lease, restart=True, log_level=a.log_level,
+                  log_format=a.log_format)
     try:
         # (SIGHUP too: the services have sessions of their own, so a closed terminal
         # reaches `up` alone)
@@ -195,12 +196,11 @@ def _add_up(sub: Any) -> None:
                     "then 2, 4... up to 30 s while it keeps failing (1 s again once it ran "
                     "for a minute); Ctrl-C/SIGTERM stops everything and restarts nothing.")
     common_options(p, nats_help="use this existing server or cluster; start none")
-    p.set_defaults(nats=None)  # only an explicit --nats here: see the description
     p.add_argument("--port", type=int,
                    help=f"start the embedded server on this port ({UP_PORT}); wins over "
                         "JETFLOW_NATS_URL")
     data_option(p)
-    p.add_argument("--workers", type=int, default=2, help="worker processes (2)")
+    p.add_argument("--workers", type=positive_int, default=2, help="worker processes (2)")
     p.add_argument("--handlers", default="echo,sleep,fail", help="handlers of each worker")
     p.add_argument("--concurrency", type=positive_int, default=4,
                    help="jobs at once per worker (4)")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jetflow.cli.options import common_options, json_arg, seconds
 from jetflow.cli.output import error
+
+if TYPE_CHECKING:
+    from jetflow.adapters.client import Submitted
 
 __all__ = ["add_commands"]
 
@@ -19,10 +22,10 @@ async def cmd_submit(a: argparse.Namespace) -> int:
     args = json_arg(a.args, "--args")
     client = await connect(a.nats)
     try:
-        job_id = await client.submit(a.handler, args, queue=a.queue, priority=a.priority,
-                                     job_id=a.job_id, max_attempts=a.max_attempts,
-                                     timeout_s=a.timeout, queue_timeout_s=a.queue_timeout,
-                                     deadline_s=a.deadline)
+        submitted = await client.submit_result(
+            a.handler, args, queue=a.queue, priority=a.priority, job_id=a.job_id,
+            max_attempts=a.max_attempts, timeout_s=a.timeout,
+            queue_timeout_s=a.queue_timeout, deadline_s=a.deadline)
     except SubmissionRejected as exc:
         if a.json:
             print(json.dumps({"job_id": exc.job_id,
@@ -31,8 +34,11 @@ async def cmd_submit(a: argparse.Namespace) -> int:
             print(f"rejected: {exc.reason} [{exc.code}] (job {exc.job_id})", file=sys.stderr)
         await client.close()
         return 2
+    job_id = submitted.job_id
+    if submitted.differs:
+        print(f"warning: {submitted.warning()}", file=sys.stderr)
     if not a.wait:
-        print(json.dumps({"job_id": job_id}) if a.json else job_id)
+        print(json.dumps(_submit_json(submitted)) if a.json else job_id)
         await client.close()
         return 0
     try:
@@ -44,14 +50,23 @@ async def cmd_submit(a: argparse.Namespace) -> int:
                      job_id=job_id, state=state)
     finally:
         await client.close()
-    _print_final(job, a.json)
+    _print_final(job, a.json, submitted)
     return 0 if job.state == "succeeded" else 1
 
 
-def _print_final(job: Any, as_json: bool) -> None:
+def _submit_json(submitted: Submitted) -> dict[str, Any]:
+    out: dict[str, Any] = {"job_id": submitted.job_id}
+    if submitted.duplicate:
+        out["duplicate"] = True
+    if submitted.differs:
+        out["differs"] = list(submitted.differs)
+    return out
+
+
+def _print_final(job: Any, as_json: bool, submitted: Submitted) -> None:
     if as_json:
-        print(json.dumps({"job_id": job.job_id, "state": job.state, "attempt": job.attempt,
-                          "result": job.result, "error": job.error}))
+        print(json.dumps({**_submit_json(submitted), "state": job.state,
+                          "attempt": job.attempt, "result": job.result, "error": job.error}))
         return
     print(f"{job.job_id} {job.state} (attempt {job.attempt})")
     if job.result is not None:
@@ -66,10 +81,13 @@ def add_commands(sub: Any) -> None:
                                    "exit 1 if it did not succeed, 2 if rejected).")
     common_options(p)
     p.add_argument("handler")
-    p.add_argument("--args", default="{}", help="JSON object of arguments")
+    p.add_argument("--args", default="{}", metavar="JSON|@FILE|-",
+                   help="the job's arguments: a JSON object, @FILE to read it from a file, "
+                        "or - to read it from stdin ({})")
     p.add_argument("--queue", default="default")
     p.add_argument("--priority", type=int, default=0, help="0-9, higher first")
-    p.add_argument("--job-id", help="your own id ([A-Za-z0-9_-]{1,64}); idempotent")
+    p.add_argument("--job-id", help="your own id (1-64 characters of A-Z a-z 0-9 _ -); "
+                   "submitting it again is idempotent")
     p.add_argument("--max-attempts", type=int)
     p.add_argument("--timeout", type=seconds, help="seconds per attempt (the child is killed)")
     p.add_argument("--queue-timeout", type=seconds,

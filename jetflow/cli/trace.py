@@ -33,7 +33,7 @@ async def cmd_trace(a: argparse.Namespace) -> int:
 
     client = await connect(a.nats)
     try:
-        history = await client.history_with_headers(S.check_token(a.job_id, "job id"))
+        history = await client.history_with_headers(S.check_job_id(a.job_id))
     finally:
         await client.close()
     if not history:

@@ -18,8 +18,9 @@ import nats.errors
 from rich.console import RenderableType
 from rich.live import Live
 
-from jetflow.adapters.bus import BusError
-from jetflow.cli.options import db_path, positive_int, read_options
+from jetflow.adapters.bus import BusError, default_url
+from jetflow.cli.options import positive_int, read_options
+from jetflow.cli.projection import projection_path
 from jetflow.projections.queries import STATE_ORDER
 
 __all__ = ["add_commands"]
@@ -31,7 +32,9 @@ async def _show(a: argparse.Namespace, produce: Producer) -> int:
     from jetflow.cli.tables import console
     from jetflow.projections.store import open_reader
 
-    db = await open_reader(db_path(a))
+    path = await projection_path(a)
+    assert path is not None
+    db = await open_reader(path)
     out = console()
     try:
         if a.watch and not a.json and out.is_terminal:
@@ -69,7 +72,7 @@ async def cmd_workers(a: argparse.Namespace) -> int:
     from jetflow.cli.tables import workers_view
     from jetflow.projections.queries import as_of, worker_view
 
-    beats = _Heartbeats(None if a.no_heartbeats else a.nats)
+    beats = _Heartbeats(None if a.no_heartbeats else a.nats or default_url())
 
     async def produce(db: aiosqlite.Connection) -> tuple[Any, RenderableType]:
         workers, position = await worker_view(db), await as_of(db)
