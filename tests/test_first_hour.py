@@ -237,3 +237,21 @@ async def test_one_rule_and_one_message_for_job_ids(make_stack: StackFactory,
         assert code == 1 and one_line(err) == f"error: invalid job id 'a:b': {rule}", err
     code, _, err = await cli("http://127.0.0.1:8222", "history", "j1")
     assert code == 1 and "the scheme is http://, NATS speaks nats://" in one_line(err)
+
+
+async def test_the_readme_python_example_runs_as_written(make_stack: StackFactory,
+                                                         client: Client) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    start = section.index("```python\n") + len("```python\n")
+    code = section[start:section.index("\n```", start)]
+    assert "asyncio.run(main())" in code
+    await make_stack(workers=1)
+    url = url_of(client)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code.replace("nats://127.0.0.1:4222", url),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().splitlines()[:2] == [
+        "succeeded {'x': 1}", "['submitted', 'queued', 'started', 'succeeded']"]
