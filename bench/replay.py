@@ -12,7 +12,7 @@ directory:
    jobs in flight, retries, dead letters, rejections, the headers real appends carry) are
    appended to JF_EVENTS, pipelined.
 2. **raw floor** - the same events merely fetched, by the reader the projector uses
-   (:class:`jetflow.projections.reader.StreamReader`, turning each message into the projection's
+   (:class:`jetflow.adapters.reader.StreamReader`, turning each message into the projection's
    input) and by :class:`jetflow.adapters.bus.Tail`; each in a child process, like the replay.
 3. **replay** - ``jetflow replay``'s :func:`jetflow.projections.replay.rebuild` of the whole log
    into a new SQLite file, in a child process whose RSS (with its own reading child's,
@@ -46,11 +46,11 @@ from typing import Any
 
 from jetflow.adapters.bus import Publisher, Tail, connect, ensure_streams
 from jetflow.adapters.nats_server import EmbeddedServer
+from jetflow.adapters.reader import StreamReader
 from jetflow.adapters.runtime import loop_name, run
 from jetflow.core import subjects as S
 from jetflow.core.codec import encode_event
 from jetflow.core.metadata import parse_ack_reply
-from jetflow.projections.reader import StreamReader
 from jetflow.projections.replay import rebuild
 from jetflow.projections.synthetic import Appended, publish_log, synthetic_log
 

@@ -127,8 +127,13 @@ _NUMBER = (int, float)  # JSON numbers as orjson gives them (a bool is neither)
 
 
 def _upcast(kind: str, type_: str, version: int, data: dict[str, Any]) -> dict[str, Any]:
+    """An older event's data as today's version reads it; a version step no upcaster is
+    registered for left the event's data as it was (v1 -> v2 only added an optional
+    field)."""
     while version < SCHEMA_VERSION:
-        data = UPCASTERS[(kind, type_, version)](data)
+        upcast = UPCASTERS.get((kind, type_, version))
+        if upcast is not None:
+            data = upcast(data)
         version += 1
     return data
 

@@ -20,7 +20,9 @@ __all__ = [
     "SCHEMA_VERSION",
 ]
 
-SCHEMA_VERSION = 1
+# v2: a ``submitted`` event may carry ``"queued": true`` (queued for attempt 1 with it,
+# no ``queued`` event of its own); a v1 event reads as it always did.
+SCHEMA_VERSION = 2
 
 # Job events and the data fields each one must carry (name -> accepted python types).
 _INT = (int,)

@@ -25,6 +25,10 @@ LEASE_GRACE_S = 3.0  # a heartbeat this long after a claim must list the job
 # and a busy event loop) is *silent*: it is offered nothing new, and the offers it has not
 # claimed go to other workers at once. Its lease still decides when it is lost.
 SILENT_AFTER_BEATS = 2.25
+# An offer travels as a core NATS message, not stored: one that a heartbeat received this
+# long after the offer was sent neither lists as running nor as held was lost (a cut
+# connection), and is made again at once.
+OFFER_SEEN_S = 1.0
 
 
 def default_heartbeat_s(lease_s: float) -> float:
@@ -49,6 +53,9 @@ class WorkerInfo:
     beat_running: frozenset[str] = frozenset()
     heartbeat_s: float = 2.0
     silent: bool = False  # missed heartbeats: offered nothing new (see SILENT_AFTER_BEATS)
+    draining: bool = False  # it said so in a heartbeat: offered nothing new either
+    beat_held: frozenset[str] = frozenset()  # offers it holds, not claimed yet
+    beat_seen: float = 0.0  # when the sentinel received its last readable heartbeat
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +142,7 @@ class Fleet:
                 heapq.heappush(self._timers, (job.submitted_at + limit, job.job_id))
 
     def _update_scheduler(self, old: JobState, new: JobState, event: Event) -> None:
-        if new.state == "queued" and event.type == "queued":
+        if new.state == "queued" and event.type in ("queued", "submitted"):
             self.sched.add_ready(ReadyJob(new.job_id, new.queue, new.handler, new.priority,
                                           event.seq))
         elif new.state == "running" and event.type == "started":
@@ -182,17 +189,24 @@ class Fleet:
                                               job.priority, job.last_seq))
 
     def heartbeat(self, worker_id: str, at: float, beat_at: float = 0.0,
-                  running: frozenset[str] | None = None) -> None:
-        """``at``: when the sentinel saw it; ``beat_at``/``running``: what the worker said."""
+                  running: frozenset[str] | None = None, *,
+                  held: frozenset[str] = frozenset(), draining: bool = False) -> None:
+        """``at``: when the sentinel saw it; ``beat_at``, ``running`` (claimed), ``held``
+        (offers not claimed yet) and ``draining``: what the worker said."""
         info = self.workers.get(worker_id)
         if info is None:
             return
         info.last_seen = max(info.last_seen, at)
         if running is not None and beat_at >= info.beat_at:
-            info.beat_at, info.beat_running = beat_at, running
+            info.beat_at, info.beat_running, info.beat_held = beat_at, running, held
+            info.beat_seen = at
+            if draining and not info.draining:
+                info.draining = True
+                self._stop_offering(info)
         if info.silent and info.status == "live":
             info.silent = False
-            self.sched.resume(worker_id)
+            if not info.draining:
+                self.sched.resume(worker_id)
 
     def live_handlers(self) -> frozenset[str]:
         return frozenset(h for w in self.workers.values() if w.status == "live"
@@ -294,17 +308,29 @@ class Fleet:
         for w in self.workers.values():
             if w.status == "live" and not w.silent \
                     and now - w.last_seen > SILENT_AFTER_BEATS * w.heartbeat_s:
-                self._silence(w)
+                w.silent = True
+                self._stop_offering(w)
         for job_id, at in list(self._dispatched_at.items()):
-            if now - at > self.dispatch_timeout_s:  # offered but never claimed
+            if now - at > self.dispatch_timeout_s or self._offer_lost(job_id, at):
                 self._withdraw(job_id)
         return ready, lost
 
-    def _silence(self, w: WorkerInfo) -> None:
-        w.silent = True
+    def _stop_offering(self, w: WorkerInfo) -> None:
+        """A silent or draining worker: nothing new for it, and its unclaimed offers go
+        to other workers."""
         held = self.sched.pause(w.worker_id)
         for job_id in held & self._dispatched_at.keys():  # offered, not claimed
             self._withdraw(job_id)
+
+    def _offer_lost(self, job_id: str, sent_at: float) -> bool:
+        """Whether a heartbeat received well after the offer was sent says the worker has
+        neither claimed it nor holds it."""
+        info = self.workers.get(self.sched.assigned_to(job_id) or "")
+        # built (the worker's clock) and received (ours) that long after: no clock skew
+        # or a late read of the heartbeats makes a held offer look lost
+        if info is None or min(info.beat_seen, info.beat_at) - sent_at < OFFER_SEEN_S:
+            return False
+        return job_id not in info.beat_running and job_id not in info.beat_held
 
     def _withdraw(self, job_id: str) -> None:
         """An offer that was not claimed: the job is ready for another worker."""

@@ -181,9 +181,12 @@ def try_step(values: Fields, event: Event) -> tuple[str, str] | None:
 # -- one small function per event type: check, then one update ---------------------------
 
 def _submitted(s: Fields, e: Event) -> None:
+    """A new job; with ``"queued": true`` (v2) also queued for its first attempt, which
+    the sentinel would otherwise record at once as a ``queued`` event of its own."""
     get = e.data.get
     s.update(
-        state="submitted", queue=e.data["queue"], handler=e.data["handler"],
+        state="queued" if get("queued") is True else "submitted", queue=e.data["queue"],
+        handler=e.data["handler"],
         args=e.data["args"], priority=e.data["priority"], max_attempts=e.data["max_attempts"],
         timeout_s=get("timeout_s"), queue_timeout_s=get("queue_timeout_s"),
         deadline_s=get("deadline_s"), retry=get("retry"),

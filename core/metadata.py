@@ -81,6 +81,19 @@ def header_value(block: bytes | None, name: str) -> str | None:
     return None
 
 
+def headers_of(block: bytes | None) -> dict[str, str]:
+    """Every header of a header block (the first value of a repeated one)."""
+    found: dict[str, str] = {}
+    if not block:
+        return found
+    for line in block.split(b"\r\n")[1:]:
+        key, sep, value = line.partition(b":")
+        if sep:
+            found.setdefault(key.strip().decode("utf-8", "replace"),
+                             value.strip().decode("utf-8", "replace"))
+    return found
+
+
 def status_of(block: bytes | None) -> tuple[str, str] | None:
     """(code, description) of a status message (``NATS/1.0 408 Request Timeout``), or None
     for an ordinary header block."""

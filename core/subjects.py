@@ -12,7 +12,7 @@ import re
 __all__ = [
     "EVENTS_STREAM",
     "SUBMIT_STREAM",
-    "WORK_STREAM",
+    "RETIRED_WORK_STREAM",
     "LOGS_STREAM",
     "HEARTBEAT_STREAM",
     "EVENTS_SUBJECTS",
@@ -34,7 +34,7 @@ __all__ = [
 # -- streams -------------------------------------------------------------------------
 EVENTS_STREAM = "JF_EVENTS"
 SUBMIT_STREAM = "JF_SUBMIT"
-WORK_STREAM = "JF_WORK"
+RETIRED_WORK_STREAM = "JF_WORK"  # offers were stored here once (see bus.ensure_streams)
 LOGS_STREAM = "JF_LOGS"
 HEARTBEAT_STREAM = "JF_HEARTBEATS"
 
@@ -42,7 +42,7 @@ PREFIX = "jf"
 EVENT_KINDS = ("job", "wf", "worker", "plugin")
 EVENTS_SUBJECTS = [f"{PREFIX}.{kind}.>" for kind in EVENT_KINDS]
 SUBMIT_SUBJECTS = [f"{PREFIX}.submit.>"]
-WORK_SUBJECTS = [f"{PREFIX}.work.>"]
+WORK_SUBJECTS = [f"{PREFIX}.work.>"]  # offers to workers: core NATS, not stored
 LOGS_SUBJECTS = [f"{PREFIX}.log.>"]
 HEARTBEAT_SUBJECTS = [f"{PREFIX}.hb.>"]
 SUBMIT_WILDCARD = f"{PREFIX}.submit.>"
@@ -136,10 +136,6 @@ def submit_subject(queue: str) -> str:
 
 def work_subject(worker_id: str) -> str:
     return f"{PREFIX}.work.{check_token(worker_id, 'worker id')}"
-
-
-def work_consumer_name(worker_id: str) -> str:
-    return "jf-work-" + check_token(worker_id, "worker id").replace(":", "_")
 
 
 def log_subject(job_id: str, attempt: int) -> str:

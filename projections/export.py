@@ -60,10 +60,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from jetflow.adapters.natsclient import Client
+from jetflow.adapters.reader import StreamReader
 from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event
 from jetflow.core.metadata import Stored
-from jetflow.projections.reader import StreamReader
 from jetflow.projections.replay import Progress, stream_head
 from jetflow.projections.schema import ProjectionError
 

@@ -5,7 +5,7 @@ the views ~10 µs and writing it ~5 µs. The machine has two, so ``jetflow repla
 in a child process (this module) while the parent folds and writes, and the two halves
 overlap (``bench/replay.py`` measures both the floor and the whole).
 
-The child reads ``JF_EVENTS`` with :class:`jetflow.projections.reader.StreamReader` from a
+The child reads ``JF_EVENTS`` with :class:`jetflow.adapters.reader.StreamReader` from a
 sequence up to a bound (a sequence, and optionally a store time) and writes batches to
 its stdout as frames: an 8-byte big-endian length, then a pickle of the batch's
 :class:`jetflow.core.metadata.Stored` fields as plain tuples. A frame of length 0 ends the
@@ -114,7 +114,7 @@ async def _read(stream: asyncio.StreamReader, size: int) -> bytes:
 async def _serve(start_seq: int, bounds: Bounds, batch: int, give_up_s: float,
                  out: BinaryIO) -> None:
     from jetflow.adapters.bus import connect
-    from jetflow.projections.reader import StreamReader
+    from jetflow.adapters.reader import StreamReader
 
     nc = await connect(os.environ.get("JETFLOW_NATS_URL"), name="jetflow-replay-reader",
                        wait_s=5.0)
@@ -150,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--give-up-s", type=float, default=30.0)
     a = p.parse_args(argv)
     from jetflow.adapters.bus import BusError
+    from jetflow.adapters.reader import StreamUnreadable
     from jetflow.adapters.runtime import run
     from jetflow.adapters.tracing import install_logging
-    from jetflow.projections.reader import StreamUnreadable
 
     install_logging("warning", os.environ.get("JETFLOW_LOG_FORMAT", "text"),
                     service="jetflow-replay-reader")

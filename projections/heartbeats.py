@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from jetflow.adapters.natsclient import Client
+from jetflow.adapters.reader import StreamReader
 from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, loads
 from jetflow.core.metadata import Stored
-from jetflow.projections.reader import StreamReader
 
 __all__ = ["Heartbeat", "read_heartbeats", "parse_heartbeat"]
 

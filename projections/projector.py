@@ -17,11 +17,11 @@ from pathlib import Path
 from nats.aio.msg import Msg
 
 from jetflow.adapters.bus import FIRST_CONNECT_WAIT_S, connect, ensure_streams
+from jetflow.adapters.reader import StreamReader
 from jetflow.adapters.runtime import cancel_and_wait, supervise
 from jetflow.core import subjects as S
 from jetflow.core.codec import dumps
 from jetflow.projections.applier import Applier
-from jetflow.projections.reader import StreamReader
 from jetflow.projections.store import Store
 
 __all__ = ["Projector"]
@@ -31,7 +31,7 @@ log = logging.getLogger("jetflow.projector")
 
 class Projector:
     def __init__(self, url: str | None, db_path: Path, *, batch: int = 2000,
-                 idle_s: float = 1.0, linger_s: float = 0.005,
+                 idle_s: float = 1.0, linger_s: float = 0.005, commit_every_s: float = 0.1,
                  wait_nats_s: float = FIRST_CONNECT_WAIT_S) -> None:
         self.url = url
         self.wait_nats_s = wait_nats_s
@@ -39,6 +39,10 @@ class Projector:
         self.batch = batch
         self.idle_s = idle_s
         self.linger_s = linger_s
+        # At most one transaction this often while events keep coming: a commit costs
+        # about as much as applying a few hundred events, so a busy log is projected in
+        # batches of hundreds (the view lags by this much at most).
+        self.commit_every_s = commit_every_s
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> Projector:
@@ -87,9 +91,14 @@ class Projector:
         reader = StreamReader(self.nc, S.EVENTS_STREAM, start_seq=applier.last_seq + 1,
                               batch=self.batch, idle_s=self.idle_s, linger_s=self.linger_s)
         log.info("projecting from seq %d into %s", reader.next_seq, self.db_path)
+        loop = asyncio.get_running_loop()
         try:
             async for msgs in reader.batches():
-                if msgs:
-                    applier.apply(msgs)
+                if not msgs:
+                    continue
+                started = loop.time()
+                applier.apply(msgs)
+                if len(msgs) < self.batch:  # more may come: let them gather a while
+                    await asyncio.sleep(self.commit_every_s - (loop.time() - started))
         finally:
             await reader.close()

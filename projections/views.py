@@ -184,6 +184,8 @@ class _Fold:
             view.queued_at = event.at
         elif type_ == "submitted" or type_ == "rejected":
             view.trace_id = trace_id_of(header_value(raw.headers, HDR_TRACEPARENT))
+            if values["state"] == "queued":  # submitted and queued in one event (v2)
+                view.queued_at = event.at
         self.rows.jobs[event.id] = view
         if type_ in _OUTCOME_COLUMN:
             self._count(old_state, old_worker, values, event)

@@ -79,7 +79,8 @@ class Intake:
                 "timeout_s": sub.timeout_s, "correlation_id": correlation_id,
                 **_optional(queue_timeout_s=sub.queue_timeout_s, deadline_s=sub.deadline_s,
                             retry=sub.retry, msg_id=msg_id),
-                "submit_seq": raw.stream_seq, "fp": fingerprint}
+                "submit_seq": raw.stream_seq, "fp": fingerprint,
+                "queued": True}  # queued for attempt 1 with it: one event, not two
         event = Event("job", job_id, "submitted", now, data)
         return Decision(Append(event, 0, f"{job_id}:submitted"), fingerprint, derived,
                         self.trace_headers(raw.headers, correlation_id))

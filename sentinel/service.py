@@ -13,7 +13,9 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from dataclasses import replace
+from typing import NamedTuple
 
 from nats.aio.msg import Msg
 
@@ -26,20 +28,19 @@ from jetflow.adapters.bus import (
     EventLog,
     Publisher,
     Tail,
-    check_connection,
     connect,
     ensure_streams,
     job_event_of_type,
     last_job_event,
-    reconnects,
     submit_consumer,
 )
+from jetflow.adapters.reader import Delivery, QueueReader, StreamReader
 from jetflow.adapters.runtime import cancel_and_wait, supervise
 from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
 from jetflow.core.fleet import Append, Dispatch, Fleet
-from jetflow.core.metadata import parse_ack_reply
+from jetflow.core.metadata import Stored, ack_numbers, headers_of
 from jetflow.core.retry import RetryPolicy
 from jetflow.core.submission import differing_fields, submission_fingerprint
 from jetflow.sentinel.control import Control
@@ -70,6 +71,8 @@ class Sentinel:
         self.spans = SentinelSpans()
         self._wake = asyncio.Event()
         self._inflight: set[str] = set()  # ids with an append on its way
+        # requests with a msg id not answered at once: (when to look again, fingerprint, it)
+        self._unanswered: deque[tuple[float, str, _Request]] = deque()
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -97,10 +100,10 @@ class Sentinel:
         info = await self.js.stream_info(S.SUBMIT_STREAM)
         self.intake = Intake(info.created.isoformat() if info.created else "0")
         self.control = Control(self.fleet, self.nc, self.append_decision)
-        self.events = Tail(self.js, S.EVENTS_STREAM, batch=self.batch)
+        self.events = StreamReader(self.nc, S.EVENTS_STREAM, batch=self.batch, eager=True)
         await self._catch_up()
-        await self.nc.subscribe(S.SUBMIT_WILDCARD, queue=S.SENTINEL_REPLY_GROUP,
-                                cb=self._on_request)
+        await self.nc.subscribe_raw(S.SUBMIT_WILDCARD, self._on_request,
+                                    queue=S.SENTINEL_REPLY_GROUP)
         await self.nc.subscribe(S.SENTINEL_PING, queue=S.SENTINEL_REPLY_GROUP,
                                 cb=self._on_ping)
         for subject in (S.CONTROL_CANCEL, S.CONTROL_RETRY):
@@ -135,9 +138,15 @@ class Sentinel:
             if self.fleet.dirty:
                 self.wake()
 
-    def _observe_batch(self, msgs: list[Msg]) -> None:
+    def _observe_batch(self, msgs: list[Stored]) -> None:
+        jobs = self.fleet.jobs
         for msg in msgs:
-            seq = parse_ack_reply(msg.reply).stream_seq
+            seq = msg.seq
+            parts = msg.subject.split(".", 3)
+            if len(parts) == 4 and parts[1] == "job" and (job := jobs.get(parts[2])) \
+                    and seq <= job.last_seq:  # our own append, applied when acked: skip
+                self.fleet.last_seq = max(self.fleet.last_seq, seq)  # its decoding
+                continue
             try:
                 event = decode_event(msg.subject, msg.data, seq)
             except CodecError as exc:
@@ -149,9 +158,10 @@ class Sentinel:
                             exc.message)
                 continue
             if event.type == "submitted" and msg.headers:
-                correlation_id = (msg.headers.get(S.HDR_CORRELATION_ID)
+                headers = headers_of(msg.headers)
+                correlation_id = (headers.get(S.HDR_CORRELATION_ID)
                                   or event.get("correlation_id") or event.id)
-                self.trace[event.id] = Intake.trace_headers(msg.headers, correlation_id)
+                self.trace[event.id] = Intake.trace_headers(headers, correlation_id)
             self._observe(event)
 
     def _observe(self, event: Event, duplicate: bool = False) -> None:
@@ -231,12 +241,16 @@ class Sentinel:
         log.warning("append %s %s failed: %s", append.event.id, append.event.type, result)
 
     async def _dispatch(self, dispatches: list[Dispatch]) -> None:
-        """Offer jobs to workers. Offers are derived data: one lost with a connection is
-        made again after the dispatch timeout, and the claim keeps runs exclusive, so they
-        are published without waiting for JetStream's ack."""
+        """Offer jobs to workers: one core NATS message per worker, a JSON list of its
+        offers. Offers are derived data, not stored: the claim (``started`` with the
+        offer's expected sequence) keeps runs exclusive, so a duplicate offer is
+        harmless, and one that is lost (a worker's connection cut) is made again once the
+        worker's heartbeats show it does not hold it, or after the dispatch timeout."""
+        by_worker: dict[str, list[bytes]] = {}
         for d in dispatches:
-            await self.nc.publish(S.work_subject(d.worker_id), _work(d),
-                                  headers=self._work_headers(d))
+            by_worker.setdefault(d.worker_id, []).append(_offer(d, self._work_headers(d)))
+        for worker_id, offers in by_worker.items():
+            await self.nc.publish(S.work_subject(worker_id), b"[" + b",".join(offers) + b"]")
 
     def _work_headers(self, d: Dispatch) -> dict[str, str]:
         msg_id = f"work:{d.job.job_id}:{d.job.attempt + 1}:{d.worker_id}:{d.seq}"
@@ -246,29 +260,27 @@ class Sentinel:
 
     # -- intake ---------------------------------------------------------------------------
     async def _intake_loop(self) -> None:
-        epoch = reconnects(self.nc)
-        sub = await self.js.pull_subscribe("", durable=S.SENTINEL_SUBMIT_CONSUMER,
-                                           stream=S.SUBMIT_STREAM, config=submit_consumer())
-        while True:
-            check_connection(self.nc, epoch)
-            if self.fleet.sched.ready_count() > READY_BACKLOG:
-                await asyncio.sleep(0.02)  # let dispatch have the CPU; never stops intake
-            try:
-                msgs = await sub.fetch(self.batch, timeout=1.0)
-            except TIMEOUTS:
-                continue
-            await self._take(msgs)
+        reader = QueueReader(self.nc, S.SUBMIT_STREAM, submit_consumer(), batch=self.batch)
+        try:
+            async for msgs in reader.deliveries():
+                if self.fleet.sched.ready_count() > READY_BACKLOG:
+                    await asyncio.sleep(0.02)  # let dispatch have the CPU; never stops intake
+                if msgs:
+                    await self._take(reader, msgs)
+        finally:
+            await reader.close()
 
-    async def _take(self, msgs: list[Msg]) -> None:
-        raws = [RawSubmission(m.subject, m.data, m.headers or {},
-                              parse_ack_reply(m.reply).stream_seq) for m in msgs]
+    async def _take(self, reader: QueueReader, msgs: list[Delivery]) -> None:
+        raws = [RawSubmission(subject.decode(), data, headers_of(headers),
+                              ack_numbers(reply)[0]) for reply, subject, data, headers in msgs]
         with self.spans.submissions(raws) as traced:
             decisions = await self._decide(traced.raws)
             recorded = await self._record(decisions)
             traced.finish(decisions, recorded)
+        await reader.ack([m for m, ok in zip(msgs, recorded, strict=True) if ok])
         for msg, ok in zip(msgs, recorded, strict=True):
-            # a nak'd submission is redelivered; recording it is idempotent
-            await (msg.ack() if ok else msg.nak(delay=1.0))
+            if not ok:  # redelivered in a second; recording it is idempotent
+                await reader.nak(msg, delay_s=1.0)
         self.wake()
 
     async def _decide(self, raws: list[RawSubmission]) -> list[Decision]:
@@ -323,27 +335,35 @@ class Sentinel:
             await asyncio.sleep(0.01)
 
     # -- replies to `nats req` ------------------------------------------------------------
-    async def _on_request(self, msg: Msg) -> None:
-        if not msg.reply:
+    def _on_request(self, subject: bytes, reply: bytes, data: bytes,
+                    headers: bytes | None) -> None:
+        """The core copy of a submission (raw: in the reading task). A plain publish is
+        left to the stream's copy; a request's inbox is remembered for the answer."""
+        if not reply:
             return
-        headers = msg.headers or {}
-        fingerprint = submission_fingerprint(msg.subject, headers.get(S.HDR_MSG_ID), msg.data)
+        msg = _Request(subject.decode(), reply.decode(), data, headers_of(headers))
+        msg_id = msg.headers.get(S.HDR_MSG_ID)
+        fingerprint = submission_fingerprint(msg.subject, msg_id, msg.data)
         body = self.replies.expect(fingerprint, msg.reply)
         if body is not None:
-            await self.nc.publish(msg.reply, body)
-        elif headers.get(S.HDR_MSG_ID):
-            asyncio.ensure_future(self._answer_if_deduplicated(fingerprint, msg))
+            asyncio.ensure_future(self.nc.publish(msg.reply, body))
+        elif msg_id:  # looked at again in a second (see _answer_if_deduplicated)
+            self._unanswered.append((time.monotonic() + 1.0, fingerprint, msg))
 
-    async def _answer_if_deduplicated(self, fingerprint: str, msg: Msg) -> None:
+    async def _look_at_unanswered(self) -> None:
+        now = time.monotonic()
+        while self._unanswered and self._unanswered[0][0] <= now:
+            _due, fingerprint, msg = self._unanswered.popleft()
+            if self.replies.is_waiting(fingerprint, msg.reply):
+                asyncio.ensure_future(self._answer_if_deduplicated(fingerprint, msg))
+
+    async def _answer_if_deduplicated(self, fingerprint: str, msg: _Request) -> None:
         """A repeat of a Nats-Msg-Id inside JF_SUBMIT's dedup window never reaches the
         stream, so no event will answer it: if the job it names exists, say so."""
-        await asyncio.sleep(1.0)
-        if not self.replies.is_waiting(fingerprint, msg.reply):
-            return  # answered meanwhile: the usual case
-        job_id = Intake.job_id_of(msg.data, (msg.headers or {}).get(S.HDR_MSG_ID))
+        job_id = Intake.job_id_of(msg.data, msg.headers.get(S.HDR_MSG_ID))
         if not await self._job_exists(job_id):
             return
-        raw = RawSubmission(msg.subject, msg.data, msg.headers or {}, 0)
+        raw = RawSubmission(msg.subject, msg.data, msg.headers, 0)
         decision = self.intake.decide(raw, self.fleet.known_handlers, time.time())
         new = decision.append.event.data if decision.accepted else None
         body = ReplyBook.body_for(Event("job", job_id, "submitted", 0.0, {}), duplicate=True,
@@ -417,6 +437,7 @@ class Sentinel:
             if time.monotonic() - last_reconcile > self.reconcile_s:
                 self.fleet.reconcile()
                 last_reconcile = time.monotonic()
+            await self._look_at_unanswered()
             fired, lost = self.fleet.due(time.time())
             self.fleet.dirty |= fired
             if lost:
@@ -433,16 +454,30 @@ class Sentinel:
                 try:
                     beat = loads(msg.data)
                     running = frozenset(beat["running"])
+                    held = frozenset(beat.get("held") or ())
                     beat_at = float(beat["at"])
+                    draining = beat.get("draining") is True
                 except Exception:  # noqa: BLE001 - a forged heartbeat still shows life
                     self.fleet.heartbeat(worker_id, now)
                     continue
-                self.fleet.heartbeat(worker_id, now, beat_at, running)
+                self.fleet.heartbeat(worker_id, now, beat_at, running, held=held,
+                                     draining=draining)
 
 
-def _work(d: Dispatch) -> bytes:
+class _Request(NamedTuple):
+    """A submission request as the core subscription saw it."""
+
+    subject: str
+    reply: str
+    data: bytes
+    headers: dict[str, str]
+
+
+def _offer(d: Dispatch, headers: dict[str, str]) -> bytes:
+    """One offer: what the worker needs to claim and run the attempt, and the headers
+    (trace context, correlation id) its events carry."""
     job = d.job
     return dumps({"job_id": job.job_id, "attempt": job.attempt + 1, "seq": d.seq,
                   "queue": job.queue, "handler": job.handler, "args": job.args,
                   "priority": job.priority, "timeout_s": job.timeout_s,
-                  "correlation_id": job.correlation_id})
+                  "correlation_id": job.correlation_id, "headers": headers})

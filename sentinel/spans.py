@@ -146,7 +146,7 @@ class SentinelSpans:
         """Remember when a job became ready (the start of its queue wait)."""
         if not tracing.enabled() or event.kind != "job":
             return
-        if event.type == "queued":
+        if event.type == "queued" or (event.type == "submitted" and event.get("queued")):
             self._ready_at[event.id] = event.at
         else:
             self._ready_at.pop(event.id, None)

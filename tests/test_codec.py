@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from jetflow.core.codec import MAX_EVENT_BYTES, CodecError, decode_event, dumps, encode_event, loads
 from jetflow.core.events import FIELDS, SCHEMA_VERSION, Event, stored_event
+from jetflow.core.job import JobState, apply
 from jetflow.core.metadata import (
     Delivery,
     ack_numbers,
@@ -105,7 +106,7 @@ def test_encode_decode_is_identity(event: Event) -> None:
 def test_envelope_is_the_public_contract() -> None:
     e = Event("job", "j1", "started", 12.5, {"attempt": 1, "worker": "w1", "lease_s": 15})
     assert orjson.loads(encode_event(e)) == {
-        "type": "started", "job_id": "j1", "v": 1, "at": 12.5,
+        "type": "started", "job_id": "j1", "v": 2, "at": 12.5,
         "data": {"attempt": 1, "worker": "w1", "lease_s": 15},
     }
     w = Event("worker", "w1", "lost", 3, {"reason": "silent"})
@@ -145,8 +146,8 @@ def code_of(subject: str, raw: bytes) -> str:
 
 
 def test_the_reference_envelope_is_valid() -> None:
-    e = decode_event(SUBJECT, orjson.dumps(envelope()), 7)
-    assert e == Event("job", "j1", "queued", 10.0, {"attempt": 1}, 1, 7)
+    e = decode_event(SUBJECT, orjson.dumps(envelope()), 7)  # a v1 envelope, read as today's
+    assert e == Event("job", "j1", "queued", 10.0, {"attempt": 1}, SCHEMA_VERSION, 7)
 
 
 @pytest.mark.parametrize("raw", [b"", b"{", b"not json", b'{"type": "queued",}', b"\xff\xfe",
@@ -432,3 +433,16 @@ def test_stored_event_builds_the_same_event_as_the_constructor() -> None:
     assert fast == slow and hash(fast.kind) == hash(slow.kind) and type(fast) is Event
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.seq = 7  # type: ignore[misc]
+
+
+def test_a_v1_event_still_reads_and_a_v1_submitted_still_waits_to_be_queued() -> None:
+    """v2 added ``queued`` to ``submitted``; a log written by v1 replays as it did."""
+    body = {"type": "submitted", "job_id": "j1", "v": 1, "at": 1.0,
+            "data": {"queue": "default", "handler": "echo", "args": {}, "priority": 0,
+                     "max_attempts": 3}}
+    old = decode_event("jf.job.j1.submitted", orjson.dumps(body), 1)
+    assert old.v == SCHEMA_VERSION and old.data == body["data"]
+    assert apply(JobState("j1"), old).state == "submitted"
+    new = decode_event("jf.job.j1.submitted", orjson.dumps(
+        {**body, "v": 2, "data": {**body["data"], "queued": True}}), 1)
+    assert apply(JobState("j1"), new).state == "queued"

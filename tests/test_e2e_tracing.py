@@ -143,7 +143,7 @@ async def test_one_trace_from_the_callers_span_to_the_plugins_own_work(
 
     # every event carries the trace and the same correlation id (projections read them)
     history = await client.history_with_headers(job_id)
-    assert [e.type for e, _h in history] == ["submitted", "queued", "started", "succeeded"]
+    assert [e.type for e, _h in history] == ["submitted", "started", "succeeded"]
     assert {trace_id_of(h.get(S.HDR_TRACEPARENT)) for _e, h in history} == {trace_id}
     assert {h.get(S.HDR_CORRELATION_ID) for _e, h in history} == {"order-42"}
 
@@ -252,7 +252,7 @@ async def test_cli_submit_starts_the_trace_and_jetflow_trace_shows_it(
     shown = await asyncio.to_thread(_cli, "trace", job_id, "--nats", stack.url,
                                     "--spans", str(otlp.out))
     assert shown.returncode == 0, shown.stderr
-    assert f"trace {trace_id}  (submitted, queued, started, succeeded)" in shown.stdout
+    assert f"trace {trace_id}  (submitted, started, succeeded)" in shown.stdout
     assert f"http://localhost:16686/trace/{trace_id}" in shown.stdout
     tree = shown.stdout.splitlines()
     order = [next(i for i, line in enumerate(tree) if f"└─ {name}  " in line)

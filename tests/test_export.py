@@ -23,9 +23,9 @@ import pytest
 import jetflow.projections.export as export_module
 from jetflow.adapters.bus import connect
 from jetflow.adapters.nats_server import EmbeddedServer
+from jetflow.adapters.reader import StreamReader
 from jetflow.core.subjects import EVENTS_STREAM
 from jetflow.projections.export import ExportError, ExportResult, _Runs, export_parquet
-from jetflow.projections.reader import StreamReader
 from tests.test_projections_e2e import cli, publish_synthetic
 
 pytestmark = pytest.mark.e2e

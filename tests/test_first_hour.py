@@ -254,4 +254,4 @@ async def test_the_readme_python_example_runs_as_written(make_stack: StackFactor
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     assert out.decode().splitlines()[:2] == [
-        "succeeded {'x': 1}", "['submitted', 'queued', 'started', 'succeeded']"]
+        "succeeded {'x': 1}", "['submitted', 'started', 'succeeded']"]

@@ -785,8 +785,9 @@ def test_a_valid_body_is_submitted() -> None:
     assert d.fingerprint == submission_fingerprint(r.subject, None, r.data)
     assert a.event.data["fp"] == d.fingerprint
     assert d.headers == {S.HDR_CORRELATION_ID: job_id, S.HDR_TRACEPARENT: "00-abc-def-01"}
+    assert a.event.data["queued"] is True  # queued for attempt 1 in the same event
     state = check_event(a.event)
-    assert state.state == "submitted" and state.priority == 5
+    assert state.state == "queued" and state.priority == 5 and state.attempt == 0
 
 
 def test_the_submitters_job_id_and_msg_id() -> None:

@@ -14,11 +14,11 @@ from nats.aio.msg import Msg
 
 from jetflow.adapters.bus import connect, ensure_streams
 from jetflow.adapters.nats_server import EmbeddedServer
+from jetflow.adapters.reader import StreamReader, StreamUnreadable
 from jetflow.core import subjects as S
 from jetflow.core.metadata import Stored, header_value, status_of
 from jetflow.projections.applier import Applier
 from jetflow.projections.fetcher import Bounds, FetchError, fetch
-from jetflow.projections.reader import StreamReader, StreamUnreadable
 from jetflow.projections.replay import rebuild
 from tests.test_projections_e2e import publish_synthetic
 

@@ -368,8 +368,8 @@ def test_every_stream_subject_is_under_the_prefix() -> None:
         assert subject.startswith("jf."), subject
     assert sorted(S.EVENTS_SUBJECTS) == ["jf.job.>", "jf.plugin.>", "jf.wf.>", "jf.worker.>"]
     assert S.SUBMIT_SUBJECTS == ["jf.submit.>"]
-    assert (S.EVENTS_STREAM, S.SUBMIT_STREAM, S.WORK_STREAM, S.LOGS_STREAM) == \
-        ("JF_EVENTS", "JF_SUBMIT", "JF_WORK", "JF_LOGS")
+    assert (S.EVENTS_STREAM, S.SUBMIT_STREAM, S.LOGS_STREAM, S.HEARTBEAT_STREAM) == \
+        ("JF_EVENTS", "JF_SUBMIT", "JF_LOGS", "JF_HEARTBEATS")
 
 
 @pytest.mark.parametrize("retry", [{"base_s": -1}, {"factor": 0.5}, {"speed": 2}, [1], "x",

@@ -12,9 +12,9 @@ While it runs, an attempt can be told to stop:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,9 @@ class Attempt:
     started_seq: int | None = None
     outcome: Outcome | None = None
     cancel_reason: str = "cancel requested"  # what the cancel request said
+    # called once its child is free again (before the outcome is recorded): the worker
+    # starts its next job then, so that job's claim and this record share a write
+    child_free: Callable[[], None] = lambda: None
     stop: asyncio.Future[str] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -82,6 +85,7 @@ class Attempt:
         if self.started_seq is None:
             return
         self.outcome = await self.execute()
+        self.child_free()
         await self.record(self.outcome)
 
     # -- claim --------------------------------------------------------------------------
@@ -111,16 +115,23 @@ class Attempt:
 
     # -- execute ------------------------------------------------------------------------
     async def execute(self) -> Outcome:
+        """Run the job in a child; a stop (cancel, lease lost, hand-back) kills the child
+        and is the outcome."""
         running = asyncio.create_task(self.deps.pool.run(self._job(), self._sink(),
                                                          self.work.get("timeout_s")))
-        either: list[asyncio.Future[Any]] = [running, self.stop]
-        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        if running.done():
-            return running.result()
-        running.cancel()  # the pool kills the child
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
-        return Outcome(self.stop.result())
+
+        def stop(_done: asyncio.Future[str]) -> None:
+            running.cancel()  # the pool kills the child
+        self.stop.add_done_callback(stop)
+        try:
+            return await running
+        except asyncio.CancelledError:
+            this = asyncio.current_task()
+            if self.stop.done() and running.cancelled() and not (this and this.cancelling()):
+                return Outcome(self.stop.result())
+            raise
+        finally:
+            self.stop.remove_done_callback(stop)
 
     def _job(self) -> dict[str, Any]:
         w = self.work

@@ -41,7 +41,8 @@ class Outcome:
 class Child:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
-        self._stderr_task: asyncio.Task[None] | None = None
+        self._sink: LineSink | None = None  # where its stderr lines go: the running job's
+        self._stderr_task = asyncio.create_task(self._pump_stderr())
 
     @classmethod
     async def spawn(cls, env: dict[str, str] | None = None) -> Child:
@@ -60,8 +61,8 @@ class Child:
         return self.proc.returncode is None
 
     async def run(self, job: dict[str, Any], sink: LineSink) -> Outcome:
-        assert self.proc.stdin and self.proc.stdout and self.proc.stderr
-        self._stderr_task = asyncio.create_task(self._pump_stderr(sink))
+        assert self.proc.stdin and self.proc.stdout
+        self._sink = sink
         try:
             self.proc.stdin.write(encode_frame(job))
             await self.proc.stdin.drain()
@@ -76,7 +77,8 @@ class Child:
         except (BrokenPipeError, ConnectionResetError):
             return await self._crashed()
         finally:
-            await self._stop_stderr()
+            await asyncio.sleep(0)  # let stderr lines already written reach this job
+            self._sink = None
 
     async def _read_frame(self) -> dict[str, Any] | None:
         assert self.proc.stdout
@@ -88,26 +90,29 @@ class Child:
         frame: dict[str, Any] = orjson.loads(body)
         return frame
 
-    async def _pump_stderr(self, sink: LineSink) -> None:
+    async def _pump_stderr(self) -> None:
+        """For the child's life: each stderr line to the running job (between jobs, to
+        the worker's log)."""
         assert self.proc.stderr
         while True:
             line = await self.proc.stderr.readline()
             if not line:
                 return
-            sink("stderr", line.decode(errors="replace").rstrip("\n"))
+            text = line.decode(errors="replace").rstrip("\n")
+            if self._sink is not None:
+                self._sink("stderr", text)
+            else:
+                log.info("child %d, between jobs: %s", self.proc.pid, text)
 
     async def _stop_stderr(self) -> None:
-        task, self._stderr_task = self._stderr_task, None
-        if task is None:
-            return
-        if self.alive:
-            await asyncio.sleep(0)  # let lines already written arrive
-            task.cancel()
+        """Once the child has exited: the rest of its stderr, then the reader ends."""
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(task, 1.0)
+            await asyncio.wait_for(self._stderr_task, 1.0)
+        self._stderr_task.cancel()
 
     async def _crashed(self) -> Outcome:
         code = await self.proc.wait()
+        await self._stop_stderr()
         if code < 0:
             name = signal.Signals(-code).name
             message = f"child process killed by signal {name}"
@@ -125,6 +130,7 @@ class Child:
         if self.alive:
             self.proc.kill()
         await self.proc.wait()
+        await self._stop_stderr()
 
 
 def _outcome(frame: dict[str, Any]) -> Outcome:

@@ -1,34 +1,34 @@
 """The worker: the execution plane's adapter.
 
-``receive -> claim -> execute -> record -> ack``, one function each. A claim is the
-``started`` event appended with the expected subject sequence the dispatch carried, so of
-any number of workers offered the same attempt exactly one runs it; a late result from a
-worker that lost its lease fails the same check and is dropped (and logged).
+``receive -> claim -> execute -> record``, one function each. Offers arrive as core NATS
+messages on ``jf.work.<worker>`` (a list of offers each); those beyond the free slots wait
+here, in order. A claim is the ``started`` event appended with the expected subject
+sequence the offer carried, so of any number of workers offered the same attempt exactly
+one runs it; a late result from a worker that lost its lease fails the same check and is
+dropped (and logged). The heartbeat lists what it runs and what it holds, so the sentinel
+can tell an offer that was lost on the way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import os
 import secrets
 import socket
 import time
+from collections import OrderedDict
 from typing import Any
 
 from nats.aio.msg import Msg
 
 from jetflow.adapters.bus import (
     FIRST_CONNECT_WAIT_S,
-    TIMEOUTS,
     EventLog,
     Publisher,
-    check_connection,
     connect,
     ensure_streams,
-    reconnects,
-    work_consumer,
 )
 from jetflow.adapters.runtime import cancel_and_wait, supervise
 from jetflow.core import subjects as S
@@ -84,8 +84,9 @@ class Worker:
         self.grace_s = grace_s
         self.worker_id = S.check_token(worker_id or make_worker_id(), "worker id")
         self.running: dict[str, Attempt] = {}
+        self._held: OrderedDict[str, dict[str, Any]] = OrderedDict()  # offers, in order
+        self._busy: set[str] = set()  # attempts that hold a slot: claiming or in a child
         self._tasks_by_job: dict[str, asyncio.Task[None]] = {}
-        self._slot_freed = asyncio.Event()
         self._draining = False
         self._joined = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -101,9 +102,7 @@ class Worker:
         except BaseException:  # cancelled (a stop signal) or failed: leave nothing behind
             await self._abandon()
             raise
-        self._tasks = [asyncio.create_task(supervise("heartbeat", self._heartbeat_loop)),
-                       asyncio.create_task(supervise("work", self._work_loop,
-                                                     finished=lambda: self._draining))]
+        self._tasks = [asyncio.create_task(supervise("heartbeat", self._heartbeat_loop))]
         log.info("worker %s ready: handlers %s, queues %s, concurrency %d", self.worker_id,
                  ",".join(self.handlers), ",".join(self.queues), self.concurrency)
         return self
@@ -119,6 +118,9 @@ class Worker:
         await self.nc.subscribe(S.worker_subject(self.worker_id, "lost"), cb=self._on_lost)
         for kind in ("cancel_requested", "timed_out"):
             await self.nc.subscribe(f"{S.PREFIX}.job.*.{kind}", cb=self._on_job_event)
+        self._offers = await self.nc.subscribe_raw(S.work_subject(self.worker_id),
+                                                   self._on_offers)
+        await self.nc.flush()  # subscribed before anyone learns of us
         await self._heartbeat()
         await self._announce()
 
@@ -148,8 +150,9 @@ class Worker:
     async def drain(self, hurry: asyncio.Future[Any] | None = None) -> None:
         """Stop claiming, let running jobs finish within the grace period (or until
         ``hurry`` is done: a second stop signal), then hand back the rest and leave."""
-        self._draining = True
-        await cancel_and_wait(self._tasks[1:])  # no more claims
+        self._draining = True  # no more claims: what is held is dropped (the heartbeat
+        self._held.clear()     # says draining, and the sentinel offers it elsewhere)
+        await self._heartbeat()
         running = list(self._tasks_by_job.values())
         if running:
             log.info("draining: waiting up to %.0fs for %d running job(s) (a second stop "
@@ -189,55 +192,57 @@ class Worker:
             await self._heartbeat()
 
     async def _heartbeat(self) -> None:
-        body = {"at": time.time(), "running": sorted(j for j, a in self.running.items()
-                                                      if a.started_seq is not None),
-                "free": self.concurrency - len(self.running), "draining": self._draining}
+        claimed = [j for j, a in self.running.items() if a.started_seq is not None]
+        held = [*self._held, *(j for j, a in self.running.items() if a.started_seq is None)]
+        body = {"at": time.time(), "running": sorted(claimed), "held": held,
+                "free": self.concurrency - len(self._busy), "draining": self._draining}
         await self.nc.publish(S.heartbeat_subject(self.worker_id), dumps(body))
 
     # -- receive ------------------------------------------------------------------------
-    async def _work_loop(self) -> None:
-        epoch = reconnects(self.nc)
-        config = work_consumer(self.worker_id, self.lease_s)
-        sub = await self.js.pull_subscribe(S.work_subject(self.worker_id), stream=S.WORK_STREAM,
-                                           durable=config.durable_name, config=config)
+    def _on_offers(self, subject: bytes, reply: bytes, data: bytes,
+                   headers: bytes | None) -> None:
+        """A message of offers (raw: called in the reading task, so it only files them)."""
+        if self._draining:
+            return  # the sentinel knows (the heartbeat says so) and offers them elsewhere
         try:
-            while not self._draining:
-                check_connection(self.nc, epoch)
-                free = self.concurrency - len(self.running)
-                if free <= 0:
-                    self._slot_freed.clear()
-                    await self._slot_freed.wait()
-                    continue
-                try:
-                    msgs = await sub.fetch(free, timeout=1.0)
-                except TIMEOUTS:
-                    await sub.consumer_info()  # NotFound after a server restart: resubscribe
-                    continue
-                for msg in msgs:
-                    self._spawn(msg)
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-
-    def _spawn(self, msg: Msg) -> None:
-        try:
-            work = loads(msg.data)
-            job_id = work["job_id"]
-        except Exception:  # noqa: BLE001 - a malformed dispatch is dropped, loudly
-            log.error("dropping malformed dispatch on %s: %r", msg.subject, msg.data[:200])
-            asyncio.ensure_future(msg.term())
+            offers = loads(data)
+            if not isinstance(offers, list):
+                raise ValueError("not a list of offers")
+            valid = [o for o in offers if isinstance(o, dict) and isinstance(o.get("job_id"), str)
+                     and isinstance(o.get("seq"), int) and o.get("handler") in self.handlers]
+        except Exception:  # noqa: BLE001 - a malformed offer is dropped, loudly
+            log.error("dropping a malformed offer on %s: %r", subject.decode(errors="replace"),
+                      data[:200])
             return
-        if job_id in self.running:
-            asyncio.ensure_future(msg.ack())  # a duplicate offer of a job we are running
-            return
-        attempt = Attempt(self.deps, work, dict(msg.headers or {}))
-        self.running[job_id] = attempt
-        self._tasks_by_job[job_id] = asyncio.create_task(self._handle(msg, attempt))
+        if len(valid) < len(offers):
+            log.error("dropping %d malformed offer(s) of %d", len(offers) - len(valid),
+                      len(offers))
+        for offer in valid:
+            if offer["job_id"] not in self.running:  # else a repeat of one we run
+                self._held[offer["job_id"]] = offer
+        self._start_held()
 
-    async def _handle(self, msg: Msg, attempt: Attempt) -> None:
-        # The claim, not the offer, makes a run exclusive; an offer lost with a crashed
-        # worker is made again when the sentinel declares the worker lost.
-        await msg.ack()
+    def _start_held(self) -> None:
+        """Start attempts for held offers, oldest first, while a slot is free."""
+        while self._held and len(self._busy) < self.concurrency and not self._draining:
+            job_id, offer = self._held.popitem(last=False)
+            if job_id in self.running:
+                continue  # offered again while its outcome is being recorded
+            headers = offer.pop("headers", None)
+            attempt = Attempt(self.deps, offer, dict(headers) if isinstance(headers, dict)
+                              else {})
+            attempt.child_free = functools.partial(self._free, job_id)
+            self.running[job_id] = attempt
+            self._busy.add(job_id)
+            self._tasks_by_job[job_id] = asyncio.create_task(self._handle(attempt))
+
+    def _free(self, job_id: str) -> None:
+        """The attempt's slot is free (its child ran it): the next held offer may go."""
+        if job_id in self._busy:
+            self._busy.discard(job_id)
+            self._start_held()
+
+    async def _handle(self, attempt: Attempt) -> None:
         try:
             await attempt.run()
         except asyncio.CancelledError:
@@ -247,7 +252,7 @@ class Worker:
         finally:
             self.running.pop(attempt.job_id, None)
             self._tasks_by_job.pop(attempt.job_id, None)
-            self._slot_freed.set()
+            self._free(attempt.job_id)
 
     # -- stop signals -----------------------------------------------------------------------
     async def _on_job_event(self, msg: Msg) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import nats
 import nats.errors
 import nats.js.errors
+import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -36,7 +37,7 @@ from jetflow.adapters.natsclient import Client
 from jetflow.core import subjects as S
 from jetflow.core.codec import encode_event
 from jetflow.core.events import Event
-from jetflow.core.metadata import parse_ack_reply
+from jetflow.core.metadata import parse_ack_reply, status_of
 
 __all__ = [
     "DEFAULT_URL",
@@ -65,7 +66,6 @@ __all__ = [
     "default_url",
     "last_job_event",
     "submit_consumer",
-    "work_consumer",
     "tail_consumer",
 ]
 
@@ -243,9 +243,6 @@ def stream_configs(*, replicas: int = 1, dedup_window_s: float = 120.0) -> list[
         StreamConfig(name=S.SUBMIT_STREAM, subjects=S.SUBMIT_SUBJECTS,
                      retention=RetentionPolicy.WORK_QUEUE, storage=file, no_ack=True,
                      num_replicas=replicas, duplicate_window=dedup_window_s),
-        StreamConfig(name=S.WORK_STREAM, subjects=S.WORK_SUBJECTS,
-                     retention=RetentionPolicy.WORK_QUEUE, storage=file,
-                     num_replicas=replicas, max_age=3600.0),
         StreamConfig(name=S.LOGS_STREAM, subjects=S.LOGS_SUBJECTS,
                      retention=RetentionPolicy.LIMITS, storage=file, num_replicas=replicas,
                      max_bytes=256 * 1024 * 1024, max_age=7 * 24 * 3600.0),
@@ -260,17 +257,6 @@ def submit_consumer() -> ConsumerConfig:
     # A work-queue stream requires explicit acks (AckAll is refused with err 10098).
     return ConsumerConfig(name=S.SENTINEL_SUBMIT_CONSUMER, durable_name=S.SENTINEL_SUBMIT_CONSUMER,
                           ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0, max_ack_pending=20_000)
-
-
-def work_consumer(worker_id: str, lease_s: float) -> ConsumerConfig:
-    """A worker's consumer of the offers addressed to it. Durable, named after the worker,
-    so that subscribing again after a server restart binds to it (a work-queue stream
-    refuses a second consumer with the same filter); removed by the server once the
-    worker has been gone for a while."""
-    name = S.work_consumer_name(worker_id)
-    return ConsumerConfig(name=name, durable_name=name, ack_policy=AckPolicy.EXPLICIT,
-                          ack_wait=60.0, inactive_threshold=max(60.0, 4 * lease_s),
-                          filter_subject=S.work_subject(worker_id))
 
 
 def tail_consumer(start_seq: int, filter_subjects: list[str] | None) -> ConsumerConfig:
@@ -318,6 +304,22 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1,
         raise no_jetstream(exc) from None
     for config in stream_configs(replicas=replicas, dedup_window_s=dedup_window_s):
         await _ensure_stream(js, config)
+    await _retire_work_stream(js)
+
+
+async def _retire_work_stream(js: JetStreamContext) -> None:
+    """Offers used to be stored in a JF_WORK stream; they are core NATS messages now (the
+    claim is the truth, an offer is derived), and a JF_WORK stream left by an older
+    jetflow would store each of them for nothing: it is deleted."""
+    try:
+        info = await js.stream_info(S.RETIRED_WORK_STREAM)
+    except nats.js.errors.NotFoundError:
+        return
+    if list(info.config.subjects or []) == S.WORK_SUBJECTS:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_stream(S.RETIRED_WORK_STREAM)
+            log.warning("deleted the %s stream an older jetflow made: offers are not stored "
+                        "any more", S.RETIRED_WORK_STREAM)
 
 
 async def _ensure_stream(js: JetStreamContext, want: StreamConfig) -> None:
@@ -380,7 +382,10 @@ class Publisher:
 
     async def _start(self) -> None:
         self._prefix = self.nc.new_inbox()
-        await self.nc.subscribe(self._prefix + ".*", cb=self._on_reply)
+        if isinstance(self.nc, Client):  # acks read raw: no Msg, no task per ack
+            await self.nc.subscribe_raw(self._prefix + ".*", self._on_raw_reply)
+        else:
+            await self.nc.subscribe(self._prefix + ".*", cb=self._on_reply)
 
     async def publish(self, subject: str, payload: bytes,
                       headers: dict[str, str]) -> asyncio.Future[Ack]:
@@ -405,16 +410,26 @@ class Publisher:
         self._window.release()
 
     async def _on_reply(self, msg: Msg) -> None:
-        fut = self._futures.get(msg.subject.rsplit(".", 1)[-1])
+        status = (msg.headers or {}).get("Status")
+        self._settle(msg.subject.rsplit(".", 1)[-1], msg.data, status == "503")
+
+    def _on_raw_reply(self, subject: bytes, reply: bytes, data: bytes,
+                      headers: bytes | None) -> None:
+        status = status_of(headers)
+        self._settle(subject.rsplit(b".", 1)[-1].decode(), data,
+                     status is not None and status[0] == "503")
+
+    def _settle(self, token: str, data: bytes, no_stream: bool) -> None:
+        fut = self._futures.get(token)
         if fut is None or fut.done():
             return
-        if msg.headers and msg.headers.get("Status") == "503":
+        if no_stream:
             fut.set_exception(PublishError(503, 0, "no stream accepts this subject"))
             return
         try:
-            body = json.loads(msg.data)
+            body = orjson.loads(data)
         except ValueError:
-            fut.set_exception(PublishError(0, 0, f"unreadable ack {msg.data[:80]!r}"))
+            fut.set_exception(PublishError(0, 0, f"unreadable ack {data[:80]!r}"))
             return
         error = body.get("error")
         if error:

@@ -22,6 +22,7 @@ a stream through it against the real server.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -42,10 +43,12 @@ class Client(NATS):
         super().__init__()
         self._raw_callbacks: dict[int, RawCallback] = {}
 
-    async def subscribe_raw(self, subject: str, cb: RawCallback) -> Subscription:
-        """Subscribe with ``cb`` called for each message, in the reading task, unparsed.
-        ``cb`` must not block; unsubscribe with :meth:`unsubscribe_raw`."""
-        sub = await self.subscribe(subject, cb=_diverted, pending_msgs_limit=-1,
+    async def subscribe_raw(self, subject: str, cb: RawCallback,
+                            queue: str = "") -> Subscription:
+        """Subscribe with ``cb`` called for each message, in the reading task, unparsed
+        (in queue group ``queue``, if given). ``cb`` must not block; unsubscribe with
+        :meth:`unsubscribe_raw`."""
+        sub = await self.subscribe(subject, queue=queue, cb=_diverted, pending_msgs_limit=-1,
                                    pending_bytes_limit=-1)
         self._raw_callbacks[sub._id] = cb
         return sub
@@ -53,6 +56,32 @@ class Client(NATS):
     async def unsubscribe_raw(self, sub: Subscription) -> None:
         self._raw_callbacks.pop(sub._id, None)
         await sub.unsubscribe()
+
+    async def _flusher(self) -> None:
+        """nats-py's flusher, which writes what is pending once a publish wakes it, with
+        one more turn of the event loop before each write: publishes that the same
+        moment's work makes (acks, appends, offers of a batch) go out in one socket write
+        instead of one each. A write costs ~25 µs of system time on a loopback socket here,
+        more than the Python that makes a message; the turn costs a few µs."""
+        assert self._transport is not None and self._flush_queue is not None
+        while self.is_connected and not self.is_connecting:
+            future = await self._flush_queue.get()
+            try:
+                await asyncio.sleep(0)
+                if self._pending_data_size > 0:
+                    self._transport.writelines(self._pending[:])
+                    self._pending = []
+                    self._pending_data_size = 0
+                    await self._transport.drain()  # type: ignore[no-untyped-call]
+            except OSError as exc:
+                await self._error_cb(exc)
+                await self._process_op_err(exc)
+                break
+            except (asyncio.CancelledError, RuntimeError, AttributeError):
+                break
+            finally:
+                if not future.done():
+                    future.set_result(None)
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                            headers: bytes | None) -> None:

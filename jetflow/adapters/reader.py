@@ -33,12 +33,13 @@ from typing import Any
 
 import nats.js.errors
 from nats.aio.subscription import Subscription
+from nats.js.api import ConsumerConfig
 
 from jetflow.adapters.bus import tail_consumer
 from jetflow.adapters.natsclient import Client
 from jetflow.core.metadata import Stored, ack_numbers, status_of
 
-__all__ = ["StreamReader", "StreamUnreadable"]
+__all__ = ["StreamReader", "StreamUnreadable", "QueueReader", "Delivery"]
 
 log = logging.getLogger("jetflow.reader")
 
@@ -77,7 +78,7 @@ class StreamReader:
 
     def __init__(self, nc: Client, stream: str, *, start_seq: int = 1, batch: int = 2000,
                  idle_s: float = 1.0, linger_s: float = 0.0,
-                 give_up_s: float | None = None) -> None:
+                 give_up_s: float | None = None, eager: bool = False) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.stream = stream
@@ -94,6 +95,7 @@ class StreamReader:
         self._tokens = itertools.count(1)
         self._ahead: tuple[str, _Pull] | None = None
         self.give_up_s = give_up_s
+        self.eager = eager  # yield what a long poll brought at once (the sentinel's tail)
         self._failing_since: float | None = None
 
     async def batches(self) -> AsyncIterator[list[Stored]]:
@@ -165,7 +167,7 @@ class StreamReader:
         await self._finish(token, pull, self.idle_s + _SLACK_S)
         if not pull.msgs:
             return []
-        if self.batch == 1:
+        if self.batch == 1 or self.eager:
             return pull.msgs
         if self.linger_s:
             await asyncio.sleep(self.linger_s)
@@ -278,3 +280,54 @@ def _stored(wire: list[_Wire]) -> tuple[list[Stored], int, int, int]:
         if not first:
             first = last
     return msgs, first, last, pending
+
+
+Delivery = tuple[bytes, bytes, bytes, bytes | None]  # (ack subject, subject, data, headers)
+
+
+class QueueReader(StreamReader):
+    """Batches from a durable, acknowledged pull consumer that several readers may share
+    (the sentinels' consumer of JF_SUBMIT), with :class:`StreamReader`'s raw pull
+    protocol: ``async for msgs in QueueReader(nc, stream, config).batches()``, each
+    message a :data:`Delivery`, acknowledged with :meth:`ack` or :meth:`nak`. Sharing
+    means the consumer's sequences are not contiguous here, and closing keeps the
+    consumer (its unacknowledged messages are redelivered)."""
+
+    def __init__(self, nc: Client, stream: str, config: ConsumerConfig, *,
+                 batch: int = 256, idle_s: float = 1.0) -> None:
+        super().__init__(nc, stream, batch=batch, idle_s=idle_s, eager=True)
+        self.config = config
+
+    async def deliveries(self) -> AsyncIterator[list[Delivery]]:
+        """Yield non-empty batches of deliveries; [] after an idle period."""
+        while True:
+            wire = await self._next()
+            self.caught_up = not wire
+            yield wire
+
+    async def ack(self, msgs: list[Delivery]) -> None:
+        for reply, *_ in msgs:
+            await self.nc.publish(reply.decode(), b"+ACK")
+
+    async def nak(self, msg: Delivery, delay_s: float) -> None:
+        await self.nc.publish(msg[0].decode(),
+                              b"-NAK " + json.dumps({"delay": int(delay_s * 1e9)}).encode())
+
+    async def _subscribe(self) -> None:
+        try:
+            await self.js.consumer_info(self.stream, str(self.config.durable_name))
+        except nats.js.errors.NotFoundError:
+            await self.js.add_consumer(self.stream, config=self.config)
+        self._consumer = str(self.config.durable_name)
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe_raw(f"{self._inbox}.*", self._on_msg)
+
+    async def close(self) -> None:
+        """Drop the subscription; the durable consumer stays."""
+        sub, self._sub = self._sub, None
+        self._pull = None
+        self._ahead = None
+        self._consumer = ""
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.unsubscribe_raw(sub)
