@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean install
+.PHONY: demo test bench bench-more lint clean install
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +20,10 @@ demo: $(STAMP)
 test: $(STAMP)  ## the whole suite, on both cores (pytest-xdist); one file: make test T=tests/x.py
 	$(BIN)/python -m pytest -q -n 2 $(T)
 
-bench: $(STAMP)  ## each benchmark prints its table and writes bench/results/*.json
+bench: $(STAMP)  ## ~6 minutes: prints its table and writes bench/results/system-*.json
+	$(BIN)/python -m bench.system
+
+bench-more: $(STAMP)  ## the older, narrower benchmarks: raw vs Stack, durability, replay
 	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.durability
 	$(BIN)/python -m bench.replay

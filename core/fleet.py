@@ -113,7 +113,7 @@ class Fleet:
             return str(exc)
         self._update_scheduler(old, new, event)
         if event.type == "submitted":
-            self._arm_timeouts(new)
+            self.arm_timeouts(new)
         elif event.type == "cancel_requested" and isinstance(event.get("reason"), str):
             self._cancel_reasons[event.id] = event.data["reason"]
         # Dead letters stay known: an operator may re-drive them (queued again).
@@ -135,8 +135,10 @@ class Fleet:
             self.jobs[job_id] = replace(job, last_seq=seq)
             self.dirty.add(job_id)
 
-    def _arm_timeouts(self, job: JobState) -> None:
-        assert job.submitted_at is not None
+    def arm_timeouts(self, job: JobState) -> None:
+        """Set the timers of the job's queue-wait and total limits."""
+        if job.submitted_at is None:
+            return
         for limit in (job.queue_timeout_s, job.deadline_s):
             if limit:
                 heapq.heappush(self._timers, (job.submitted_at + limit, job.job_id))
@@ -207,6 +209,12 @@ class Fleet:
             info.silent = False
             if not info.draining:
                 self.sched.resume(worker_id)
+
+    def cancel_reasons(self) -> dict[str, str]:
+        return self._cancel_reasons
+
+    def note_cancel_reason(self, job_id: str, reason: str) -> None:
+        self._cancel_reasons[job_id] = reason
 
     def live_handlers(self) -> frozenset[str]:
         return frozenset(h for w in self.workers.values() if w.status == "live"

@@ -79,6 +79,9 @@ class Scheduler:
     def assigned_to(self, job_id: str) -> str | None:
         return self._assigned.get(job_id)
 
+    def ready_jobs(self) -> dict[str, ReadyJob]:
+        return self._ready
+
     def ready_count(self) -> int:
         return len(self._ready)
 

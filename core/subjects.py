@@ -13,6 +13,8 @@ __all__ = [
     "EVENTS_STREAM",
     "SUBMIT_STREAM",
     "RETIRED_WORK_STREAM",
+    "SNAPSHOT_BUCKET",
+    "SENTINEL_SNAPSHOT",
     "LOGS_STREAM",
     "HEARTBEAT_STREAM",
     "EVENTS_SUBJECTS",
@@ -37,6 +39,8 @@ SUBMIT_STREAM = "JF_SUBMIT"
 RETIRED_WORK_STREAM = "JF_WORK"  # offers were stored here once (see bus.ensure_streams)
 LOGS_STREAM = "JF_LOGS"
 HEARTBEAT_STREAM = "JF_HEARTBEATS"
+SNAPSHOT_BUCKET = "JF_SNAPSHOTS"  # object store: the sentinel's snapshot of what it knows
+SENTINEL_SNAPSHOT = "sentinel"  # its object
 
 PREFIX = "jf"
 EVENT_KINDS = ("job", "wf", "worker", "plugin")

@@ -8,7 +8,6 @@ client). :func:`parse_submission` turns the bytes into a :class:`Submission` or 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
 from collections.abc import Collection, Mapping
@@ -175,7 +174,17 @@ def derive_job_id(msg_id: str | None, stream_epoch: str, seq: int) -> str:
     """
     source = f"m:{msg_id}" if msg_id else f"s:{stream_epoch}:{seq}"
     digest = hashlib.blake2b(source.encode(), digest_size=10).digest()
-    return "j" + base64.b32encode(digest).decode().lower()
+    return "j" + _base32(digest)
+
+
+_B32 = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648's alphabet, lower case
+
+
+def _base32(ten: bytes) -> str:
+    """``base64.b32encode(ten).decode().lower()`` for 10 bytes (80 bits: 16 letters, no
+    padding), ~10x faster: the standard library's is pure Python on 3.11."""
+    n = int.from_bytes(ten, "big")
+    return "".join(_B32[(n >> shift) & 31] for shift in range(75, -1, -5))
 
 
 def submission_fingerprint(subject: str, msg_id: str | None, raw: bytes) -> str:

@@ -10,6 +10,7 @@ carrying the expected subject sequence so that several sentinels can run at once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -35,7 +36,7 @@ from jetflow.adapters.bus import (
     submit_consumer,
 )
 from jetflow.adapters.reader import Delivery, QueueReader, StreamReader
-from jetflow.adapters.runtime import cancel_and_wait, supervise
+from jetflow.adapters.runtime import cancel_and_wait, give_back_memory, supervise
 from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
@@ -46,12 +47,12 @@ from jetflow.core.submission import differing_fields, submission_fingerprint
 from jetflow.sentinel.control import Control
 from jetflow.sentinel.intake import Decision, Intake, RawSubmission
 from jetflow.sentinel.replies import ReplyBook
+from jetflow.sentinel.snapshots import Snapshots
 from jetflow.sentinel.spans import SentinelSpans
 
 __all__ = ["Sentinel"]
 
 log = logging.getLogger("jetflow.sentinel")
-READY_BACKLOG = 1000  # ready jobs beyond which the intake slows down a little
 
 
 class Sentinel:
@@ -64,8 +65,11 @@ class Sentinel:
         self.reconcile_s = reconcile_s
         self.tick_s = tick_s
         self.batch = batch
-        self.fleet = Fleet(policy=policy or RetryPolicy(), lease_s=lease_s,
-                           queue_policies=dict(queue_policies or {}))
+        self.policy = policy or RetryPolicy()
+        self.queue_policies = dict(queue_policies or {})
+        self.lease_s = lease_s
+        self.fleet = Fleet(policy=self.policy, lease_s=lease_s,
+                           queue_policies=self.queue_policies)
         self.replies = ReplyBook()
         self.trace: dict[str, dict[str, str]] = {}  # job id -> trace/correlation headers
         self.spans = SentinelSpans()
@@ -84,7 +88,7 @@ class Sentinel:
             raise
         for name, loop in (("events", self._events_loop), ("intake", self._intake_loop),
                            ("ticker", self._tick_loop), ("heartbeats", self._hb_loop),
-                           ("pumper", self._pump_loop)):
+                           ("pumper", self._pump_loop), ("snapshots", self._snapshot_loop)):
             self._tasks.append(asyncio.create_task(supervise(name, loop)))
         log.info("sentinel ready: %d active jobs, %d workers, log at seq %d",
                  len(self.fleet.jobs), len(self.fleet.workers), self.fleet.last_seq)
@@ -99,9 +103,17 @@ class Sentinel:
         self.log = EventLog(Publisher(self.nc))
         info = await self.js.stream_info(S.SUBMIT_STREAM)
         self.intake = Intake(info.created.isoformat() if info.created else "0")
+        self.snapshots = Snapshots(self.nc, policy=self.policy,
+                                   queue_policies=self.queue_policies, lease_s=self.lease_s)
+        restored = await self.snapshots.load()
+        if restored is not None:  # fold only what came after it
+            self.fleet = restored
         self.control = Control(self.fleet, self.nc, self.append_decision)
-        self.events = StreamReader(self.nc, S.EVENTS_STREAM, batch=self.batch, eager=True)
+        self.events = StreamReader(self.nc, S.EVENTS_STREAM, batch=self.batch, eager=True,
+                                   start_seq=self.fleet.last_seq + 1)
         await self._catch_up()
+        if self.snapshots.due(self.fleet):  # a long fold: the next start need not repeat it
+            await self.snapshots.save(self.fleet)
         await self.nc.subscribe_raw(S.SUBMIT_WILDCARD, self._on_request,
                                     queue=S.SENTINEL_REPLY_GROUP)
         await self.nc.subscribe(S.SENTINEL_PING, queue=S.SENTINEL_REPLY_GROUP,
@@ -110,8 +122,20 @@ class Sentinel:
             await self.nc.subscribe(subject, queue=S.SENTINEL_REPLY_GROUP, cb=self._on_control)
         await self.nc.flush()  # the server knows about us before we say we are ready
 
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(5.0)
+            if self.snapshots.due(self.fleet):
+                await self.snapshots.save(self.fleet)
+            give_back_memory()
+
     async def stop(self) -> None:
+        started = bool(self._tasks)
         await cancel_and_wait(self._tasks)
+        if started and self.fleet.last_seq != self.snapshots.saved_seq:
+            # what it knows now: the next start folds nothing it folded
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.snapshots.save(self.fleet), 3.0)
         self._tasks.clear()
         nc = getattr(self, "nc", None)  # None when stopped while it was connecting
         if nc is not None and not nc.is_closed:
@@ -124,9 +148,13 @@ class Sentinel:
         await self.stop()
 
     async def _catch_up(self) -> None:
+        """Fold the log up to its head as it is now (later events come with the tail)."""
+        head = (await self.js.stream_info(S.EVENTS_STREAM)).state.last_seq
+        if head <= self.fleet.last_seq:
+            return
         async for batch in self.events.batches():
             self._observe_batch(batch)
-            if self.events.caught_up:
+            if self.events.caught_up or self.fleet.last_seq >= head:
                 break
 
     # -- observing ----------------------------------------------------------------------
@@ -263,10 +291,11 @@ class Sentinel:
         reader = QueueReader(self.nc, S.SUBMIT_STREAM, submit_consumer(), batch=self.batch)
         try:
             async for msgs in reader.deliveries():
-                if self.fleet.sched.ready_count() > READY_BACKLOG:
-                    await asyncio.sleep(0.02)  # let dispatch have the CPU; never stops intake
                 if msgs:
                     await self._take(reader, msgs)
+                    # offer what was just queued: a burst of submissions does not keep
+                    # the workers waiting for the intake to pause
+                    await self._dispatch(self.fleet.dispatch(time.time()))
         finally:
             await reader.close()
 

@@ -6,9 +6,21 @@ import asyncio
 import time
 from collections import Counter
 
-from jetflow import Client
-from jetflow.adapters.bus import Conflict, EventLog, Publisher, connect
+import nats.js.errors
+import pytest
+
+from jetflow import Client, SubmissionsRejected
+from jetflow.adapters.bus import (
+    Conflict,
+    EventLog,
+    Publisher,
+    connect,
+    ensure_streams,
+    events_retention,
+    stream_configs,
+)
 from jetflow.adapters.nats_server import EmbeddedServer
+from jetflow.core import subjects as S
 from jetflow.core.events import Event, job_event
 from tests.conftest import StackFactory, read_log, url_of, wait_until
 
@@ -133,3 +145,46 @@ async def _has_event(client: Client, subject: str) -> bool:
     return bool(await read_log(url_of(client), [subject]))
 
 
+
+
+async def test_submit_many_returns_the_ids_in_order_and_is_idempotent(
+        make_stack: StackFactory, client: Client) -> None:
+    await make_stack(workers=1)
+    jobs = [{"handler": "echo", "args": {"i": i}, "job_id": f"many-{i}"} for i in range(300)]
+    ids = await client.submit_many(jobs, window=64)
+    assert ids == [f"many-{i}" for i in range(300)]
+    assert await client.submit_many(jobs) == ids  # the same again: the same jobs
+    derived = await client.submit_many([("echo", {"k": k}) for k in range(200)])
+    assert len(set(derived)) == 200
+    for k in (0, 137, 199):
+        submitted = next(e for e in await client.history(derived[k]) if e.type == "submitted")
+        assert submitted.data["args"] == {"k": k}  # in order
+    with pytest.raises(SubmissionsRejected) as info:
+        await client.submit_many([("echo", {"a": 1}), ("nope", {}), ("echo", {"a": 2})])
+    assert list(info.value.rejected) == [1]
+    assert info.value.rejected[1].code == "unknown_handler"
+    assert info.value.job_ids[0] and info.value.job_ids[2] and info.value.job_ids[1] is None
+    with pytest.raises(TypeError, match="'handler'"):
+        await client.submit_many([{"args": {}}])
+
+
+async def test_a_jf_work_stream_of_an_older_jetflow_is_retired(client: Client) -> None:
+    await client.js.add_stream(name=S.RETIRED_WORK_STREAM, subjects=S.WORK_SUBJECTS)
+    await ensure_streams(client.js)
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await client.js.stream_info(S.RETIRED_WORK_STREAM)
+
+
+async def test_the_log_has_a_size_limit_even_one_an_older_jetflow_made(
+        server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    nc = await connect(server.url)
+    js = nc.jetstream()
+    unbounded = next(c for c in stream_configs() if c.name == S.EVENTS_STREAM)
+    unbounded.max_bytes = -1
+    await js.add_stream(unbounded)
+    await ensure_streams(js)
+    assert (await js.stream_info(S.EVENTS_STREAM)).config.max_bytes == 4 * 1024**3
+    monkeypatch.setenv("JETFLOW_EVENTS_MAX_BYTES", "12345678")
+    monkeypatch.setenv("JETFLOW_EVENTS_MAX_AGE_DAYS", "7")
+    assert events_retention() == (12345678, 7 * 86400.0)
+    await nc.close()

@@ -952,3 +952,38 @@ def test_reply_bodies() -> None:
     no = Event("job", "j2", "rejected", 1.0, {"reason": "unknown handler", "code": "x"})
     assert orjson.loads(ReplyBook.body_for(no)) == \
         {"error": "unknown handler", "code": "x", "job_id": "j2"}
+
+
+def test_an_offer_a_later_heartbeat_neither_runs_nor_holds_was_lost() -> None:
+    """Offers are core NATS messages: one lost on the way is made again once a heartbeat
+    built and received a second after it says the worker has not got it."""
+    w = World(Fleet(lease_s=15.0, dispatch_timeout_s=30.0))
+    w.join("w1", ["echo"], concurrency=2, heartbeat_s=1.0)
+    w.beat(10.0)
+    w.queue("kept", 10.0)
+    w.queue("lost", 10.0)
+    assert {d.job.job_id for d in w.fleet.dispatch(10.0)} == {"kept", "lost"}
+    w.fleet.heartbeat("w1", 10.5, 10.5, frozenset(), held=frozenset())  # too soon to tell
+    w.fleet.due(10.6)
+    assert w.fleet.dispatch(10.6) == []
+    w.fleet.heartbeat("w1", 11.2, 11.2, frozenset(), held=frozenset({"kept"}))
+    w.fleet.due(11.3)
+    [again] = w.fleet.dispatch(11.3)
+    assert again.job.job_id == "lost"
+
+
+def test_a_draining_worker_gets_nothing_new_and_its_unclaimed_offers_go_elsewhere() -> None:
+    w = World(Fleet(lease_s=15.0))
+    w.join("w1", ["echo"], concurrency=1, heartbeat_s=1.0)
+    w.join("w2", ["echo"], concurrency=1, heartbeat_s=1.0)
+    w.beat(10.0)
+    w.queue("j1", 10.0)
+    [offer] = w.fleet.dispatch(10.0)
+    other = ({"w1", "w2"} - {offer.worker_id}).pop()
+    w.fleet.heartbeat(offer.worker_id, 10.1, 10.1, frozenset(), draining=True)
+    [again] = w.fleet.dispatch(10.2)
+    assert (again.job.job_id, again.worker_id) == ("j1", other)
+    w.queue("j2", 10.3)
+    w.fleet.heartbeat(other, 10.3, 10.3, frozenset({"j1"}))
+    w.start("j1", other, 10.3)
+    assert w.fleet.dispatch(10.4) == []  # the draining one has a free slot: not offered

@@ -50,6 +50,7 @@ __all__ = [
     "ensure_streams",
     "require_stream",
     "job_event_of_type",
+    "event_at",
     "no_jetstream",
     "no_stream",
     "NO_JETSTREAM",
@@ -232,13 +233,30 @@ async def _log_reconnect() -> None:
 
 # -- streams --------------------------------------------------------------------------
 
+EVENTS_MAX_BYTES = 4 * 1024**3  # the log's retention by default: the oldest events go first
+
+
+def events_retention(environ: Mapping[str, str] = os.environ) -> tuple[int, float]:
+    """(max bytes, max age in seconds; 0: none) of JF_EVENTS: ``JETFLOW_EVENTS_MAX_BYTES``
+    (default 4 GiB, within nats.conf's 8 GB file store) and ``JETFLOW_EVENTS_MAX_AGE_DAYS``
+    (default none). Archive what would age out with ``jetflow export --parquet``."""
+    try:
+        max_bytes = int(environ.get("JETFLOW_EVENTS_MAX_BYTES") or EVENTS_MAX_BYTES)
+        days = float(environ.get("JETFLOW_EVENTS_MAX_AGE_DAYS") or 0)
+    except ValueError as exc:
+        raise BusError(f"JETFLOW_EVENTS_MAX_BYTES / _MAX_AGE_DAYS: {exc}") from None
+    return max_bytes, days * 86400.0
+
+
 def stream_configs(*, replicas: int = 1, dedup_window_s: float = 120.0) -> list[StreamConfig]:
     """The definitions of every jetflow stream: the only place they are written down."""
     file = StorageType.FILE
+    max_bytes, max_age = events_retention()
     return [
         StreamConfig(name=S.EVENTS_STREAM, subjects=S.EVENTS_SUBJECTS,
                      retention=RetentionPolicy.LIMITS, storage=file, num_replicas=replicas,
-                     duplicate_window=dedup_window_s, allow_direct=True),
+                     duplicate_window=dedup_window_s, allow_direct=True,
+                     max_bytes=max_bytes, max_age=max_age or None),
         # no_ack: a `nats req` on jf.submit.* must get the sentinel's reply, not a PubAck.
         StreamConfig(name=S.SUBMIT_STREAM, subjects=S.SUBMIT_SUBJECTS,
                      retention=RetentionPolicy.WORK_QUEUE, storage=file, no_ack=True,
@@ -333,6 +351,11 @@ async def _ensure_stream(js: JetStreamContext, want: StreamConfig) -> None:
             raise BusError(f"cannot create stream {want.name}: {exc.description}") from None
         return
     have = info.config
+    if want.max_bytes and (have.max_bytes or -1) < 0:  # an older jetflow's, unbounded
+        have.max_bytes, have.max_age = want.max_bytes, want.max_age or have.max_age
+        await js.update_stream(have)
+        log.warning("%s had no size limit: now %d bytes (the oldest events go first)",
+                    want.name, want.max_bytes)
     if sorted(have.subjects or []) != sorted(want.subjects or []) \
             or have.retention != want.retention or bool(have.no_ack) != bool(want.no_ack):
         raise BusError(
@@ -531,6 +554,12 @@ async def job_messages_after(nc: NATS, job_id: str, seq: int,
         found.append(got)
         seq = got[0]
     return found
+
+
+async def event_at(nc: NATS, seq: int) -> tuple[int, str, bytes] | None:
+    """(stream seq, subject, data) of the message stored at ``seq`` in JF_EVENTS, or None
+    if there is none (deleted, aged out, or not yet written)."""
+    return await _direct_get(nc, f"seq {seq}", {"seq": seq})
 
 
 async def _direct_get(nc: NATS, job_id: str, query: dict[str, object]

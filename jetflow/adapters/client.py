@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import nats.errors
@@ -39,6 +39,8 @@ from jetflow.adapters.bus import (
     no_stream,
 )
 from jetflow.adapters.bus import connect as bus_connect
+from jetflow.adapters.natsclient import Client as RawClient
+from jetflow.adapters.pipeline import NoResponders, Pipeline
 from jetflow.adapters.runtime import cancel_and_wait
 from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, Unreadable, decode_event, dumps
@@ -48,7 +50,7 @@ from jetflow.core.metadata import parse_ack_reply
 from jetflow.core.submission import derive_job_id
 
 __all__ = ["Client", "connect", "JobError", "NoSentinel", "SubmissionRejected", "SubmitTimeout",
-           "Submitted"]
+           "Submitted", "SubmissionsRejected", "submission_request"]
 
 log = logging.getLogger("jetflow.client")
 
@@ -148,21 +150,39 @@ class Client:
         """:meth:`submit`, with what the sentinel said: whether the job existed already
         (``duplicate``) and in which fields this submission differs from it
         (``differs``: the job keeps what it was first submitted with)."""
-        body: dict[str, Any] = {"handler": handler, "args": dict(args or {}),
-                                "priority": priority}
-        for key, value in (("job_id", job_id), ("max_attempts", max_attempts),
-                           ("timeout_s", timeout_s), ("queue_timeout_s", queue_timeout_s),
-                           ("deadline_s", deadline_s), ("retry", retry),
-                           ("correlation_id", correlation_id)):
-            if value is not None:
-                body[key] = value
-        msg_id = msg_id or job_id or uuid.uuid4().hex
-        subject = S.submit_subject(queue)
-        with tracing.outgoing(f"publish {subject}", {**(headers or {}), S.HDR_MSG_ID: msg_id},
-                              attributes=_submit_attributes(subject, msg_id, body)) as hdrs:
-            found = await self._submitted(subject, dumps(body), hdrs, reply_timeout_s, job_id)
+        request = submission_request(
+            handler, args, queue=queue, priority=priority, job_id=job_id,
+            max_attempts=max_attempts, timeout_s=timeout_s, queue_timeout_s=queue_timeout_s,
+            deadline_s=deadline_s, retry=retry, correlation_id=correlation_id, msg_id=msg_id,
+            headers=headers)
+        with tracing.outgoing(f"publish {request.subject}", request.headers,
+                              attributes=request.attributes) as hdrs:
+            found = await self._submitted(request.subject, request.body, hdrs,
+                                          reply_timeout_s, job_id)
             tracing.annotate(job_id=found.job_id)
         return found
+
+    async def submit_many(self, jobs: Iterable[Mapping[str, Any] | tuple[str, Mapping[str, Any]]],
+                          *, window: int = 2048, reply_timeout_s: float = 60.0) -> list[str]:
+        """Submit many jobs, pipelined (up to ``window`` unanswered at once); return their
+        ids in order once every one is in the log. Each job is a mapping of
+        :meth:`submit`'s arguments (``{"handler": "echo", "args": {...}, "priority":
+        5}``) or a ``(handler, args)`` pair; validation and idempotency are
+        :meth:`submit`'s (a ``job_id`` or ``msg_id`` submitted again is that job).
+        Rejected submissions raise :class:`SubmissionsRejected` after the others are
+        recorded; ones no sentinel answered in ``reply_timeout_s`` raise
+        :class:`SubmitTimeout` (they stay stored and are recorded once one runs)."""
+        requests = [_request_of(job) for job in jobs]
+        if not isinstance(self.nc, RawClient):
+            raise TypeError("submit_many needs a connection from jetflow's connect()")
+        try:
+            answers = await Pipeline(self.nc, window, grace_s=NOBODY_GRACE_S).run(
+                [(r.subject, r.body, r.headers) for r in requests], reply_timeout_s)
+        except NoResponders:
+            raise NoSentinel(f"nothing listens on {S.PREFIX}.submit.* (for "
+                             f"{NOBODY_GRACE_S:g}s): no jetflow sentinel is running there, or "
+                             "one is still starting (start one, or `jetflow up`)") from None
+        return _ids_of(requests, answers)
 
     async def _submitted(self, subject: str, body: bytes, hdrs: dict[str, str],
                          reply_timeout_s: float, job_id: str | None) -> Submitted:
@@ -356,6 +376,93 @@ class Client:
             except TimeoutError:
                 continue
         return {j: self.terminal[j] for j in job_ids}
+
+
+class SubmissionRequest(NamedTuple):
+    """One submission as it goes on the wire."""
+
+    subject: str
+    body: bytes
+    headers: dict[str, str]
+    job_id: str | None
+    attributes: dict[str, Any]
+
+
+def submission_request(handler: str, args: Mapping[str, Any] | None = None, *,
+                       queue: str = "default", priority: int = 0, job_id: str | None = None,
+                       max_attempts: int | None = None, timeout_s: float | None = None,
+                       queue_timeout_s: float | None = None, deadline_s: float | None = None,
+                       retry: Mapping[str, float] | None = None,
+                       correlation_id: str | None = None, msg_id: str | None = None,
+                       headers: Mapping[str, str] | None = None) -> SubmissionRequest:
+    """The subject, body and headers of a submission: a ``Nats-Msg-Id`` always (the
+    ``job_id`` if given, else a new one), so a repeat is the same job."""
+    body: dict[str, Any] = {"handler": handler, "args": dict(args or {}), "priority": priority}
+    for key, value in (("job_id", job_id), ("max_attempts", max_attempts),
+                       ("timeout_s", timeout_s), ("queue_timeout_s", queue_timeout_s),
+                       ("deadline_s", deadline_s), ("retry", retry),
+                       ("correlation_id", correlation_id)):
+        if value is not None:
+            body[key] = value
+    msg_id = msg_id or job_id or uuid.uuid4().hex
+    subject = S.submit_subject(queue)
+    return SubmissionRequest(subject, dumps(body), {**(headers or {}), S.HDR_MSG_ID: msg_id},
+                             job_id, _submit_attributes(subject, msg_id, body))
+
+
+_SUBMIT_ARGS = frozenset({"handler", "args", "queue", "priority", "job_id", "max_attempts",
+                          "timeout_s", "queue_timeout_s", "deadline_s", "retry",
+                          "correlation_id", "msg_id", "headers"})
+
+
+def _request_of(job: Mapping[str, Any] | tuple[str, Mapping[str, Any]]) -> SubmissionRequest:
+    if isinstance(job, tuple):
+        handler, args = job
+        return submission_request(handler, args)
+    unknown = set(job) - _SUBMIT_ARGS
+    if unknown or "handler" not in job:
+        raise TypeError(f"a job for submit_many is a mapping with 'handler' and any of "
+                        f"{sorted(_SUBMIT_ARGS - {'handler'})}; got {sorted(job)}")
+    return submission_request(**job)
+
+
+def _ids_of(requests: list[SubmissionRequest], answers: list[bytes | None]) -> list[str]:
+    """The job ids the answers give, in order; raise for rejections and silence."""
+    ids: list[str | None] = []
+    rejected: dict[int, SubmissionRejected] = {}
+    unanswered: list[int] = []
+    for i, raw in enumerate(answers):
+        if raw is None:
+            unanswered.append(i)
+            ids.append(None)
+            continue
+        answer = orjson.loads(raw)
+        if "error" in answer:
+            rejected[i] = SubmissionRejected(answer["error"], answer.get("code", ""),
+                                             answer.get("job_id"))
+            ids.append(None)
+        else:
+            ids.append(str(answer["job_id"]))
+    if rejected:
+        raise SubmissionsRejected(rejected, ids)
+    if unanswered:
+        raise SubmitTimeout(f"no sentinel answered {len(unanswered)} of {len(requests)} "
+                            f"submissions (the first: #{unanswered[0]}); they are stored in "
+                            f"{S.SUBMIT_STREAM} and recorded once a sentinel runs")
+    return [i for i in ids if i is not None]
+
+
+class SubmissionsRejected(Exception):
+    """Some submissions of :meth:`Client.submit_many` were rejected (``rejected``: by
+    position); the others are in the log (``job_ids``: by position, None if rejected)."""
+
+    def __init__(self, rejected: dict[int, SubmissionRejected],
+                 job_ids: list[str | None]) -> None:
+        first = min(rejected)
+        super().__init__(f"{len(rejected)} of {len(job_ids)} submissions rejected; #{first}: "
+                         f"{rejected[first].reason}")
+        self.rejected = rejected
+        self.job_ids = job_ids
 
 
 def _submit_attributes(subject: str, msg_id: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -4,18 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
-__all__ = ["supervise", "cancel_and_wait", "Signals", "Interrupted", "wait_for_signal",
+__all__ = ["tune_gc", "supervise", "cancel_and_wait", "Signals", "Interrupted", "wait_for_signal",
            "die_with_parent", "install_task_dump", "run", "loop_name"]
 
 T = TypeVar("T")
 
 log = logging.getLogger("jetflow")
+
+
+def tune_gc() -> None:
+    """For a long-running service: what is allocated by the time it runs (modules, the
+    state it rebuilt) is frozen out of the cyclic collector's scans, and the youngest
+    generation is collected every 20,000 allocations instead of 700. A service makes
+    few reference cycles; at a few thousand messages a second the default thresholds
+    spent ~20% of a sentinel's time collecting (measured on this 2-core machine)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 50)
+
+
+def give_back_memory() -> None:
+    """Return freed heap memory to the system (glibc's ``malloc_trim``; a no-op
+    elsewhere): after a burst, a service's RSS falls back instead of keeping its peak."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 async def supervise(name: str, loop: Callable[[], Awaitable[None]],

@@ -38,9 +38,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 async def _with_task_dump(args: argparse.Namespace) -> int:
-    from jetflow.adapters.runtime import install_task_dump
+    from jetflow.adapters.runtime import install_task_dump, tune_gc
 
     install_task_dump()  # kill -USR1 <pid> logs where every task waits
+    if args.command in services.SERVICES:
+        tune_gc()
     return int(await args.run(args))
 
 
