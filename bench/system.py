@@ -104,13 +104,15 @@ class Up:
         return out
 
 
-async def jetflow_up(workdir: Path, workers: int) -> Up:
+async def jetflow_up(workdir: Path, workers: int, handlers: str | None = "echo") -> Up:
+    """``jetflow up --workers N --handlers H`` (``handlers=None``: up's default set)."""
     port = free_port()
     data = workdir / f"up-{workers}-{port}"
     log = (workdir / f"up-{workers}-{port}.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "jetflow.cli", "up", "--port", str(port), "--data", str(data),
-        "--workers", str(workers), "--handlers", "echo", stdout=log, stderr=log,
+        "--workers", str(workers), *(["--handlers", handlers] if handlers else []),
+        stdout=log, stderr=log,
         stdin=asyncio.subprocess.DEVNULL)
     up = Up(proc, f"nats://127.0.0.1:{port}", data)
     deadline = time.monotonic() + 60

@@ -44,15 +44,55 @@ class CodecError(ValueError):
         self.message = message
 
 
+# Integers beyond 64 bits (a workflow's n^64 reaches them) are kept exactly: JSON numbers
+# that orjson cannot write are written as {"$bigint": "<decimal digits>"} and read back as
+# Python ints, wherever jetflow encodes (events, offers, frames to and from a handler,
+# replies). The key "$bigint" is therefore reserved in job arguments and results.
+BIGINT_KEY = "$bigint"
+_BIGINT_MARK = b'"$bigint"'
+_I64 = (-(2**63), 2**64 - 1)  # what orjson writes as a number (u64 included)
+
+
 def dumps(value: Any) -> bytes:
-    return orjson.dumps(value)
-
-
-def loads(raw: bytes) -> Any:
     try:
-        return orjson.loads(raw)
+        return orjson.dumps(value)
+    except TypeError as exc:
+        if "64-bit" not in str(exc):
+            raise
+        return orjson.dumps(_tag_bigints(value))
+
+
+def loads(raw: bytes | str) -> Any:
+    try:
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise CodecError("invalid_json", f"body is not valid JSON: {exc}") from None
+    tagged = _BIGINT_MARK in raw if isinstance(raw, bytes) else BIGINT_KEY in raw
+    return revive_bigints(value) if tagged else value
+
+
+def _tag_bigints(value: Any) -> Any:
+    if type(value) is int and not _I64[0] <= value <= _I64[1]:
+        return {BIGINT_KEY: str(value)}
+    if isinstance(value, dict):
+        return {k: _tag_bigints(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_tag_bigints(v) for v in value]
+    return value
+
+
+def revive_bigints(value: Any) -> Any:
+    """``value`` with every ``{"$bigint": "..."}`` turned back into its int."""
+    if isinstance(value, dict):
+        if len(value) == 1 and BIGINT_KEY in value and isinstance(value[BIGINT_KEY], str):
+            try:
+                return int(value[BIGINT_KEY])
+            except ValueError:
+                return value
+        return {k: revive_bigints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [revive_bigints(v) for v in value]
+    return value
 
 
 def encode_event(event: Event) -> bytes:
@@ -63,7 +103,7 @@ def encode_event(event: Event) -> bytes:
         "at": event.at,
         "data": event.data,
     }
-    raw = orjson.dumps(body)
+    raw = dumps(body)
     if len(raw) > MAX_EVENT_BYTES:
         raise CodecError("too_large", f"event is {len(raw)} bytes, over {MAX_EVENT_BYTES}")
     return raw
@@ -86,6 +126,8 @@ def decode_event(subject: str, raw: bytes, seq: int = 0) -> Event:
         raise CodecError("not_object", "event body is not a JSON object")
     _check_envelope(body, kind, id_, type_)
     data, v = body["data"], body["v"]
+    if _BIGINT_MARK in raw:
+        data = revive_bigints(data)
     if v != SCHEMA_VERSION:
         data = _upcast(kind, type_, v, data)
     _check_fields(kind, type_, data)

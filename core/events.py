@@ -57,10 +57,22 @@ WORKER_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "left": {"reason": _STR},
 }
 
+# Workflow events (jf.wf.<workflow_id>.<type>), and a template's registration
+# (jf.wf.t:<template name>.registered: "t:" cannot begin a workflow id).
+WF_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "started": {"template": _STR, "version": _INT, "sha256": _STR},
+    "step_failed": {"step": _STR},
+    "cancel_requested": {},
+    "succeeded": {},
+    "failed": {"reason": _STR},
+    "cancelled": {},
+    "registered": {"name": _STR, "version": _INT, "sha256": _STR, "steps": _INT},
+}
+
 FIELDS: dict[str, dict[str, dict[str, tuple[type, ...]]]] = {
     "job": JOB_FIELDS,
     "worker": WORKER_FIELDS,
-    "wf": {},
+    "wf": WF_FIELDS,
     "plugin": {},
 }
 

@@ -17,6 +17,7 @@ from jetflow.core.events import Event
 from jetflow.core.job import TERMINAL, IllegalTransition, JobState, apply
 from jetflow.core.retry import DeadLetter, Retry, RetryPolicy, next_action, policy_for
 from jetflow.core.scheduler import ReadyJob, Scheduler, WorkerSlots
+from jetflow.core.workflow import Workflows
 
 __all__ = ["Fleet", "WorkerInfo", "Append", "Dispatch"]
 
@@ -91,16 +92,47 @@ class Fleet:
     _timers: list[tuple[float, str]] = field(default_factory=list)
     _dispatched_at: dict[str, float] = field(default_factory=dict)
     _cancel_reasons: dict[str, str] = field(default_factory=dict)  # what a cancel said
+    workflows: Workflows = field(default_factory=Workflows)
+    # the registered workflow templates: name -> {version: sha256}
+    template_digests: dict[str, dict[int, str]] = field(default_factory=dict)
 
     # -- observing the log --------------------------------------------------------------
     def observe(self, event: Event) -> str | None:
         """Apply one stored event; return why it was ignored, if it was."""
         self.last_seq = max(self.last_seq, event.seq)
         if event.kind == "job":
-            return self._observe_job(event)
+            why = self._observe_job(event)
+            if why is None:
+                self.workflows.observe_job(event)
+            return why
         if event.kind == "worker":
             self._observe_worker(event)
+        elif event.kind == "wf":
+            self._observe_wf(event)
         return None
+
+    def _observe_wf(self, event: Event) -> None:
+        if event.type == "registered":
+            versions = self.template_digests.setdefault(str(event.data["name"]), {})
+            versions[int(event.data["version"])] = str(event.data["sha256"])
+            return
+        self.workflows.observe_wf(event)
+
+    def decide_workflows(self, now: float) -> list[Append]:
+        """What the workflows that moved need appended next."""
+        out: list[Append] = []
+
+        def emit(event: Event, expected: int, msg_id: str) -> None:
+            out.append(Append(event, expected, msg_id))
+
+        def job_seq(job_id: str) -> int | None:
+            job = self.jobs.get(job_id)
+            return job.last_seq if job is not None and not job.terminal else None
+
+        dirty, self.workflows.dirty = self.workflows.dirty, set()
+        for workflow_id in dirty:
+            self.workflows.decide(workflow_id, now, emit, job_seq)
+        return out
 
     def _observe_job(self, event: Event) -> str | None:
         old = self.jobs.get(event.id) or JobState(event.id)
@@ -302,8 +334,10 @@ class Fleet:
         return Append(event, job.last_seq, f"{job.job_id}:{type_}:{nth}")
 
     def reconcile(self) -> None:
-        """Look at every active job again (a safety net for decisions that were lost)."""
+        """Look at every active job and workflow again (a safety net for decisions that
+        were lost)."""
         self.dirty |= self.jobs.keys()
+        self.workflows.reconcile()
 
     def due(self, now: float) -> tuple[set[str], list[Append]]:
         """Jobs whose timer fired (to decide again) and workers to declare lost; workers

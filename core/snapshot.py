@@ -2,7 +2,8 @@
 
 A snapshot holds what :class:`~jetflow.core.fleet.Fleet` knows after folding the log up
 to ``last_seq``: the active (and dead-lettered) jobs, the workers, the handlers ever
-announced, the cancel reasons, and the order of the ready jobs. It also names what it
+announced, the cancel reasons, the order of the ready jobs, the registered workflow
+templates and the running workflows (:mod:`jetflow.core.workflow_doc`). It also names what it
 covers: ``tip``, a digest of the stored message at ``last_seq`` (subject and data), and
 the stream's creation time; a sentinel takes a snapshot only if the log still has that
 very message there (or, the message having aged out, is the same stream). Pure: the
@@ -19,10 +20,11 @@ from jetflow.core.fleet import Fleet, WorkerInfo
 from jetflow.core.job import as_fields, from_fields
 from jetflow.core.retry import RetryPolicy
 from jetflow.core.scheduler import ReadyJob, WorkerSlots
+from jetflow.core.workflow_doc import restore_workflows, workflows_doc
 
 __all__ = ["SNAPSHOT_VERSION", "SnapshotError", "take", "restore", "tip_digest"]
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2: with the workflows
 _SETS = ("handlers", "queues", "beat_running", "beat_held")
 
 
@@ -57,6 +59,9 @@ def take(fleet: Fleet, *, tip: str, stream_created: str) -> dict[str, Any]:
         "workers": workers,
         "known_handlers": sorted(fleet.known_handlers),
         "cancel_reasons": dict(fleet.cancel_reasons()),
+        "template_digests": {name: {str(v): sha for v, sha in versions.items()}
+                             for name, versions in fleet.template_digests.items()},
+        "workflows": workflows_doc(fleet.workflows),
     }
 
 
@@ -78,6 +83,9 @@ def restore(doc: dict[str, Any], *, policy: RetryPolicy,
         _restore_schedule(fleet, doc["ready"])
         for job_id, reason in doc["cancel_reasons"].items():
             fleet.note_cancel_reason(job_id, reason)
+        fleet.template_digests = {name: {int(v): str(sha) for v, sha in versions.items()}
+                                  for name, versions in doc["template_digests"].items()}
+        fleet.workflows = restore_workflows(doc["workflows"])
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"snapshot unreadable: {type(exc).__name__}: {exc}") from None
     fleet.reconcile()

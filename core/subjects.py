@@ -15,6 +15,7 @@ __all__ = [
     "RETIRED_WORK_STREAM",
     "SNAPSHOT_BUCKET",
     "SENTINEL_SNAPSHOT",
+    "TEMPLATE_BUCKET",
     "LOGS_STREAM",
     "HEARTBEAT_STREAM",
     "EVENTS_SUBJECTS",
@@ -41,6 +42,7 @@ LOGS_STREAM = "JF_LOGS"
 HEARTBEAT_STREAM = "JF_HEARTBEATS"
 SNAPSHOT_BUCKET = "JF_SNAPSHOTS"  # object store: the sentinel's snapshot of what it knows
 SENTINEL_SNAPSHOT = "sentinel"  # its object
+TEMPLATE_BUCKET = "JF_TEMPLATES"  # object store: workflow templates, "<name>/<version>"
 
 PREFIX = "jf"
 EVENT_KINDS = ("job", "wf", "worker", "plugin")
@@ -51,6 +53,7 @@ LOGS_SUBJECTS = [f"{PREFIX}.log.>"]
 HEARTBEAT_SUBJECTS = [f"{PREFIX}.hb.>"]
 SUBMIT_WILDCARD = f"{PREFIX}.submit.>"
 CONTROL_CANCEL = f"{PREFIX}.ctl.cancel"  # {"job_id", "reason"?} -> cancel_requested
+CONTROL_WF_CANCEL = f"{PREFIX}.ctl.wf.cancel"  # {"workflow_id", "reason"?} -> cancel_requested
 CONTROL_RETRY = f"{PREFIX}.ctl.retry"  # {"job_id", "attempts"?} -> a dead letter re-driven
 SENTINEL_PING = f"{PREFIX}.ctl.sentinel.ping"  # answered by a sentinel that is ready
 # answered by every projector: {"db", "host", "pid", "seq"} (where its file is)

@@ -24,6 +24,8 @@ __all__ = [
     "derive_job_id",
     "submission_fingerprint",
     "differing_fields",
+    "WorkflowStart",
+    "parse_workflow_start",
     "MAX_SUBMISSION_BYTES",
     "JOB_ID_RE",
 ]
@@ -71,7 +73,7 @@ def parse_submission(raw: bytes, queue: str, *, max_bytes: int = MAX_SUBMISSION_
         raise CodecError("unknown_field", f"unknown field(s): {', '.join(unknown)}; allowed: "
                                           f"{', '.join(sorted(_FIELDS))}")
     if "workflow" in body:
-        raise CodecError("unsupported", "workflow submissions are not supported yet")
+        raise CodecError("is_workflow", "a workflow start, not a job: parse_workflow_start")
     return Submission(
         queue=queue,
         handler=_handler(body),
@@ -86,6 +88,49 @@ def parse_submission(raw: bytes, queue: str, *, max_bytes: int = MAX_SUBMISSION_
         retry=_retry(body),
         correlation_id=_correlation_id(body),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowStart:
+    """A validated request to start a workflow."""
+
+    queue: str
+    workflow: str
+    version: int | None
+    context: Any
+    workflow_id: str | None
+    correlation_id: str | None
+
+
+_WF_FIELDS = frozenset({"workflow", "version", "context", "workflow_id", "correlation_id"})
+
+
+def parse_workflow_start(raw: bytes, queue: str, *,
+                         max_bytes: int = MAX_SUBMISSION_BYTES) -> WorkflowStart | None:
+    """A body with a ``workflow`` field, validated; None for a body without one (a job's:
+    :func:`parse_submission`). CodecError names the first problem."""
+    if b'"workflow"' not in raw or len(raw) > max_bytes:
+        return None  # a job's (the size is said by parse_submission)
+    body = loads(raw)
+    if not isinstance(body, dict) or "workflow" not in body:
+        return None
+    unknown = sorted(set(body) - _WF_FIELDS)
+    if unknown:
+        raise CodecError("unknown_field", f"unknown field(s) of a workflow start: "
+                                          f"{', '.join(unknown)}; allowed: "
+                                          f"{', '.join(sorted(_WF_FIELDS))}")
+    name = body["workflow"]
+    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_-]{1,64}\Z", name):
+        raise CodecError("bad_field", f"'workflow' must be a template name, got {name!r}")
+    version = body.get("version")
+    if version is not None and (type(version) is not int or version < 1):
+        raise CodecError("bad_field", "'version' must be a positive integer")
+    workflow_id = body.get("workflow_id")
+    if workflow_id is not None and job_id_problem(workflow_id):
+        raise CodecError("bad_workflow_id", (job_id_problem(workflow_id) or "").replace(
+            "job id", "workflow id"))
+    return WorkflowStart(queue, name, version, body.get("context"), workflow_id,
+                         _correlation_id(body))
 
 
 def check_handler_known(sub: Submission, known: Collection[str]) -> None:

@@ -2,8 +2,10 @@
 
 Starts nats-server (the venv's binary, nats.conf), a sentinel, two workers and the
 projector as separate processes; submits jobs three ways (Python API, the `jetflow` CLI,
-a raw NATS publish); waits for them; prints each job's final state and event history read
-from the stream, and the projection's view; shuts everything down.
+a raw NATS publish) and, while they land, starts two example workflows (tasker-core's
+linear DAG and a CSV cut into dynamic batches); waits for them; prints each job's final
+state and event history read from the stream, each workflow's DAG with its exact result,
+and the projection's view; shuts everything down.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from jetflow import Client, connect
 from jetflow.cli.render import job_lines
+from jetflow.cli.workflow import draw
 from jetflow.core import subjects as S
 from jetflow.core.job import fold
 from jetflow.core.submission import derive_job_id
@@ -103,19 +106,53 @@ async def show_projection(client: Client, db_path: Path) -> None:
         say(f"    {state:<14} {count}")
 
 
+WORKFLOWS = Path(__file__).resolve().parent / "workflows"
+
+
+async def start_workflows(client: Client) -> dict[str, object]:
+    """The linear example (n = 6 gives 69) and csv_batch (1,000 rows in batches of 200
+    give 5 batch workers); their ids, with the result each must reach."""
+    say("\n[w] Workflows: register examples/workflows/{linear,csv_batch}.yaml and start them")
+    csv = DATA / "rows.csv"
+    csv.parent.mkdir(parents=True, exist_ok=True)
+    csv.write_text("id,amount\n" + "".join(f"{i},{i % 10}\n" for i in range(1000)))
+    expected: dict[str, object] = {}
+    for name, context, result in (
+            ("linear", {"even_number": 6}, 69),
+            ("csv_batch", {"csv": str(csv.resolve()), "batch_size": 200},
+             {"total_processed": 1000, "worker_count": 5, "column_total": 4500.0})):
+        await client.register_workflow(WORKFLOWS / f"{name}.yaml")
+        workflow_id = await client.start_workflow(name, context)
+        say(f"    {name}: started {workflow_id} with context {json.dumps(context)}")
+        expected[workflow_id] = result
+    return expected
+
+
+async def show_workflows(client: Client, expected: dict[str, object]) -> bool:
+    say("\n[w] Each workflow's DAG (jetflow workflow show ID)")
+    ok = True
+    for workflow_id, result in expected.items():
+        view = await client.wait_workflow(workflow_id, timeout=60)
+        say("\n".join("    " + line for line in draw(view, time.time()).splitlines()))
+        ok = ok and view.state == "succeeded" and view.result == result
+    return ok
+
+
 async def main() -> int:
     shutil.rmtree(DATA, ignore_errors=True)
     say("jetflow demo: starting nats-server, a sentinel, two workers and the projector...")
-    stack = Stack(data_dir=DATA, port=0, workers=2, handlers="echo,sleep,fail")
+    stack = Stack(data_dir=DATA, port=0, workers=2)  # echo, sleep, fail, the workflow steps
     async with stack:
         pids = ", ".join(f"{s.name}={s.pid}" for s in stack.services())
         say(f"  up: NATS at {stack.url}; processes: {pids}")
         client = await connect(stack.url)
         try:
             ids = await submit_python(client)
+            workflows = await start_workflows(client)
             ids.append(submit_cli(stack.url))
             ids += await submit_raw(client)
             states = await show(client, ids)
+            workflows_ok = await show_workflows(client, workflows)
             await show_projection(client, stack.data_dir / "projections.sqlite")
         finally:
             await client.close()
@@ -124,9 +161,10 @@ async def main() -> int:
     expected = ["succeeded", "succeeded", "dead_lettered", "succeeded", "succeeded",
                 "succeeded", "rejected"]
     got = [states[j] for j in ids]
-    ok = got == expected and not leftovers
-    say("demo " + ("OK: every job reached the state it should" if ok else
-                   f"FAILED: expected {expected}, got {got}"))
+    ok = got == expected and not leftovers and workflows_ok
+    say("demo " + ("OK: every job reached the state it should, and every workflow its exact "
+                   "result" if ok else f"FAILED: expected {expected}, got {got}; workflows "
+                   f"{'ok' if workflows_ok else 'not as expected'}"))
     return 0 if ok else 1
 
 

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
         connect,
     )
     from jetflow.core.job import JobState
+    from jetflow.core.template import TemplateError
+    from jetflow.core.workflow_view import StepView, WorkflowView
     from jetflow.workers.context import JobContext, PermanentError
 
 __all__ = [
@@ -45,10 +47,13 @@ __all__ = [
     "JobState",
     "NoSentinel",
     "PermanentError",
+    "StepView",
     "SubmissionRejected",
     "SubmissionsRejected",
     "SubmitTimeout",
     "Submitted",
+    "TemplateError",
+    "WorkflowView",
     "connect",
 ]
 
@@ -62,6 +67,9 @@ _HOME = {
     "Submitted": "jetflow.adapters.client",
     "connect": "jetflow.adapters.client",
     "JobState": "jetflow.core.job",
+    "TemplateError": "jetflow.core.template",
+    "StepView": "jetflow.core.workflow_view",
+    "WorkflowView": "jetflow.core.workflow_view",
     "JobContext": "jetflow.workers.context",
     "PermanentError": "jetflow.workers.context",
 }

@@ -29,6 +29,7 @@ log = logging.getLogger("jetflow.stack")
 # that had run for STABLE_S before exiting starts again from 1 s.
 RESTART_BACKOFF = RetryPolicy(base_s=1.0, factor=2.0, cap_s=30.0, jitter=0.0)
 STABLE_S = 60.0
+DEFAULT_HANDLERS = "echo,sleep,fail,@jetflow.examples.workflows.handlers"
 WORKER_STOP_S = 45.0  # a worker's grace (30 s by default) and its hand-back, then SIGKILL
 
 
@@ -163,7 +164,7 @@ class Service:
 
 class Stack:
     def __init__(self, *, data_dir: Path, port: int = 4222, nats_url: str | None = None,
-                 workers: int = 2, handlers: str = "echo,sleep,fail", concurrency: int = 4,
+                 workers: int = 2, handlers: str = DEFAULT_HANDLERS, concurrency: int = 4,
                  durable: bool = False, lease_s: float = 15.0, projector: bool = True,
                  worker_args: list[str] | None = None,
                  sentinel_args: list[str] | None = None, restart: bool = False,

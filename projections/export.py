@@ -53,7 +53,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -62,7 +61,7 @@ import pyarrow.parquet as pq
 from jetflow.adapters.natsclient import Client
 from jetflow.adapters.reader import StreamReader
 from jetflow.core import subjects as S
-from jetflow.core.codec import CodecError, decode_event
+from jetflow.core.codec import CodecError, decode_event, dumps
 from jetflow.core.metadata import Stored
 from jetflow.projections.replay import Progress, stream_head
 from jetflow.projections.schema import ProjectionError
@@ -143,7 +142,7 @@ def _type_of(parts: list[str]) -> str:
 
 
 def _json(value: Any) -> str:
-    return orjson.dumps(value).decode()
+    return dumps(value).decode()
 
 
 async def export_parquet(nc: Client, out_dir: Path, *, from_seq: int = 1,

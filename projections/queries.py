@@ -7,9 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import aiosqlite
-import orjson
 
-from jetflow.core.codec import Unreadable
+from jetflow.core.codec import Unreadable, loads
 from jetflow.core.events import Event
 from jetflow.core.job import JobState
 
@@ -148,7 +147,7 @@ async def list_jobs(db: aiosqlite.Connection, *, state: str | None = None,
     rows = await _all(db, sql, (*params, limit))
     jobs = [dict(zip(_JOB_COLUMNS, row, strict=True)) for row in rows]
     for job in jobs:
-        job["error"] = orjson.loads(job["error"]) if job["error"] else None
+        job["error"] = loads(job["error"]) if job["error"] else None
     return jobs
 
 
@@ -158,7 +157,7 @@ async def job_from_projection(db: aiosqlite.Connection, job_id: str
     rows = await _all(db, "SELECT state_json, trace_id FROM jobs WHERE job_id = ?", (job_id,))
     if not rows:
         return None
-    state = JobState(**orjson.loads(rows[0][0]))
+    state = JobState(**loads(rows[0][0]))
     events = [_event(job_id, *row) for row in await _all(
         db, "SELECT seq, type, at, body FROM timeline WHERE entity_id = ? AND kind = 'job' "
             "ORDER BY seq", (job_id,))]
@@ -181,5 +180,5 @@ async def list_errors(db: aiosqlite.Connection, *, limit: int = 50) -> list[dict
 
 
 def _event(job_id: str, seq: int, type_: str, at: float, body: str) -> Event:
-    data = orjson.loads(body).get("data") or {}
+    data = loads(body).get("data") or {}
     return Event("job", job_id, type_, at, data, seq=seq)

@@ -24,6 +24,7 @@ import orjson
 
 from jetflow.projections.schema import INDEX_DDL, SCHEMA_VERSION, TABLE_DDL, ProjectionError
 from jetflow.projections.views import (
+    WORKFLOW_COLUMNS,
     BatchRows,
     JobView,
     WorkerView,
@@ -39,7 +40,7 @@ __all__ = ["Store", "open_reader", "file_version", "remove_db", "read_only_uri",
 log = logging.getLogger("jetflow.projector")
 
 _UPSERT_JOB = """
-INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
 ON CONFLICT (job_id) DO UPDATE SET
   queue=excluded.queue, handler=excluded.handler, priority=excluded.priority,
   state=excluded.state, attempt=excluded.attempt, max_attempts=excluded.max_attempts,
@@ -47,7 +48,8 @@ ON CONFLICT (job_id) DO UPDATE SET
   trace_id=excluded.trace_id, submitted_at=excluded.submitted_at,
   queued_at=excluded.queued_at, started_at=excluded.started_at,
   finished_at=excluded.finished_at, result=excluded.result, error=excluded.error,
-  last_seq=excluded.last_seq, events=excluded.events, state_json=excluded.state_json
+  last_seq=excluded.last_seq, events=excluded.events, state_json=excluded.state_json,
+  workflow_id=excluded.workflow_id, step=excluded.step
 """
 _UPSERT_WORKER = "INSERT OR REPLACE INTO workers VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 _ADD_QUEUE_STATE = """INSERT INTO queue_states VALUES (?,?,?)
@@ -57,7 +59,7 @@ ON CONFLICT (queue, priority) DO UPDATE SET jobs = jobs + excluded.jobs"""
 _ADD_THROUGHPUT = """INSERT INTO throughput VALUES (?,?,?,?,?)
 ON CONFLICT (queue, minute) DO UPDATE SET succeeded = succeeded + excluded.succeeded,
   failed = failed + excluded.failed, dead_lettered = dead_lettered + excluded.dead_lettered"""
-_LOAD_JOBS = """SELECT job_id, trace_id, queued_at, state_json FROM jobs
+_LOAD_JOBS = """SELECT job_id, trace_id, queued_at, state_json, workflow_id, step FROM jobs
 WHERE job_id IN (SELECT value FROM json_each(?))"""
 
 
@@ -194,7 +196,7 @@ class Store:
     def load_jobs(self, job_ids: Iterable[str]) -> dict[str, JobView]:
         ids = orjson.dumps(list(job_ids)).decode()
         rows = self.db.execute(_LOAD_JOBS, (ids,)).fetchall()
-        return {r[0]: job_view_from_row(r[1], r[2], r[3]) for r in rows}
+        return {r[0]: job_view_from_row(r[1], r[2], r[3], r[4], r[5]) for r in rows}
 
     def load_workers_all(self) -> dict[str, WorkerView]:
         rows = self.db.execute("SELECT * FROM workers").fetchall()
@@ -246,7 +248,30 @@ def _statements(rows: BatchRows) -> list[tuple[str, list[tuple[Any, ...]]]]:
         # a count back at zero leaves no row, whatever the batch boundaries were
         ("DELETE FROM queue_states WHERE jobs = 0", [()] if states else []),
         ("DELETE FROM queue_depth WHERE jobs = 0", [()] if depth else []),
+        ("INSERT OR REPLACE INTO workflow_templates VALUES (?,?,?,?,?,?,?,?)",
+         rows.templates),
+        *_workflow_statements(rows.workflows),
     ]
+
+
+_INSERT_WORKFLOW = (f"INSERT OR REPLACE INTO workflows ({', '.join(WORKFLOW_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(WORKFLOW_COLUMNS))})")
+
+
+def _workflow_statements(changes: dict[str, dict[str, Any]]
+                         ) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """A workflow started in the batch: its whole row; one that moved: the columns its
+    events set (the same result whatever the batch boundaries were)."""
+    out: list[tuple[str, list[tuple[Any, ...]]]] = []
+    full = [tuple(c[k] for k in WORKFLOW_COLUMNS) for c in changes.values() if "name" in c]
+    if full:
+        out.append((_INSERT_WORKFLOW, full))
+    for workflow_id, cols in changes.items():
+        if "name" not in cols:
+            keys = sorted(cols)
+            out.append((f"UPDATE workflows SET {', '.join(f'{k} = ?' for k in keys)} "
+                        "WHERE workflow_id = ?", [(*(cols[k] for k in keys), workflow_id)]))
+    return out
 
 
 def _prepare(db: sqlite3.Connection, *, bulk: bool) -> None:

@@ -13,9 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import orjson
-
-from jetflow.core.codec import CodecError, decode_event
+from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
 from jetflow.core.job import Fields, JobState, as_fields, from_fields, try_step
 from jetflow.core.metadata import Stored, header_value
@@ -32,6 +30,7 @@ __all__ = [
     "worker_row",
     "worker_view_from_row",
     "trace_id_of",
+    "WORKFLOW_COLUMNS",
     "SUMMARY_CHARS",
 ]
 
@@ -52,6 +51,8 @@ class JobView:
     fields: Fields
     trace_id: str | None = None
     queued_at: float | None = None  # when it last entered the queue
+    workflow_id: str | None = None  # a workflow step's job: its workflow...
+    step: str | None = None  # ... and step
 
     @classmethod
     def of(cls, state: JobState, trace_id: str | None = None,
@@ -63,7 +64,8 @@ class JobView:
         return from_fields(self.fields)
 
     def copy(self) -> JobView:
-        return JobView(dict(self.fields), self.trace_id, self.queued_at)
+        return JobView(dict(self.fields), self.trace_id, self.queued_at, self.workflow_id,
+                       self.step)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,9 @@ class BatchRows:
     jobs: dict[str, JobView] = field(default_factory=dict)
     before: dict[str, JobView | None] = field(default_factory=dict)
     workers: dict[str, WorkerView] = field(default_factory=dict)
+    # workflow id -> the columns its events of the batch set (all of them after `started`)
+    workflows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    templates: list[tuple[Any, ...]] = field(default_factory=list)
     timeline: list[tuple[int, str, str, str, float, str]] = field(default_factory=list)
     errors: list[tuple[int, str, str, str, str]] = field(default_factory=list)
     throughput: dict[Key, list[int]] = field(default_factory=dict)
@@ -154,7 +159,9 @@ class _Fold:
         except CodecError as exc:
             self._error(raw, exc.code, exc.message)
             return
-        problem = self._job(event, raw) if event.kind == "job" else self._worker(event)
+        kind = event.kind
+        problem = (self._job(event, raw) if kind == "job" else self._worker(event)
+                   if kind == "worker" else self._workflow(event) if kind == "wf" else None)
         if problem:
             self._error(raw, *problem)
             return
@@ -180,6 +187,9 @@ class _Fold:
         refused = try_step(values, event)  # leaves ``values`` as it was if refused
         if refused is not None:
             return refused
+        if type_ in ("submitted", "skipped") and event.data.get("workflow"):
+            view.workflow_id = str(event.data["workflow"])
+            view.step = str(event.data.get("step") or "")
         if type_ == "queued":
             view.queued_at = event.at
         elif type_ == "submitted" or type_ == "rejected":
@@ -219,6 +229,29 @@ class _Fold:
             w = self._worker_now(worker_id)
             self.rows.workers[worker_id] = replace(w, succeeded=w.succeeded + succeeded,
                                                    failed=w.failed + failed)
+
+    # -- workflows ----------------------------------------------------------------------
+    def _workflow(self, event: Event) -> tuple[str, str] | None:
+        d = event.data
+        if event.type == "registered":
+            self.rows.templates.append((d["name"], d["version"], d["sha256"], d["steps"],
+                                        d.get("label"), d.get("description"), event.at,
+                                        event.seq))
+            return None
+        cols = self.rows.workflows.setdefault(event.id, {})
+        if event.type == "started":
+            cols.update(workflow_id=event.id, name=d["template"], version=d["version"],
+                        state="running", queue=d.get("queue"),
+                        correlation_id=d.get("correlation_id"),
+                        context=_json(d.get("context")), started_at=event.at,
+                        finished_at=None, result=None, reason=None, cancel_requested=0)
+        elif event.type == "cancel_requested":
+            cols["cancel_requested"] = 1
+        elif event.type in ("succeeded", "failed", "cancelled"):
+            cols.update(state=event.type, finished_at=event.at,
+                        result=_summary(d.get("result")), reason=d.get("reason"))
+        cols["last_seq"] = event.seq
+        return None
 
     # -- workers ----------------------------------------------------------------------
     def _worker(self, event: Event) -> tuple[str, str] | None:
@@ -275,12 +308,18 @@ def job_row(view: JobView) -> tuple[Any, ...]:
             s["max_attempts"], s["worker"], s["correlation_id"], view.trace_id,
             s["submitted_at"], view.queued_at, s["started_at"], s["finished_at"],
             _summary(s["result"]), _json(s["error"]), s["last_seq"], s["events"],
-            orjson.dumps(s).decode())
+            dumps(s).decode(), view.workflow_id, view.step)
 
 
 def job_view_from_row(trace_id: str | None, queued_at: float | None,
-                      state_json: str) -> JobView:
-    return JobView(orjson.loads(state_json), trace_id, queued_at)
+                      state_json: str, workflow_id: str | None = None,
+                      step: str | None = None) -> JobView:
+    return JobView(loads(state_json), trace_id, queued_at, workflow_id, step)
+
+
+WORKFLOW_COLUMNS = ("workflow_id", "name", "version", "state", "queue", "correlation_id",
+                    "context", "started_at", "finished_at", "result", "reason",
+                    "cancel_requested", "last_seq")
 
 
 def worker_row(w: WorkerView) -> tuple[Any, ...]:
@@ -295,9 +334,9 @@ def worker_view_from_row(row: tuple[Any, ...]) -> WorkerView:
 def _summary(value: Any) -> str | None:
     if value is None:
         return None
-    text = orjson.dumps(value).decode()
+    text = dumps(value).decode()
     return text if len(text) <= SUMMARY_CHARS else text[:SUMMARY_CHARS - 1] + "…"
 
 
 def _json(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    return None if value is None else dumps(value).decode()

@@ -1,4 +1,5 @@
-"""Operator requests the sentinel answers: cancel a job, re-drive a dead letter.
+"""Operator requests the sentinel answers: cancel a job or a workflow, re-drive a dead
+letter.
 
 Both arrive on ``jf.ctl.*`` (from the CLI, the client or a raw ``nats req``) and become
 events appended with the expected sequence, like every other decision.
@@ -14,7 +15,8 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from jetflow.adapters.bus import Conflict, job_messages_after, last_job_event
+from jetflow.adapters.bus import Conflict, job_messages_after, last_event_on, last_job_event
+from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event
 from jetflow.core.events import Event
 from jetflow.core.fleet import Append, Fleet
@@ -52,6 +54,35 @@ class Control:
                 return {"job_id": job_id, "state": "cancel_requested",
                         "running": job.state == "running"}
         return {"error": f"job {job_id} kept changing; try again"}
+
+    async def cancel_workflow(self, workflow_id: str, body: dict[str, Any]) -> Answer:
+        """Record the workflow's ``cancel_requested``: the sentinel then cancels every
+        pending and running step, and the workflow ends ``cancelled``."""
+        reason = str(body.get("reason") or "workflow cancelled")[:500]
+        filter_ = S.entity_filter("wf", workflow_id)
+        for _ in range(3):
+            latest = await last_event_on(self.nc, filter_)
+            deadline = time.monotonic() + 3.0
+            while latest and self.fleet.last_seq < latest[0] and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            run = self.fleet.workflows.runs.get(workflow_id)
+            if run is None:
+                if latest is None:
+                    return {"error": f"no workflow {workflow_id!r} in the log"}
+                state = latest[1].rsplit(".", 1)[-1]
+                if state in ("succeeded", "failed", "cancelled"):
+                    return {"workflow_id": workflow_id, "state": state, "noop": True,
+                            "message": f"workflow {workflow_id} already {state}: nothing to "
+                                       "cancel"}
+                return {"error": f"workflow {workflow_id} is not running here yet; try again"}
+            if run.cancel_requested:
+                return {"workflow_id": workflow_id, "state": "running",
+                        "message": "cancel already requested"}
+            event = Event("wf", workflow_id, "cancel_requested", _now(), {"reason": reason})
+            append = Append(event, run.last_seq, f"wf:{workflow_id}:cancel_requested")
+            if await self._try(append):
+                return {"workflow_id": workflow_id, "state": "cancel_requested"}
+        return {"error": f"workflow {workflow_id} kept changing; try again"}
 
     async def retry(self, job_id: str, body: dict[str, Any]) -> Answer:
         attempts = body.get("attempts", 3)

@@ -15,9 +15,11 @@ from jetflow.core.submission import (
     JOB_ID_RE,
     MAX_SUBMISSION_BYTES,
     Submission,
+    WorkflowStart,
     check_handler_known,
     derive_job_id,
     parse_submission,
+    parse_workflow_start,
     submission_fingerprint,
 )
 
@@ -43,7 +45,7 @@ class Decision:
 
     @property
     def accepted(self) -> bool:
-        return self.append.event.type == "submitted"
+        return self.append.event.type in ("submitted", "started")
 
 
 @dataclass
@@ -62,11 +64,19 @@ class Intake:
                                 default_max_attempts=self.default_max_attempts)
 
     def decide(self, raw: RawSubmission, known_handlers: Collection[str],
-               now: float) -> Decision:
+               now: float, templates: Mapping[str, Mapping[int, str]] | None = None
+               ) -> Decision:
+        """The event recording ``raw``: a job's ``submitted``, a workflow's ``started``
+        (``templates``: name -> {version: sha256} of the registered ones) or, for what
+        cannot be either, ``rejected``."""
         msg_id = raw.headers.get(S.HDR_MSG_ID) or None
         derived = derive_job_id(msg_id, self.stream_epoch, raw.stream_seq)
         fingerprint = submission_fingerprint(raw.subject, msg_id, raw.data)
         try:
+            start = parse_workflow_start(raw.data, S.queue_of_submit_subject(raw.subject)
+                                         or "", max_bytes=self.max_bytes)
+            if start is not None:
+                return self._start(raw, start, templates or {}, now, derived, fingerprint)
             sub = self.parse(raw)
             check_handler_known(sub, known_handlers)
         except CodecError as exc:
@@ -83,6 +93,30 @@ class Intake:
                 "queued": True}  # queued for attempt 1 with it: one event, not two
         event = Event("job", job_id, "submitted", now, data)
         return Decision(Append(event, 0, f"{job_id}:submitted"), fingerprint, derived,
+                        self.trace_headers(raw.headers, correlation_id))
+
+    def _start(self, raw: RawSubmission, start: WorkflowStart,
+               templates: Mapping[str, Mapping[int, str]], now: float, derived: str,
+               fingerprint: str) -> Decision:
+        versions = templates.get(start.workflow)
+        if not versions:
+            listed = ", ".join(sorted(templates)) or "none yet: jetflow workflow register FILE"
+            raise CodecError("unknown_workflow", f"unknown workflow {start.workflow!r}; "
+                                                 f"registered: {listed}")
+        version = start.version or max(versions)
+        if version not in versions:
+            raise CodecError("unknown_version", f"workflow {start.workflow!r} has versions "
+                                                f"{sorted(versions)}, not {version}")
+        workflow_id = start.workflow_id or "w" + derived[1:]
+        msg_id = raw.headers.get(S.HDR_MSG_ID) or None
+        correlation_id = (start.correlation_id or raw.headers.get(S.HDR_CORRELATION_ID)
+                          or workflow_id)
+        data = {"template": start.workflow, "version": version, "sha256": versions[version],
+                "context": start.context, "queue": start.queue,
+                "correlation_id": correlation_id, "submit_seq": raw.stream_seq,
+                "fp": fingerprint, **_optional(msg_id=msg_id)}
+        event = Event("wf", workflow_id, "started", now, data)
+        return Decision(Append(event, 0, f"wf:{workflow_id}:started"), fingerprint, derived,
                         self.trace_headers(raw.headers, correlation_id))
 
     def _rejected(self, raw: RawSubmission, derived: str, fingerprint: str,

@@ -85,7 +85,7 @@ class ReplyBook:
         if event.type == "rejected":
             return dumps({"error": event.data["reason"], "code": event.data["code"],
                           "job_id": event.id})
-        body: dict[str, object] = {"job_id": event.id}
+        body: dict[str, object] = {"workflow_id" if event.kind == "wf" else "job_id": event.id}
         if duplicate:
             body["duplicate"] = True
         if differs:

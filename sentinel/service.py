@@ -37,6 +37,7 @@ from jetflow.adapters.bus import (
 )
 from jetflow.adapters.reader import Delivery, QueueReader, StreamReader
 from jetflow.adapters.runtime import cancel_and_wait, give_back_memory, supervise
+from jetflow.adapters.templates import TemplateStore
 from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
@@ -44,6 +45,7 @@ from jetflow.core.fleet import Append, Dispatch, Fleet
 from jetflow.core.metadata import Stored, ack_numbers, headers_of
 from jetflow.core.retry import RetryPolicy
 from jetflow.core.submission import differing_fields, submission_fingerprint
+from jetflow.core.template import TemplateError
 from jetflow.sentinel.control import Control
 from jetflow.sentinel.intake import Decision, Intake, RawSubmission
 from jetflow.sentinel.replies import ReplyBook
@@ -103,6 +105,7 @@ class Sentinel:
         self.log = EventLog(Publisher(self.nc))
         info = await self.js.stream_info(S.SUBMIT_STREAM)
         self.intake = Intake(info.created.isoformat() if info.created else "0")
+        self.templates = TemplateStore(self.nc)
         self.snapshots = Snapshots(self.nc, policy=self.policy,
                                    queue_policies=self.queue_policies, lease_s=self.lease_s)
         restored = await self.snapshots.load()
@@ -118,7 +121,7 @@ class Sentinel:
                                     queue=S.SENTINEL_REPLY_GROUP)
         await self.nc.subscribe(S.SENTINEL_PING, queue=S.SENTINEL_REPLY_GROUP,
                                 cb=self._on_ping)
-        for subject in (S.CONTROL_CANCEL, S.CONTROL_RETRY):
+        for subject in (S.CONTROL_CANCEL, S.CONTROL_RETRY, S.CONTROL_WF_CANCEL):
             await self.nc.subscribe(subject, queue=S.SENTINEL_REPLY_GROUP, cb=self._on_control)
         await self.nc.flush()  # the server knows about us before we say we are ready
 
@@ -153,6 +156,7 @@ class Sentinel:
         if head <= self.fleet.last_seq:
             return
         async for batch in self.events.batches():
+            await self._load_templates_of(batch)
             self._observe_batch(batch)
             if self.events.caught_up or self.fleet.last_seq >= head:
                 break
@@ -161,9 +165,10 @@ class Sentinel:
     async def _events_loop(self) -> None:
         async for batch in self.events.batches():
             if batch:
+                await self._load_templates_of(batch)
                 self._observe_batch(batch)
                 await self._dispatch(self.fleet.dispatch(time.time()))  # freed slots
-            if self.fleet.dirty:
+            if self.fleet.dirty or self.fleet.workflows.dirty:
                 self.wake()
 
     def _observe_batch(self, msgs: list[Stored]) -> None:
@@ -185,7 +190,7 @@ class Sentinel:
                 log.warning("ignoring malformed event at seq %d on %s: %s", seq, msg.subject,
                             exc.message)
                 continue
-            if event.type == "submitted" and msg.headers:
+            if (event.type == "submitted" or event.kind == "wf") and msg.headers:
                 headers = headers_of(msg.headers)
                 correlation_id = (headers.get(S.HDR_CORRELATION_ID)
                                   or event.get("correlation_id") or event.id)
@@ -199,7 +204,8 @@ class Sentinel:
             log.debug("not applied: %s %s seq %d: %s", event.id, event.type, event.seq, why)
         if duplicate and event.type == "submitted":  # its id was taken: say if it differs
             asyncio.ensure_future(self._answer_duplicate(event))
-        elif event.type in ("submitted", "rejected"):
+        elif event.type in ("submitted", "rejected") or (event.kind == "wf"
+                                                         and event.type == "started"):
             self._answer(event, duplicate)
         if event.kind == "job" and event.id not in self.fleet.jobs:
             self.trace.pop(event.id, None)
@@ -225,13 +231,19 @@ class Sentinel:
             await self.pump()
 
     def _take_decisions(self, now: float) -> list[Append]:
-        """Decisions for the dirty jobs that have no append in flight."""
+        """Decisions for the dirty jobs that have no append in flight, and what the
+        workflows that moved need (a step's job carries its workflow's trace)."""
         dirty, self.fleet.dirty = self.fleet.dirty, set()
         out = []
         for job_id in dirty - self._inflight:
             append = self.fleet.decide(job_id, now, random.random())
             if append is not None:
                 out.append(append)
+        for append in self.fleet.decide_workflows(now):
+            workflow_id = append.event.get("workflow")
+            if workflow_id and append.event.id not in self.trace:
+                self.trace[append.event.id] = dict(self.trace.get(str(workflow_id)) or {})
+            out.append(append)
         return out
 
     async def append_decision(self, append: Append) -> None:
@@ -262,6 +274,8 @@ class Sentinel:
             return
         if append.event.kind == "job":
             self.fleet.dirty.add(append.event.id)  # look again at what moved
+        elif append.event.kind == "wf":
+            self.fleet.workflows.dirty.add(append.event.id)
         if isinstance(result, Conflict):
             if raise_conflict:
                 raise result
@@ -313,12 +327,39 @@ class Sentinel:
         self.wake()
 
     async def _decide(self, raws: list[RawSubmission]) -> list[Decision]:
-        decisions = [self.intake.decide(r, self.fleet.known_handlers, time.time()) for r in raws]
-        if any(d.append.event.get("code") == "unknown_handler" for d in decisions):
-            await self._wait_for_log_head()  # a worker may have joined a moment ago
-            decisions = [self.intake.decide(r, self.fleet.known_handlers, time.time())
-                         for r in raws]
+        decisions = [self._decide_one(r) for r in raws]
+        if any(d.append.event.get("code") in ("unknown_handler", "unknown_workflow",
+                                              "unknown_version") for d in decisions):
+            await self._wait_for_log_head()  # a worker or a template came a moment ago
+            decisions = [self._decide_one(r) for r in raws]
+        for d in decisions:  # a workflow's template, loaded before it is started
+            if d.accepted and d.append.event.kind == "wf":
+                await self._load_template(str(d.append.event.data["template"]),
+                                          int(d.append.event.data["version"]))
         return decisions
+
+    def _decide_one(self, raw: RawSubmission) -> Decision:
+        return self.intake.decide(raw, self.fleet.known_handlers, time.time(),
+                                  self.fleet.template_digests)
+
+    async def _load_template(self, name: str, version: int) -> None:
+        """The template in the fleet's cache before a ``started`` naming it is observed
+        (a template no store has leaves the workflow to fail, saying so)."""
+        key = (name, version)
+        if key in self.fleet.workflows.templates:
+            return
+        try:
+            self.fleet.workflows.templates[key] = await self.templates.get(name, version)
+        except (TemplateError, BusError, *TIMEOUTS) as exc:
+            log.warning("workflow template %s v%d unavailable: %s", name, version, exc)
+
+    async def _load_templates_of(self, msgs: list[Stored]) -> None:
+        for msg in msgs:
+            if msg.subject.startswith(_WF_PREFIX) and msg.subject.endswith(".started"):
+                with contextlib.suppress(CodecError, KeyError, ValueError):
+                    event = decode_event(msg.subject, msg.data, msg.seq)
+                    await self._load_template(str(event.data["template"]),
+                                              int(event.data["version"]))
 
     async def _record(self, decisions: list[Decision]) -> list[bool]:
         for d in decisions:
@@ -344,6 +385,9 @@ class Sentinel:
         """The job id has events already: a duplicate submission, or a rejection whose
         submitter picked an id that is taken (recorded under the derived id instead)."""
         event = d.append.event
+        if d.accepted and event.kind == "wf":
+            self._answer(event, duplicate=True)
+            return True
         if d.accepted:
             asyncio.ensure_future(self._answer_duplicate(event))
             return True
@@ -432,12 +476,18 @@ class Sentinel:
         return differing_fields(first.data, new) if first is not None else []
 
     async def _on_control(self, msg: Msg) -> None:
+        key = "workflow_id" if msg.subject == S.CONTROL_WF_CANCEL else "job_id"
         try:
             body = loads(msg.data)
-            job_id = S.check_job_id(body.get("job_id") if isinstance(body, dict) else None)
+            job_id = S.check_job_id(body.get(key) if isinstance(body, dict) else None)
         except (CodecError, S.InvalidToken) as exc:
-            answer: dict[str, object] = {"error": f"{exc}; send {{\"job_id\": \"...\"}}"}
+            answer: dict[str, object] = {"error": f"{exc}; send {{\"{key}\": \"...\"}}"}
         else:
+            if key == "workflow_id":
+                answer = await self.control.cancel_workflow(job_id, body)
+                if msg.reply:
+                    await self.nc.publish(msg.reply, dumps(answer))
+                return
             act = self.control.cancel if msg.subject == S.CONTROL_CANCEL else self.control.retry
             answer = await act(job_id, body)
         if msg.reply:
@@ -448,7 +498,9 @@ class Sentinel:
             await self.nc.publish(msg.reply, dumps({
                 "last_seq": self.fleet.last_seq, "active_jobs": len(self.fleet.jobs),
                 "workers": sorted(w for w, i in self.fleet.workers.items()
-                                  if i.status == "live")}))
+                                  if i.status == "live"),
+                "handlers": sorted(self.fleet.live_handlers()),
+                "workflows": len(self.fleet.workflows.runs)}))
 
     def _answer(self, event: Event, duplicate: bool = False) -> None:
         fingerprint = event.get("fp")
@@ -471,7 +523,7 @@ class Sentinel:
             self.fleet.dirty |= fired
             if lost:
                 await self._execute(lost)
-            if self.fleet.dirty or self.fleet.sched.ready_count():
+            if self.fleet.dirty or self.fleet.workflows.dirty or self.fleet.sched.ready_count():
                 self.wake()
 
     async def _hb_loop(self) -> None:
@@ -491,6 +543,9 @@ class Sentinel:
                     continue
                 self.fleet.heartbeat(worker_id, now, beat_at, running, held=held,
                                      draining=draining)
+
+
+_WF_PREFIX = f"{S.PREFIX}.wf."
 
 
 class _Request(NamedTuple):

@@ -14,13 +14,13 @@ import logging
 import time
 
 import nats.js.errors
-import orjson
 from nats.js import JetStreamContext
 from nats.js.object_store import ObjectStore
 
 from jetflow.adapters.bus import event_at
 from jetflow.adapters.natsclient import Client
 from jetflow.core import subjects as S
+from jetflow.core.codec import CodecError, dumps, loads
 from jetflow.core.fleet import Fleet
 from jetflow.core.retry import RetryPolicy
 from jetflow.core.snapshot import SnapshotError, restore, take, tip_digest
@@ -50,7 +50,7 @@ class Snapshots:
         except nats.js.errors.NotFoundError:
             return None
         try:
-            doc = orjson.loads(found.data or b"")
+            doc = loads(found.data or b"")
             why = await self._unusable(doc)
             if why is None:
                 fleet = restore(doc, policy=self.policy, queue_policies=self.queue_policies,
@@ -60,7 +60,7 @@ class Snapshots:
                          "the log from seq %d", fleet.last_seq, len(fleet.jobs),
                          len(fleet.workers), fleet.last_seq + 1)
                 return fleet
-        except (orjson.JSONDecodeError, SnapshotError, TypeError, KeyError) as exc:
+        except (CodecError, SnapshotError, TypeError, KeyError) as exc:
             why = str(exc)
         log.warning("not using the stored snapshot (%s): folding the whole log", why)
         return None
@@ -92,7 +92,7 @@ class Snapshots:
             return  # that message is gone already: nothing to pin the snapshot to
         info = await self.js.stream_info(S.EVENTS_STREAM)
         tip = tip_digest(stored[1], stored[2]) if stored else ""
-        data = orjson.dumps(take(fleet, tip=tip, stream_created=_created(info)))
+        data = dumps(take(fleet, tip=tip, stream_created=_created(info)))
         await (await self._bucket()).put(S.SENTINEL_SNAPSHOT, data)
         self.saved_seq, self.saved_at = seq, time.monotonic()
         log.info("snapshot at seq %d stored (%d jobs, %d bytes)", seq, len(fleet.jobs),

@@ -840,7 +840,9 @@ def test_unknown_handler_is_rejected() -> None:
         ({"handler": "echo", "colour": "red"}, "unknown_field"),
         ({"handler": "echo", "priority": "5"}, "bad_field"),
         ({"handler": "echo", "job_id": "a.b"}, "bad_job_id"),
-        ({"workflow": "etl"}, "unsupported"),
+        ({"workflow": "etl"}, "unknown_workflow"),
+        ({"workflow": "etl", "handler": "echo"}, "unknown_field"),
+        ({"workflow": "no way"}, "bad_field"),
     ],
 )
 def test_a_bad_body_is_rejected_with_code_and_reason(body: Any, code: str) -> None:

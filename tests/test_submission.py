@@ -121,9 +121,21 @@ def test_unknown_field(body: dict[str, Any]) -> None:
     assert unknown in info.value.message
 
 
-def test_workflow_is_unsupported_for_now() -> None:
-    assert code_of({"workflow": "etl"}) == "unsupported"
-    assert code_of({"handler": "echo", "workflow": {"steps": []}}) == "unsupported"
+def test_a_body_with_workflow_is_a_start_not_a_job() -> None:
+    from jetflow.core.submission import parse_workflow_start
+    assert code_of({"workflow": "etl"}) == "is_workflow"  # for parse_workflow_start
+    start = parse_workflow_start(b'{"workflow": "etl", "context": {"n": 1}, "version": 2}',
+                                 "bulk")
+    assert start is not None and (start.workflow, start.version, start.queue) == (
+        "etl", 2, "bulk") and start.context == {"n": 1}
+    assert parse_workflow_start(b'{"handler": "echo"}', "default") is None
+    for body, message in ((b'{"workflow": "etl", "handler": "echo"}', "unknown field(s)"),
+                          (b'{"workflow": {"steps": []}}', "must be a template name"),
+                          (b'{"workflow": "etl", "version": 0}', "positive integer"),
+                          (b'{"workflow": "etl", "workflow_id": "a.b"}', "workflow id")):
+        with pytest.raises(CodecError, match=None) as info:
+            parse_workflow_start(body, "default")
+        assert message in info.value.message, body
 
 
 @pytest.mark.parametrize(

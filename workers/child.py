@@ -19,6 +19,7 @@ import orjson
 
 from jetflow.adapters import tracing
 from jetflow.adapters.runtime import die_with_parent
+from jetflow.core.codec import dumps
 from jetflow.workers.context import JobContext, PermanentError
 from jetflow.workers.frames import PARENT_ENV, encode_frame, read_frame_sync
 from jetflow.workers.handlers import HandlerError, resolve
@@ -51,7 +52,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     ctx = JobContext(job["job_id"], job["attempt"], job.get("correlation_id"), job["queue"])
     try:
         result = resolve(job["ref"])(job.get("args") or {}, ctx)
-        orjson.dumps(result)  # must be JSON; fail the attempt here, not in the worker
+        dumps(result)  # must be JSON; fail the attempt here, not in the worker
     except PermanentError as exc:
         return _error(exc, retryable=False)
     except HandlerError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from typing import IO, Any
 
-import orjson
+from jetflow.core.codec import dumps, loads
 
 __all__ = ["encode_frame", "read_frame_sync", "HEADER", "PARENT_ENV"]
 
@@ -15,7 +15,7 @@ MAX_FRAME = 64 * 1024 * 1024
 
 
 def encode_frame(value: Any) -> bytes:
-    body = orjson.dumps(value)
+    body = dumps(value)
     return HEADER.pack(len(body)) + body
 
 
@@ -27,4 +27,4 @@ def read_frame_sync(stream: IO[bytes]) -> Any | None:
     (size,) = HEADER.unpack(head)
     if size > MAX_FRAME:
         raise ValueError(f"frame of {size} bytes is over the limit")
-    return orjson.loads(stream.read(size))
+    return loads(stream.read(size))

@@ -28,9 +28,13 @@ class HandlerError(ValueError):
 
 def parse_handlers(spec: str) -> dict[str, str]:
     """``"echo,img=pkg.mod:fn"`` -> ``{"echo": "jetflow.workers.builtins:echo",
-    "img": "pkg.mod:fn"}``."""
+    "img": "pkg.mod:fn"}``; ``@pkg.mod`` binds every handler of the module's ``HANDLERS``
+    mapping (name -> function)."""
     out: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
+        if item.startswith("@"):
+            out.update(bundle(item[1:]))
+            continue
         name, _, ref = item.partition("=")
         if not ref:
             if name not in BUILTINS:
@@ -42,6 +46,22 @@ def parse_handlers(spec: str) -> dict[str, str]:
     if not out:
         raise HandlerError("no handlers given (e.g. --handlers echo,sleep)")
     return out
+
+
+def bundle(module_name: str) -> dict[str, str]:
+    """The handlers a module lists in ``HANDLERS``, as references."""
+    _current_directory_importable()
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
+        raise HandlerError(f"cannot import {module_name!r} for @{module_name}: "
+                           f"{type(exc).__name__}: {exc}") from None
+    handlers = getattr(module, "HANDLERS", None)
+    if not isinstance(handlers, dict) or not handlers:
+        raise HandlerError(f"@{module_name}: the module has no HANDLERS mapping of name -> "
+                           "function")
+    return {str(name): f"{module_name}:{getattr(fn, '__name__', name)}"
+            for name, fn in handlers.items()}
 
 
 def resolve(ref: str) -> Callable[..., Any]:

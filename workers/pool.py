@@ -17,8 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
+from jetflow.core.codec import loads
 from jetflow.workers.frames import HEADER, PARENT_ENV, encode_frame
 
 __all__ = ["ChildPool", "Outcome"]
@@ -87,7 +86,7 @@ class Child:
             body = await self.proc.stdout.readexactly(HEADER.unpack(head)[0])
         except asyncio.IncompleteReadError:
             return None
-        frame: dict[str, Any] = orjson.loads(body)
+        frame: dict[str, Any] = loads(body)
         return frame
 
     async def _pump_stderr(self) -> None:

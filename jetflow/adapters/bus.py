@@ -51,6 +51,7 @@ __all__ = [
     "require_stream",
     "job_event_of_type",
     "event_at",
+    "last_event_on",
     "no_jetstream",
     "no_stream",
     "NO_JETSTREAM",
@@ -533,6 +534,11 @@ async def last_job_event(nc: NATS, job_id: str) -> tuple[int, str, bytes] | None
     return await _direct_get(nc, job_id, {"last_by_subj": S.job_filter(job_id)})
 
 
+async def last_event_on(nc: NATS, subject_filter: str) -> tuple[int, str, bytes] | None:
+    """(stream seq, subject, data) of the latest event on ``subject_filter``, or None."""
+    return await _direct_get(nc, subject_filter, {"last_by_subj": subject_filter})
+
+
 async def job_event_of_type(nc: NATS, job_id: str, type_: str
                             ) -> tuple[int, str, bytes] | None:
     """(stream seq, subject, data) of the job's latest event of this type (its one
@@ -554,6 +560,48 @@ async def job_messages_after(nc: NATS, job_id: str, seq: int,
         found.append(got)
         seq = got[0]
     return found
+
+
+MAX_FILTERS = 256  # subject filters per reading consumer
+
+
+async def messages_on(js: JetStreamContext, filters: list[str], start_seq: int = 1
+                      ) -> list[Msg]:
+    """Every message of JF_EVENTS on any of ``filters`` from ``start_seq``, in stream
+    order (a short-lived consumer per :data:`MAX_FILTERS` filters)."""
+    msgs: list[Msg] = []
+    for i in range(0, len(filters), MAX_FILTERS):
+        msgs.extend(await _read_filtered(js, filters[i:i + MAX_FILTERS], start_seq))
+    if len(filters) > MAX_FILTERS:
+        msgs.sort(key=lambda m: parse_ack_reply(m.reply).stream_seq)
+    return msgs
+
+
+async def _read_filtered(js: JetStreamContext, filters: list[str], start_seq: int
+                         ) -> list[Msg]:
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                            opt_start_seq=max(1, start_seq), ack_policy=AckPolicy.NONE,
+                            inactive_threshold=10.0, mem_storage=True,
+                            **({"filter_subject": filters[0]} if len(filters) == 1
+                               else {"filter_subjects": filters}))
+    try:
+        info = await js.add_consumer(S.EVENTS_STREAM, config=config)
+    except nats.js.errors.NotFoundError:
+        raise no_stream(S.EVENTS_STREAM) from None
+    except NO_JETSTREAM as exc:
+        raise no_jetstream(exc) from None
+    total = info.num_pending or 0
+    msgs: list[Msg] = []
+    if total:
+        sub = await js.pull_subscribe_bind(info.name, S.EVENTS_STREAM)
+        try:
+            while len(msgs) < total:
+                msgs.extend(await sub.fetch(min(256, total - len(msgs)), 5.0))
+        finally:
+            await sub.unsubscribe()
+    with contextlib.suppress(nats.js.errors.NotFoundError):
+        await js.delete_consumer(S.EVENTS_STREAM, info.name)
+    return msgs
 
 
 async def event_at(nc: NATS, seq: int) -> tuple[int, str, bytes] | None:

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import nats.errors
@@ -26,28 +27,34 @@ import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from jetflow.adapters import tracing
 from jetflow.adapters.bus import (
-    NO_JETSTREAM,
     TIMEOUTS,
     BusError,
     Tail,
     last_job_event,
-    no_jetstream,
-    no_stream,
+    messages_on,
 )
 from jetflow.adapters.bus import connect as bus_connect
 from jetflow.adapters.natsclient import Client as RawClient
 from jetflow.adapters.pipeline import NoResponders, Pipeline
 from jetflow.adapters.runtime import cancel_and_wait
+from jetflow.adapters.templates import Registered, TemplateStore
+from jetflow.adapters.workflows import (
+    list_workflows,
+    load_template_file,
+    read_view,
+    start_body,
+    wait_end,
+)
 from jetflow.core import subjects as S
-from jetflow.core.codec import CodecError, Unreadable, decode_event, dumps
+from jetflow.core.codec import CodecError, Unreadable, decode_event, dumps, loads
 from jetflow.core.events import Event
 from jetflow.core.job import TERMINAL, JobState, fold_skipping
 from jetflow.core.metadata import parse_ack_reply
 from jetflow.core.submission import derive_job_id
+from jetflow.core.workflow_view import WorkflowView
 
 __all__ = ["Client", "connect", "JobError", "NoSentinel", "SubmissionRejected", "SubmitTimeout",
            "Submitted", "SubmissionsRejected", "submission_request"]
@@ -103,6 +110,7 @@ class Client:
         self.js = nc.jetstream()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._watcher: asyncio.Task[None] | None = None
+        self._template_store: TemplateStore | None = None
 
     async def close(self) -> None:
         if self._watcher:
@@ -193,7 +201,7 @@ class Client:
             raise SubmitTimeout(f"no sentinel answered within {reply_timeout_s:g}s; the "
                                 f"submission is stored in {S.SUBMIT_STREAM} and job "
                                 f"{expected} will be recorded once a sentinel runs")
-        answer = orjson.loads(reply.data)
+        answer = loads(reply.data)
         if "error" in answer:
             raise SubmissionRejected(answer["error"], answer.get("code", ""),
                                      answer.get("job_id"))
@@ -234,6 +242,77 @@ class Client:
                              f"{NOBODY_GRACE_S:g}s): no jetflow sentinel is running there, "
                              f"or one is still starting{stored} (start one, or `jetflow up`)")
         return None
+
+    # -- workflows ------------------------------------------------------------------------
+    async def register_workflow(self, template: Mapping[str, Any] | str | Path, *,
+                                by: str = "") -> Registered:
+        """Validate and store a template (a document, or the path of a YAML file) as its
+        next version; unchanged content is the version that has it (``created`` false)."""
+        doc = template if isinstance(template, Mapping) else load_template_file(template)
+        return await self._templates().register(doc, by=by)
+
+    async def start_workflow(self, name: str, context: Any = None, *,
+                             version: int | None = None, queue: str = "default",
+                             workflow_id: str | None = None,
+                             correlation_id: str | None = None,
+                             reply_timeout_s: float = 10.0) -> str:
+        """Start a workflow of a registered template (its latest version unless
+        ``version``); return its id once its ``started`` is in the log. The same
+        ``workflow_id`` again is the same workflow."""
+        body, headers = start_body(name, context, version=version, workflow_id=workflow_id,
+                                   correlation_id=correlation_id)
+        subject = S.submit_subject(queue)
+        with tracing.outgoing(f"publish {subject}", headers,
+                              attributes={"jetflow.workflow": name}) as hdrs:
+            reply = await self._request(subject, body, hdrs, reply_timeout_s)
+        if reply is None:
+            raise SubmitTimeout(f"no sentinel answered within {reply_timeout_s:g}s; the "
+                                f"start is stored in {S.SUBMIT_STREAM} and will be "
+                                "recorded once a sentinel runs")
+        answer = loads(reply.data)
+        if "error" in answer:
+            raise SubmissionRejected(answer["error"], answer.get("code", ""))
+        return str(answer.get("workflow_id") or answer["job_id"])
+
+    async def workflow_status(self, workflow_id: str) -> WorkflowView:
+        """The workflow and each of its steps, from the log (state ``unknown`` if the log
+        has no such workflow)."""
+        return await read_view(self.nc, self.js, self._templates(), workflow_id)
+
+    async def wait_workflow(self, workflow_id: str, timeout: float | None = None
+                            ) -> WorkflowView:
+        """Wait until the workflow has ended (TimeoutError after ``timeout`` seconds);
+        what it looks like then."""
+        await wait_end(self.nc, S.check_job_id(workflow_id), timeout)
+        return await self.workflow_status(workflow_id)
+
+    async def cancel_workflow(self, workflow_id: str, reason: str | None = None
+                              ) -> dict[str, Any]:
+        """Ask a sentinel to cancel every pending and running step of the workflow."""
+        body: dict[str, Any] = {"workflow_id": S.check_job_id(workflow_id)}
+        if reason:
+            body["reason"] = reason
+        reply = await self._request(S.CONTROL_WF_CANCEL, dumps(body), {}, 10.0, 10.0)
+        if reply is None:
+            raise BusError("no sentinel answered the cancel in 10s")
+        answer: dict[str, Any] = loads(reply.data)
+        if "error" in answer:
+            raise JobError(answer["error"])
+        return answer
+
+    async def workflows(self, *, state: str | None = None, name: str | None = None
+                        ) -> list[dict[str, Any]]:
+        """The workflows in the log, oldest first (``state``/``name`` to filter)."""
+        return await list_workflows(self.js, state=state, name=name)
+
+    async def templates(self) -> list[dict[str, Any]]:
+        """Every registered template: its latest version's name, version, steps, sha256."""
+        return await self._templates().names()
+
+    def _templates(self) -> TemplateStore:
+        if self._template_store is None:
+            self._template_store = TemplateStore(self.nc)
+        return self._template_store
 
     async def cancel(self, job_id: str, reason: str | None = None) -> dict[str, Any]:
         """Ask a sentinel to cancel: a queued job ends at once, a running one within ~2 s.
@@ -288,26 +367,7 @@ class Client:
 
     async def _messages(self, job_id: str) -> list[Msg]:
         S.check_job_id(job_id)
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
-                                filter_subject=S.job_filter(job_id), inactive_threshold=10.0,
-                                mem_storage=True)
-        try:
-            info = await self.js.add_consumer(S.EVENTS_STREAM, config=config)
-        except nats.js.errors.NotFoundError:
-            raise no_stream(S.EVENTS_STREAM) from None
-        except NO_JETSTREAM as exc:
-            raise no_jetstream(exc) from None
-        total = info.num_pending or 0
-        msgs: list[Msg] = []
-        if total:
-            sub = await self.js.pull_subscribe_bind(info.name, S.EVENTS_STREAM)
-            try:
-                while len(msgs) < total:
-                    msgs.extend(await sub.fetch(min(256, total), 5.0))
-            finally:
-                await sub.unsubscribe()
-        await self.js.delete_consumer(S.EVENTS_STREAM, info.name)
-        return msgs
+        return await messages_on(self.js, [S.job_filter(job_id)])
 
     async def status(self, job_id: str) -> JobState:
         """The job's state folded from its history (state 'new' if it has no events), as

@@ -79,7 +79,7 @@ def csv(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-def json_arg(text: str, flag: str) -> dict[str, Any]:
+def json_arg(text: str, flag: str, *, object_only: bool = True) -> Any:
     """A JSON object given on the command line, ``@FILE`` (read from the file) or ``-``
     (read from stdin): a command line holds ~200 KB at most, a submission 256 KiB. Else
     a :class:`CommandError` naming ``flag``."""
@@ -97,7 +97,7 @@ def json_arg(text: str, flag: str) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CommandError(f"{flag} is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
+    if object_only and not isinstance(value, dict):
         raise CommandError(f"{flag} must be a JSON object")
     return value
 

@@ -23,6 +23,7 @@ from jetflow.cli.options import (
     seconds,
     seconds_or_zero,
 )
+from jetflow.up import DEFAULT_HANDLERS
 
 if TYPE_CHECKING:
     from jetflow.core.retry import RetryPolicy
@@ -201,7 +202,9 @@ def _add_up(sub: Any) -> None:
                         "JETFLOW_NATS_URL")
     data_option(p)
     p.add_argument("--workers", type=positive_int, default=2, help="worker processes (2)")
-    p.add_argument("--handlers", default="echo,sleep,fail", help="handlers of each worker")
+    p.add_argument("--handlers", default=DEFAULT_HANDLERS,
+                   help=f"handlers of each worker ({DEFAULT_HANDLERS}: the built-ins and the "
+                        "example workflows' steps)")
     p.add_argument("--concurrency", type=positive_int, default=4,
                    help="jobs at once per worker (4)")
     p.add_argument("--lease", type=seconds, default=15.0, help="worker lease in seconds (15)")
@@ -234,8 +237,9 @@ def _add_worker(sub: Any) -> None:
     p = sub.add_parser("worker", help="run a worker")
     _service_options(p)
     p.add_argument("--queue", default="default", help="queue(s) to serve, comma-separated")
-    p.add_argument("--handlers", default="echo,sleep,fail",
-                   help="handlers: built-in names or name=module:function, comma-separated")
+    p.add_argument("--handlers", default=DEFAULT_HANDLERS,
+                   help="handlers: built-in names, name=module:function, or @module (every "
+                        f"one of its HANDLERS), comma-separated ({DEFAULT_HANDLERS})")
     p.add_argument("--concurrency", type=positive_int, default=4, help="jobs at once (4)")
     p.add_argument("--lease", type=seconds, default=15.0, help="lease announced (15 s)")
     p.add_argument("--heartbeat", type=seconds,

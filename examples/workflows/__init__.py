@@ -1,0 +1,1 @@
+"""Example workflows (templates beside this file) and their step handlers."""
