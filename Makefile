@@ -20,8 +20,9 @@ demo: $(STAMP)
 test: $(STAMP)  ## the whole suite, on both cores (pytest-xdist); one file: make test T=tests/x.py
 	$(BIN)/python -m pytest -q -n 2 $(T)
 
-bench: $(STAMP)  ## ~6 minutes: prints its table and writes bench/results/system-*.json
+bench: $(STAMP)  ## ~7 minutes: prints tables, writes bench/results/{system,workflows}-*.json
 	$(BIN)/python -m bench.system
+	$(BIN)/python -m bench.workflows
 
 bench-more: $(STAMP)  ## the older, narrower benchmarks: raw vs Stack, durability, replay
 	$(BIN)/python -m bench.throughput

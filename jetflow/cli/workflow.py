@@ -214,7 +214,12 @@ def draw(view: WorkflowView, now: float) -> str:
     for name, step in view.steps.items():  # the template's order is a topological one
         level[name] = 1 + max((level.get(p, 0) for p in step.depends_on), default=-1)
     width = max((len(n) + 2 * level[n] for n in view.steps), default=10)
-    for name in sorted(view.steps, key=lambda n: level[n]):
+    order = []  # the template's order (a topological one), each batch's instances after it
+    for name, step in view.steps.items():
+        if step.instance_of is None:
+            order.append(name)
+            order += [n for n, s in view.steps.items() if s.instance_of == name]
+    for name in order:
         step = view.steps[name]
         mark = MARKS.get(step.state, "?")
         label = "  " * level[name] + name
