@@ -69,11 +69,19 @@ WF_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "registered": {"name": _STR, "version": _INT, "sha256": _STR, "steps": _INT},
 }
 
+# Plugin events (jf.plugin.<name>.<type>): a version deployed (made active), activated
+# again (a rollback), retired.
+PLUGIN_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "deployed": {"version": _STR, "sha256": _STR},
+    "activated": {"version": _STR},
+    "retired": {"version": _STR},
+}
+
 FIELDS: dict[str, dict[str, dict[str, tuple[type, ...]]]] = {
     "job": JOB_FIELDS,
     "worker": WORKER_FIELDS,
     "wf": WF_FIELDS,
-    "plugin": {},
+    "plugin": PLUGIN_FIELDS,
 }
 
 JOB_EVENTS = frozenset(JOB_FIELDS)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from jetflow.core.events import Event
 from jetflow.core.job import TERMINAL, IllegalTransition, JobState, apply
+from jetflow.core.plugin import PLUGIN_ROUTE, PluginRegistry
 from jetflow.core.retry import DeadLetter, Retry, RetryPolicy, next_action, policy_for
 from jetflow.core.scheduler import ReadyJob, Scheduler, WorkerSlots
 from jetflow.core.workflow import Workflows
@@ -95,6 +96,7 @@ class Fleet:
     workflows: Workflows = field(default_factory=Workflows)
     # the registered workflow templates: name -> {version: sha256}
     template_digests: dict[str, dict[int, str]] = field(default_factory=dict)
+    plugins: PluginRegistry = field(default_factory=PluginRegistry)
 
     # -- observing the log --------------------------------------------------------------
     def observe(self, event: Event) -> str | None:
@@ -109,6 +111,8 @@ class Fleet:
             self._observe_worker(event)
         elif event.kind == "wf":
             self._observe_wf(event)
+        elif event.kind == "plugin":
+            self.plugins.observe(event)
         return None
 
     def _observe_wf(self, event: Event) -> None:
@@ -177,7 +181,7 @@ class Fleet:
 
     def _update_scheduler(self, old: JobState, new: JobState, event: Event) -> None:
         if new.state == "queued" and event.type in ("queued", "submitted"):
-            self.sched.add_ready(ReadyJob(new.job_id, new.queue, new.handler, new.priority,
+            self.sched.add_ready(ReadyJob(new.job_id, new.queue, _route(new), new.priority,
                                           event.seq))
         elif new.state == "running" and event.type == "started":
             self.sched.occupy(new.job_id, event.data["worker"])
@@ -219,7 +223,7 @@ class Fleet:
             job = self.jobs.get(job_id)
             self._dispatched_at.pop(job_id, None)
             if job is not None and job.state == "queued":
-                self.sched.add_ready(ReadyJob(job.job_id, job.queue, job.handler,
+                self.sched.add_ready(ReadyJob(job.job_id, job.queue, _route(job),
                                               job.priority, job.last_seq))
 
     def heartbeat(self, worker_id: str, at: float, beat_at: float = 0.0,
@@ -405,3 +409,9 @@ def _heartbeat_interval(joined: Event, lease_s: float) -> float:
     lease = joined.get("lease_s")
     ok = isinstance(lease, int | float) and not isinstance(lease, bool) and lease > 0
     return default_heartbeat_s(float(lease) if ok else lease_s)
+
+
+def _route(job: JobState) -> str:
+    """What a worker must serve to be offered the job: its handler, or for a plugin job
+    :data:`~jetflow.core.plugin.PLUGIN_ROUTE` (the workers that run deployed plugins)."""
+    return PLUGIN_ROUTE if job.plugin else job.handler

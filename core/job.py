@@ -93,6 +93,9 @@ class JobState:
     cancel_requested: bool = False
     last_seq: int = 0
     events: int = 0
+    plugin: dict[str, Any] | None = None  # a plugin job: the version it runs, pinned
+    input: str | None = None  # a plugin job's input path
+    output: str | None = None  # ... and where its outputs go (None: the worker's default)
 
     @property
     def terminal(self) -> bool:
@@ -191,6 +194,7 @@ def _submitted(s: Fields, e: Event) -> None:
         timeout_s=get("timeout_s"), queue_timeout_s=get("queue_timeout_s"),
         deadline_s=get("deadline_s"), retry=get("retry"),
         correlation_id=get("correlation_id"), submitted_at=e.at,
+        plugin=get("plugin"), input=get("input"), output=get("output"),
     )
 
 

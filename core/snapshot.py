@@ -18,13 +18,14 @@ from typing import Any
 
 from jetflow.core.fleet import Fleet, WorkerInfo
 from jetflow.core.job import as_fields, from_fields
+from jetflow.core.plugin import PluginRegistry
 from jetflow.core.retry import RetryPolicy
 from jetflow.core.scheduler import ReadyJob, WorkerSlots
 from jetflow.core.workflow_doc import restore_workflows, workflows_doc
 
 __all__ = ["SNAPSHOT_VERSION", "SnapshotError", "take", "restore", "tip_digest"]
 
-SNAPSHOT_VERSION = 2  # 2: with the workflows
+SNAPSHOT_VERSION = 3  # 2: with the workflows; 3: with the plugin registry
 _SETS = ("handlers", "queues", "beat_running", "beat_held")
 
 
@@ -62,6 +63,7 @@ def take(fleet: Fleet, *, tip: str, stream_created: str) -> dict[str, Any]:
         "template_digests": {name: {str(v): sha for v, sha in versions.items()}
                              for name, versions in fleet.template_digests.items()},
         "workflows": workflows_doc(fleet.workflows),
+        "plugins": fleet.plugins.as_doc(),
     }
 
 
@@ -86,6 +88,7 @@ def restore(doc: dict[str, Any], *, policy: RetryPolicy,
         fleet.template_digests = {name: {int(v): str(sha) for v, sha in versions.items()}
                                   for name, versions in doc["template_digests"].items()}
         fleet.workflows = restore_workflows(doc["workflows"])
+        fleet.plugins = PluginRegistry.from_doc(doc["plugins"])
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"snapshot unreadable: {type(exc).__name__}: {exc}") from None
     fleet.reconcile()

@@ -16,6 +16,7 @@ __all__ = [
     "SNAPSHOT_BUCKET",
     "SENTINEL_SNAPSHOT",
     "TEMPLATE_BUCKET",
+    "PLUGIN_BUCKET",
     "LOGS_STREAM",
     "HEARTBEAT_STREAM",
     "EVENTS_SUBJECTS",
@@ -43,6 +44,7 @@ HEARTBEAT_STREAM = "JF_HEARTBEATS"
 SNAPSHOT_BUCKET = "JF_SNAPSHOTS"  # object store: the sentinel's snapshot of what it knows
 SENTINEL_SNAPSHOT = "sentinel"  # its object
 TEMPLATE_BUCKET = "JF_TEMPLATES"  # object store: workflow templates, "<name>/<version>"
+PLUGIN_BUCKET = "JF_PLUGINS"  # object store: plugin sources, "<name>/<version>"
 
 PREFIX = "jf"
 EVENT_KINDS = ("job", "wf", "worker", "plugin")

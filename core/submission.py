@@ -36,7 +36,8 @@ MAX_ATTEMPTS_LIMIT = 100
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 _FIELDS = frozenset({"handler", "args", "priority", "job_id", "max_attempts", "timeout_s",
-                     "queue_timeout_s", "deadline_s", "retry", "correlation_id", "workflow"})
+                     "queue_timeout_s", "deadline_s", "retry", "correlation_id", "workflow",
+                     "input", "output"})
 _RETRY_FIELDS = {"base_s": (0.0, 3600.0), "factor": (1.0, 10.0), "cap_s": (0.0, 86400.0),
                  "jitter": (0.0, 1.0)}
 
@@ -56,6 +57,8 @@ class Submission:
     deadline_s: float | None = None
     retry: dict[str, float] | None = None
     correlation_id: str | None = None
+    input: str | None = None  # a plugin job's input file
+    output: str | None = None  # ... and its output directory
 
 
 def parse_submission(raw: bytes, queue: str, *, max_bytes: int = MAX_SUBMISSION_BYTES,
@@ -87,7 +90,18 @@ def parse_submission(raw: bytes, queue: str, *, max_bytes: int = MAX_SUBMISSION_
         deadline_s=_seconds(body, "deadline_s"),
         retry=_retry(body),
         correlation_id=_correlation_id(body),
+        input=_path(body, "input"),
+        output=_path(body, "output"),
     )
+
+
+def _path(body: Mapping[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= 4096 or "\0" in value:
+        raise CodecError("bad_field", f"{key!r} must be a path (1-4096 characters)")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +257,7 @@ def submission_fingerprint(subject: str, msg_id: str | None, raw: bytes) -> str:
 # What a submitter chose of a job: a resubmission of its id that differs in any of these is
 # not an idempotent retry (the ids and sequences of the submission itself may differ).
 CHOSEN_FIELDS = ("handler", "args", "queue", "priority", "max_attempts", "timeout_s",
-                 "queue_timeout_s", "deadline_s", "retry", "correlation_id")
+                 "queue_timeout_s", "deadline_s", "retry", "correlation_id", "input", "output")
 
 
 def differing_fields(existing: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

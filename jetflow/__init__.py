@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from jetflow.core.template import TemplateError
     from jetflow.core.workflow_view import StepView, WorkflowView
     from jetflow.workers.context import JobContext, PermanentError
+    from jetflow.workers.plugin_run import Output, PluginContext
 
 __all__ = [
     "Client",
@@ -46,7 +47,9 @@ __all__ = [
     "JobError",
     "JobState",
     "NoSentinel",
+    "Output",
     "PermanentError",
+    "PluginContext",
     "StepView",
     "SubmissionRejected",
     "SubmissionsRejected",
@@ -72,6 +75,8 @@ _HOME = {
     "WorkflowView": "jetflow.core.workflow_view",
     "JobContext": "jetflow.workers.context",
     "PermanentError": "jetflow.workers.context",
+    "Output": "jetflow.workers.plugin_run",
+    "PluginContext": "jetflow.workers.plugin_run",
 }
 
 

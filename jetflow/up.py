@@ -266,7 +266,8 @@ class Stack:
 
     async def add_worker(self, handlers: str | None = None, *extra: str) -> Service:
         name = f"worker-{len(self.workers) + 1}"
-        args = ["worker", "--handlers", handlers or self.handlers, "--concurrency",
+        args = ["worker", "--handlers", handlers or self.handlers, "--data", str(self.data_dir),
+                "--concurrency",
                 str(self.concurrency), "--lease", str(self.lease_s), *self._common(),
                 *self.worker_args, *extra]
         svc = await self._launch(Service(name, args, self.url, self.log_dir))

@@ -10,6 +10,7 @@ from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, loads
 from jetflow.core.events import Event
 from jetflow.core.fleet import Append
+from jetflow.core.plugin import PluginRegistry
 from jetflow.core.submission import (
     HANDLER_RE,
     JOB_ID_RE,
@@ -64,8 +65,8 @@ class Intake:
                                 default_max_attempts=self.default_max_attempts)
 
     def decide(self, raw: RawSubmission, known_handlers: Collection[str],
-               now: float, templates: Mapping[str, Mapping[int, str]] | None = None
-               ) -> Decision:
+               now: float, templates: Mapping[str, Mapping[int, str]] | None = None,
+               plugins: PluginRegistry | None = None) -> Decision:
         """The event recording ``raw``: a job's ``submitted``, a workflow's ``started``
         (``templates``: name -> {version: sha256} of the registered ones) or, for what
         cannot be either, ``rejected``."""
@@ -78,7 +79,9 @@ class Intake:
             if start is not None:
                 return self._start(raw, start, templates or {}, now, derived, fingerprint)
             sub = self.parse(raw)
-            check_handler_known(sub, known_handlers)
+            pin = _plugin_pin(sub, plugins)
+            if pin is None:
+                check_handler_known(sub, known_handlers)
         except CodecError as exc:
             return self._rejected(raw, derived, fingerprint, exc, now)
         job_id = sub.job_id or derived
@@ -88,7 +91,8 @@ class Intake:
                 "priority": sub.priority, "max_attempts": sub.max_attempts,
                 "timeout_s": sub.timeout_s, "correlation_id": correlation_id,
                 **_optional(queue_timeout_s=sub.queue_timeout_s, deadline_s=sub.deadline_s,
-                            retry=sub.retry, msg_id=msg_id),
+                            retry=sub.retry, msg_id=msg_id, plugin=pin, input=sub.input,
+                            output=sub.output),
                 "submit_seq": raw.stream_seq, "fp": fingerprint,
                 "queued": True}  # queued for attempt 1 with it: one event, not two
         event = Event("job", job_id, "submitted", now, data)
@@ -146,6 +150,27 @@ class Intake:
             if headers.get(name):
                 out[name] = headers[name]
         return out
+
+
+def _plugin_pin(sub: Submission, plugins: PluginRegistry | None) -> dict[str, str] | None:
+    """For a job whose handler is a deployed plugin's name: the version active now (the
+    job runs it whatever is deployed later, retries and replays included)."""
+    if plugins is None or sub.handler not in plugins.versions:
+        if sub.input is not None or sub.output is not None:
+            raise CodecError("not_a_plugin", f"'input'/'output' are for plugin jobs; "
+                                             f"{sub.handler!r} is no deployed plugin")
+        return None
+    active = plugins.active(sub.handler)
+    if active is None:
+        statuses = ", ".join(f"{v.version} {v.status}"
+                             for v in plugins.versions[sub.handler].values())
+        raise CodecError("no_active_version", f"plugin {sub.handler!r} has no active "
+                                              f"version ({statuses}): jetflow plugin "
+                                              "activate NAME --version V")
+    if sub.input is None:
+        raise CodecError("missing_field", f"plugin {sub.handler!r} needs 'input' (the file "
+                                          "its parse() reads)")
+    return {"version": active.version, "sha256": active.sha256}
 
 
 def _optional(**fields: object) -> dict[str, object]:

@@ -329,6 +329,7 @@ class Sentinel:
     async def _decide(self, raws: list[RawSubmission]) -> list[Decision]:
         decisions = [self._decide_one(r) for r in raws]
         if any(d.append.event.get("code") in ("unknown_handler", "unknown_workflow",
+                                              "not_a_plugin", "no_active_version",
                                               "unknown_version") for d in decisions):
             await self._wait_for_log_head()  # a worker or a template came a moment ago
             decisions = [self._decide_one(r) for r in raws]
@@ -340,7 +341,7 @@ class Sentinel:
 
     def _decide_one(self, raw: RawSubmission) -> Decision:
         return self.intake.decide(raw, self.fleet.known_handlers, time.time(),
-                                  self.fleet.template_digests)
+                                  self.fleet.template_digests, self.fleet.plugins)
 
     async def _load_template(self, name: str, version: int) -> None:
         """The template in the fleet's cache before a ``started`` naming it is observed
@@ -561,7 +562,9 @@ def _offer(d: Dispatch, headers: dict[str, str]) -> bytes:
     """One offer: what the worker needs to claim and run the attempt, and the headers
     (trace context, correlation id) its events carry."""
     job = d.job
+    plugin = ({"plugin": job.plugin, "input": job.input, "output": job.output}
+              if job.plugin else {})
     return dumps({"job_id": job.job_id, "attempt": job.attempt + 1, "seq": d.seq,
                   "queue": job.queue, "handler": job.handler, "args": job.args,
                   "priority": job.priority, "timeout_s": job.timeout_s,
-                  "correlation_id": job.correlation_id, "headers": headers})
+                  "correlation_id": job.correlation_id, "headers": headers, **plugin})

@@ -77,8 +77,9 @@ def subject_of(event: Event) -> str:
 # -- identity -----------------------------------------------------------------------------
 
 def test_every_kind_with_types_is_covered() -> None:
-    assert {k for k, _ in KINDS_AND_TYPES} == {"job", "worker", "wf"}
-    assert len(KINDS_AND_TYPES) == len(FIELDS["job"]) + len(FIELDS["worker"]) + len(FIELDS["wf"])
+    assert {k for k, _ in KINDS_AND_TYPES} == {"job", "worker", "wf", "plugin"}
+    assert len(KINDS_AND_TYPES) == sum(len(FIELDS[k]) for k in ("job", "worker", "wf",
+                                                                 "plugin"))
 
 
 @pytest.mark.parametrize(("kind", "type_"), KINDS_AND_TYPES)
@@ -162,7 +163,7 @@ def test_not_an_object(raw: bytes) -> None:
 
 
 @pytest.mark.parametrize("subject", ["jf.job.j1.exploded", "jf.worker.w1.queued",
-                                     "jf.wf.w1.exploded", "jf.plugin.p1.loaded",
+                                     "jf.wf.w1.exploded", "jf.plugin.p1.exploded",
                                      "jf.job.j1.Queued"])
 def test_unknown_type(subject: str) -> None:
     kind, id_, type_ = subject.split(".")[1:]

@@ -41,14 +41,20 @@ async def test_kill9_busy_workers_20_times(make_stack: StackFactory, client: Cli
     rng = random.Random(ledger.seed)
     stack = await make_stack(workers=3, concurrency=2, lease_s=1.5, sentinel_args=FAST)
     await client.watch()
-    for i in range(300):
-        job_id = f"wk-{i}"
-        ledger.attempted.add(job_id)
-        await client.submit("sleep", {"seconds": rng.choice([0.05, 0.1, 0.2])}, job_id=job_id,
-                            max_attempts=10)
-        ledger.acked.add(job_id)
+
+    async def submit(n: int) -> None:  # a wave of work, so there is a busy worker to kill
+        for _ in range(n):
+            job_id = f"wk-{len(ledger.attempted)}"
+            ledger.attempted.add(job_id)
+            await client.submit("sleep", {"seconds": rng.choice([0.05, 0.1, 0.2])},
+                                job_id=job_id, max_attempts=10)
+            ledger.acked.add(job_id)
+
+    await submit(300)
     killed: set[str] = set()
     while ledger.kills < 20:
+        if len(ledger.acked - client.terminal.keys()) < 30:
+            await submit(60)  # all but done: without more work no worker would be busy
         await asyncio.sleep(rng.uniform(0.1, 0.4))
         live = [s for s in stack.workers if s.running]
         victim = rng.choice(live)

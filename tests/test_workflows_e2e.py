@@ -178,8 +178,9 @@ async def test_cli_register_list_and_versions(world: World) -> None:
     code, out, _ = await world.cli("workflow", "list", "--json")
     listed = {r["name"]: r for r in json.loads(out)}
     assert listed["lin_cli"]["version"] == 2 and listed["lin_cli"]["steps"] == 4
+    assert [v["version"] for v in listed["lin_cli"]["versions"]] == [1, 2]
     code, out, _ = await world.cli("workflow", "list")
-    assert "lin_cli" in out and "NAME" in out
+    assert "lin_cli" in out and "NAME" in out and "VERSIONS" in out
     code, out, err = await world.cli("workflow", "start", "lin_cli", "--version", "1",
                                      "--context", '{"even_number": 10}', "--wait", "--json")
     assert code == 0 and json.loads(out)["version"] == 1 and json.loads(out)["result"] == 165

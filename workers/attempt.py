@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -25,6 +26,8 @@ from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, dumps
 from jetflow.core.events import Event
 from jetflow.core.job import TRANSITIONS
+from jetflow.core.plugin import PLUGIN_ROUTE, PluginError
+from jetflow.workers.plugin_cache import PluginCache
 from jetflow.workers.pool import ChildPool, Outcome
 from jetflow.workers.spans import traced_attempt, traced_claim, traced_record
 
@@ -50,6 +53,8 @@ class Deps:
     worker_id: str
     lease_s: float
     handlers: dict[str, str]
+    plugins: PluginCache | None = None  # None: this worker runs no plugins
+    outputs: Path = Path(".jetflow/outputs")  # where plugin outputs go by default
 
 
 @dataclass
@@ -117,7 +122,16 @@ class Attempt:
     async def execute(self) -> Outcome:
         """Run the job in a child; a stop (cancel, lease lost, hand-back) kills the child
         and is the outcome."""
-        running = asyncio.create_task(self.deps.pool.run(self._job(), self._sink(),
+        try:
+            job = await self._prepared()
+        except PluginError as exc:
+            return Outcome("failed", error={"error_type": "PluginError", "message": str(exc),
+                                            "retryable": False})
+        except Exception as exc:  # noqa: BLE001 - the store unreachable: try again later
+            return Outcome("failed", error={"error_type": type(exc).__name__,
+                                            "message": f"fetching the plugin: {exc}",
+                                            "retryable": True})
+        running = asyncio.create_task(self.deps.pool.run(job, self._sink(),
                                                          self.work.get("timeout_s")))
 
         def stop(_done: asyncio.Future[str]) -> None:
@@ -135,10 +149,28 @@ class Attempt:
 
     def _job(self) -> dict[str, Any]:
         w = self.work
+        ref = self.deps.handlers[PLUGIN_ROUTE if w.get("plugin") else w["handler"]]
         return {"job_id": w["job_id"], "attempt": w["attempt"],
-                "ref": self.deps.handlers[w["handler"]], "args": w.get("args") or {},
+                "ref": ref, "args": w.get("args") or {},
                 "queue": w.get("queue", ""), "correlation_id": w.get("correlation_id"),
                 "handler": w["handler"], **_trace_context(self.headers)}
+
+    async def _prepared(self) -> dict[str, Any]:
+        """The frame for the child; for a plugin job, with the pinned version's source
+        fetched (verified, cached) and where its outputs go."""
+        job = self._job()
+        pin = self.work.get("plugin")
+        if not pin:
+            return job
+        if self.deps.plugins is None:
+            raise PluginError("this worker runs no plugins (--plugins none)")
+        name = str(self.work["handler"])
+        path = await self.deps.plugins.path(name, str(pin["version"]), str(pin["sha256"]))
+        output = self.work.get("output") or str(self.deps.outputs / name)
+        job["plugin"] = {"name": name, "version": pin["version"], "sha256": pin["sha256"],
+                         "path": str(path), "input": self.work.get("input"),
+                         "output": output}
+        return job
 
     def _sink(self) -> Any:
         subject = S.log_subject(self.job_id, self.number)

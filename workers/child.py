@@ -51,7 +51,13 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     ctx = JobContext(job["job_id"], job["attempt"], job.get("correlation_id"), job["queue"])
     try:
-        result = resolve(job["ref"])(job.get("args") or {}, ctx)
+        if job.get("plugin"):
+            from jetflow.workers.plugin_run import run_plugin  # pyarrow: only when needed
+
+            result = run_plugin(job["plugin"], job.get("args") or {}, job["job_id"],
+                                job["attempt"])
+        else:
+            result = resolve(job["ref"])(job.get("args") or {}, ctx)
         dumps(result)  # must be JSON; fail the attempt here, not in the worker
     except PermanentError as exc:
         return _error(exc, retryable=False)

@@ -19,6 +19,7 @@ import secrets
 import socket
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -35,8 +36,10 @@ from jetflow.core import subjects as S
 from jetflow.core.codec import dumps, loads
 from jetflow.core.events import Event
 from jetflow.core.fleet import default_heartbeat_s
+from jetflow.core.plugin import PLUGIN_ROUTE
 from jetflow.workers.attempt import Attempt, Deps
-from jetflow.workers.handlers import parse_handlers, resolve
+from jetflow.workers.handlers import HandlerError, parse_handlers, resolve
+from jetflow.workers.plugin_cache import PluginCache
 from jetflow.workers.pool import ChildPool
 
 __all__ = ["Worker", "make_worker_id"]
@@ -57,6 +60,9 @@ async def _until_done(tasks: list[asyncio.Task[None]], timeout_s: float,
     return {task for task in tasks if not task.done()}
 
 
+PLUGIN_REF = "jetflow.workers.plugin_run:run_plugin"  # (the child runs a plugin job itself)
+
+
 def make_worker_id() -> str:
     host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
     return f"{host[:40]}-{os.getpid()}-{secrets.token_hex(2)}"
@@ -68,10 +74,17 @@ class Worker:
                  heartbeat_s: float | None = None, lease_s: float = 15.0, grace_s: float = 30.0,
                  prefetch: int | None = None, memory_limit_mb: int | None = None,
                  worker_id: str | None = None,
-                 wait_nats_s: float = FIRST_CONNECT_WAIT_S) -> None:
+                 wait_nats_s: float = FIRST_CONNECT_WAIT_S, plugins: str = "all",
+                 data_dir: Path | str = ".jetflow") -> None:
         self.url = url
         self.wait_nats_s = wait_nats_s
         self.handlers = parse_handlers(handlers) if isinstance(handlers, str) else handlers
+        if plugins not in ("all", "none"):
+            raise HandlerError(f"--plugins is all or none, not {plugins!r}")
+        self.plugins = plugins == "all"
+        if self.plugins:  # announced: the sentinel offers this worker plugin jobs
+            self.handlers = {**self.handlers, PLUGIN_ROUTE: PLUGIN_REF}
+        self.data_dir = Path(data_dir)
         for name in queues:
             S.check_token(name, "queue")
         self.queues = tuple(queues)
@@ -93,8 +106,9 @@ class Worker:
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> Worker:
-        for ref in self.handlers.values():
-            resolve(ref)  # fail now, clearly, on a typo or a broken plugin
+        for name, ref in self.handlers.items():
+            if name != PLUGIN_ROUTE:  # plugins load in the child, per job
+                resolve(ref)  # fail now, clearly, on a typo or a broken handler
         self.pool = ChildPool(self.concurrency, memory_limit_mb=self.memory_limit_mb)
         try:
             await self.pool.start()
@@ -114,7 +128,9 @@ class Worker:
         await ensure_streams(self.js)
         self.log = EventLog(Publisher(self.nc))
         self.deps = Deps(self.nc, self.log, self.pool, self.worker_id, self.lease_s,
-                         self.handlers)
+                         self.handlers,
+                         PluginCache(self.nc, self.data_dir / "plugins") if self.plugins
+                         else None, self.data_dir / "outputs")
         await self.nc.subscribe(S.worker_subject(self.worker_id, "lost"), cb=self._on_lost)
         for kind in ("cancel_requested", "timed_out"):
             await self.nc.subscribe(f"{S.PREFIX}.job.*.{kind}", cb=self._on_job_event)
@@ -209,7 +225,9 @@ class Worker:
             if not isinstance(offers, list):
                 raise ValueError("not a list of offers")
             valid = [o for o in offers if isinstance(o, dict) and isinstance(o.get("job_id"), str)
-                     and isinstance(o.get("seq"), int) and o.get("handler") in self.handlers]
+                     and isinstance(o.get("seq"), int) and (
+                         o.get("handler") in self.handlers
+                         or (self.plugins and isinstance(o.get("plugin"), dict)))]
         except Exception:  # noqa: BLE001 - a malformed offer is dropped, loudly
             log.error("dropping a malformed offer on %s: %r", subject.decode(errors="replace"),
                       data[:200])

@@ -132,7 +132,8 @@ class Client:
                      retry: Mapping[str, float] | None = None,
                      correlation_id: str | None = None, msg_id: str | None = None,
                      headers: Mapping[str, str] | None = None,
-                     reply_timeout_s: float = 10.0) -> str:
+                     reply_timeout_s: float = 10.0, input: str | None = None,
+                     output: str | None = None) -> str:
         """Submit a job; return its id once it is in the log. A ``job_id`` that exists
         already returns that job (logged as a warning when this submission differs from
         it: :meth:`submit_result` says how)."""
@@ -140,7 +141,7 @@ class Client:
             handler, args, queue=queue, priority=priority, job_id=job_id,
             max_attempts=max_attempts, timeout_s=timeout_s, queue_timeout_s=queue_timeout_s,
             deadline_s=deadline_s, retry=retry, correlation_id=correlation_id, msg_id=msg_id,
-            headers=headers, reply_timeout_s=reply_timeout_s)
+            headers=headers, reply_timeout_s=reply_timeout_s, input=input, output=output)
         if result.differs:
             log.warning("%s", result.warning())
         return result.job_id
@@ -154,7 +155,8 @@ class Client:
                             retry: Mapping[str, float] | None = None,
                             correlation_id: str | None = None, msg_id: str | None = None,
                             headers: Mapping[str, str] | None = None,
-                            reply_timeout_s: float = 10.0) -> Submitted:
+                            reply_timeout_s: float = 10.0, input: str | None = None,
+                            output: str | None = None) -> Submitted:
         """:meth:`submit`, with what the sentinel said: whether the job existed already
         (``duplicate``) and in which fields this submission differs from it
         (``differs``: the job keeps what it was first submitted with)."""
@@ -162,7 +164,7 @@ class Client:
             handler, args, queue=queue, priority=priority, job_id=job_id,
             max_attempts=max_attempts, timeout_s=timeout_s, queue_timeout_s=queue_timeout_s,
             deadline_s=deadline_s, retry=retry, correlation_id=correlation_id, msg_id=msg_id,
-            headers=headers)
+            headers=headers, input=input, output=output)
         with tracing.outgoing(f"publish {request.subject}", request.headers,
                               attributes=request.attributes) as hdrs:
             found = await self._submitted(request.subject, request.body, hdrs,
@@ -454,14 +456,17 @@ def submission_request(handler: str, args: Mapping[str, Any] | None = None, *,
                        queue_timeout_s: float | None = None, deadline_s: float | None = None,
                        retry: Mapping[str, float] | None = None,
                        correlation_id: str | None = None, msg_id: str | None = None,
-                       headers: Mapping[str, str] | None = None) -> SubmissionRequest:
+                       headers: Mapping[str, str] | None = None, input: str | None = None,
+                       output: str | None = None) -> SubmissionRequest:
     """The subject, body and headers of a submission: a ``Nats-Msg-Id`` always (the
-    ``job_id`` if given, else a new one), so a repeat is the same job."""
+    ``job_id`` if given, else a new one), so a repeat is the same job. ``input`` and
+    ``output`` are a plugin job's (paths as the workers see them)."""
     body: dict[str, Any] = {"handler": handler, "args": dict(args or {}), "priority": priority}
     for key, value in (("job_id", job_id), ("max_attempts", max_attempts),
                        ("timeout_s", timeout_s), ("queue_timeout_s", queue_timeout_s),
                        ("deadline_s", deadline_s), ("retry", retry),
-                       ("correlation_id", correlation_id)):
+                       ("correlation_id", correlation_id), ("input", input),
+                       ("output", output)):
         if value is not None:
             body[key] = value
     msg_id = msg_id or job_id or uuid.uuid4().hex
@@ -472,7 +477,7 @@ def submission_request(handler: str, args: Mapping[str, Any] | None = None, *,
 
 _SUBMIT_ARGS = frozenset({"handler", "args", "queue", "priority", "job_id", "max_attempts",
                           "timeout_s", "queue_timeout_s", "deadline_s", "retry",
-                          "correlation_id", "msg_id", "headers"})
+                          "correlation_id", "msg_id", "headers", "input", "output"})
 
 
 def _request_of(job: Mapping[str, Any] | tuple[str, Mapping[str, Any]]) -> SubmissionRequest:

@@ -18,7 +18,14 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.object_store import ObjectStore
 
-from jetflow.adapters.bus import BusError, Conflict, EventLog, Publisher, last_event_on
+from jetflow.adapters.bus import (
+    BusError,
+    Conflict,
+    EventLog,
+    Publisher,
+    last_event_on,
+    messages_on,
+)
 from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, loads
 from jetflow.core.events import Event
@@ -89,18 +96,20 @@ class TemplateStore:
         return self._cache[key]
 
     async def names(self) -> list[dict[str, Any]]:
-        """Every template's last registration, by name."""
-        try:
-            infos = await (await self._bucket()).list()
-        except nats.js.errors.NotFoundError:
-            return []
-        names = sorted({str(info.name).split("/", 1)[0] for info in infos})
-        out = []
-        for name in names:
-            latest = await self.latest(name)
-            if latest is not None:
-                out.append(latest)
-        return out
+        """Every template's last registration, by name, with ``versions``: each version's
+        number, sha256, step count and registration time (from the log's events)."""
+        by_name: dict[str, dict[str, Any]] = {}
+        for msg in await messages_on(self.js, [f"{S.PREFIX}.wf.*.registered"]):
+            try:
+                event = decode_event(msg.subject, msg.data, 0)
+            except CodecError:
+                continue
+            d = event.data
+            entry = by_name.setdefault(str(d["name"]), {"versions": []})
+            entry.update({k: v for k, v in d.items()}, registered_at=event.at)
+            entry["versions"].append({"version": d["version"], "sha256": d["sha256"],
+                                      "steps": d["steps"], "registered_at": event.at})
+        return [by_name[name] for name in sorted(by_name)]
 
     async def _bucket(self) -> ObjectStore:
         if self._store is None:

@@ -13,7 +13,17 @@ import nats.errors
 from jetflow.adapters.bus import BusError
 from jetflow.adapters.nats_server import ServerError
 from jetflow.adapters.runtime import Interrupted
-from jetflow.cli import control, history, replay, services, submit, trace, views, workflow
+from jetflow.cli import (
+    control,
+    history,
+    plugin,
+    replay,
+    services,
+    submit,
+    trace,
+    views,
+    workflow,
+)
 from jetflow.cli.options import CommandError, common_options
 from jetflow.cli.output import error
 from jetflow.core.subjects import InvalidToken
@@ -22,7 +32,7 @@ from jetflow.projections.schema import ProjectionError
 __all__ = ["main", "parser"]
 
 TRACED_COMMANDS = ("sentinel", "worker", "submit")  # the ones that make spans
-GROUPS = (services, submit, workflow, control, views, history, replay, trace)
+GROUPS = (services, submit, workflow, plugin, control, views, history, replay, trace)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -83,6 +93,7 @@ def _main(args: argparse.Namespace) -> int:
     # SIGPIPE stays ignored (Python's default): with SIG_DFL a service writing to the
     # socket of a nats-server that just died is killed without a word.
     from jetflow.adapters.client import JobError
+    from jetflow.core.plugin import PluginError
     from jetflow.core.template import TemplateError
     from jetflow.up import StartError
     from jetflow.workers.handlers import HandlerError
@@ -95,7 +106,7 @@ def _main(args: argparse.Namespace) -> int:
         sys.stderr.close()
         return 0
     except (BusError, JobError, ProjectionError, InvalidToken, ServerError,
-            CommandError, HandlerError, StartError, TemplateError) as exc:
+            CommandError, HandlerError, StartError, TemplateError, PluginError) as exc:
         # no server, no such job, a projection file that cannot be used, a job id that
         # cannot be one, a port taken, --args that are no JSON object, a handler that
         # cannot be found, a service of `up` that cannot start

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from jetflow.adapters.bus import BusError
 from jetflow.adapters.runtime import Signals
 from jetflow.cli.options import (
+    DEFAULT_DATA,
     PROJECTION_FILE,
     common_options,
     csv,
@@ -64,7 +65,7 @@ async def cmd_worker(a: argparse.Namespace) -> int:
     worker = Worker(a.nats, handlers=a.handlers, queues=tuple(csv(a.queue)),
                     concurrency=a.concurrency, lease_s=a.lease, heartbeat_s=a.heartbeat,
                     grace_s=a.grace, prefetch=a.prefetch, memory_limit_mb=a.memory_limit,
-                    wait_nats_s=a.wait_nats)
+                    wait_nats_s=a.wait_nats, plugins=a.plugins, data_dir=a.data)
     with Signals() as caught:
         await caught.before(worker.start())
         await caught.wait()
@@ -241,6 +242,11 @@ def _add_worker(sub: Any) -> None:
                    help="handlers: built-in names, name=module:function, or @module (every "
                         f"one of its HANDLERS), comma-separated ({DEFAULT_HANDLERS})")
     p.add_argument("--concurrency", type=positive_int, default=4, help="jobs at once (4)")
+    p.add_argument("--plugins", choices=("all", "none"), default="all",
+                   help="run jobs of deployed plugins (all, the default) or none")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help=f"data directory: plugin sources, default plugin outputs "
+                        f"(<data>/outputs/<plugin>/<output>/) (./{DEFAULT_DATA})")
     p.add_argument("--lease", type=seconds, default=15.0, help="lease announced (15 s)")
     p.add_argument("--heartbeat", type=seconds,
                    help="heartbeat interval (default: a quarter of the lease, at most 2 s)")

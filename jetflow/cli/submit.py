@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jetflow.cli.options import common_options, json_arg, seconds
@@ -25,7 +26,8 @@ async def cmd_submit(a: argparse.Namespace) -> int:
         submitted = await client.submit_result(
             a.handler, args, queue=a.queue, priority=a.priority, job_id=a.job_id,
             max_attempts=a.max_attempts, timeout_s=a.timeout,
-            queue_timeout_s=a.queue_timeout, deadline_s=a.deadline)
+            queue_timeout_s=a.queue_timeout, deadline_s=a.deadline,
+            input=_absolute(a.input), output=_absolute(a.output))
     except SubmissionRejected as exc:
         if a.json:
             print(json.dumps({"job_id": exc.job_id,
@@ -52,6 +54,11 @@ async def cmd_submit(a: argparse.Namespace) -> int:
         await client.close()
     _print_final(job, a.json, submitted)
     return 0 if job.state == "succeeded" else 1
+
+
+def _absolute(path: str | None) -> str | None:
+    """A path as a worker on this machine sees it (they run in other directories)."""
+    return None if path is None else str(Path(path).expanduser().resolve())
 
 
 def _submit_json(submitted: Submitted) -> dict[str, Any]:
@@ -94,6 +101,10 @@ def add_commands(sub: Any) -> None:
                    help="give up (timed_out) if not started within this many seconds")
     p.add_argument("--deadline", type=seconds,
                    help="seconds from submission to finish, across all attempts")
+    p.add_argument("--input", metavar="PATH",
+                   help="a plugin job's input file (the path its parse() reads)")
+    p.add_argument("--output", metavar="DIR", help="a plugin job's output directory "
+                   "(default <worker data>/outputs/<plugin>/)")
     p.add_argument("--wait", action="store_true", help="wait for the outcome")
     p.add_argument("--wait-timeout", type=seconds, default=300.0)
     p.add_argument("--json", action="store_true", help="machine-readable output")

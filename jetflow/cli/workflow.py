@@ -89,16 +89,19 @@ async def cmd_list(a: argparse.Namespace) -> int:
         await client.close()
     if a.json:
         print(json.dumps([{k: r.get(k) for k in ("name", "version", "steps", "sha256",
-                                                  "label", "description")} for r in rows]))
+                                                  "label", "description", "registered_at",
+                                                  "versions")} for r in rows]))
         return 0
     if not rows:
         print("no workflow templates registered (jetflow workflow register FILE)")
         return 0
     width = max(len(str(r["name"])) for r in rows)
-    print(f"{'NAME':<{width}}  VERSION  STEPS  SHA256        DESCRIPTION")
+    print(f"{'NAME':<{width}}  LATEST  VERSIONS  STEPS  SHA256        REGISTERED           "
+          "DESCRIPTION")
     for r in rows:
-        print(f"{r['name']:<{width}}  {r['version']:>7}  {r['steps']:>5}  "
-              f"{str(r['sha256'])[:12]}  {r.get('description') or ''}")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["registered_at"]))
+        print(f"{r['name']:<{width}}  {r['version']:>6}  {len(r['versions']):>8}  "
+              f"{r['steps']:>5}  {str(r['sha256'])[:12]}  {when}  {r.get('description') or ''}")
     return 0
 
 

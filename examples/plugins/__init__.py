@@ -1,0 +1,1 @@
+"""Example plugins (``jetflow plugin deploy examples/plugins/csv_to_parquet.py``)."""

@@ -1,0 +1,195 @@
+"""Plugin jobs end to end: deployed plugins run by the workers `jetflow up` starts,
+input file -> Arrow -> Parquet under the schema contract, lineage, quarantine, the
+outputs in `succeeded`, and every kind of bad input failing with its reason and leaving
+no partial output. One stack for the module (nothing here kills it)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import pytest_asyncio
+
+from jetflow import Client, SubmissionRejected, connect
+from jetflow.adapters.bus import connect as bus_connect
+from jetflow.adapters.nats_server import EmbeddedServer
+from jetflow.adapters.plugins import PluginStore
+from jetflow.core.job import JobState
+from jetflow.up import Stack
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "plugins" / "csv_to_parquet.py"
+
+
+class World:
+    def __init__(self, url: str, client: Client, tmp: Path, outputs: Path) -> None:
+        self.url, self.client, self.tmp, self.outputs = url, client, tmp, outputs
+
+    async def deploy(self, name: str, body: str, version: str = "1") -> str:
+        path = self.tmp / f"{name}-{version}.py"
+        path.write_text(f"NAME = {name!r}\nVERSION = {version!r}\n{body}")
+        nc = await bus_connect(self.url)
+        try:
+            return str((await PluginStore(nc).deploy(path, by="test"))["version"])
+        finally:
+            await nc.close()
+
+    async def run(self, name: str, input: Path | str, args: dict[str, Any] | None = None,
+                  output: Path | None = None) -> JobState:
+        job_id = await self.client.submit(name, args or {}, input=str(input),
+                                          output=str(output) if output else None)
+        return await self.client.wait(job_id, timeout=60)
+
+    async def cli(self, *argv: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "jetflow.cli", *argv, "--nats", self.url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=self.tmp)
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        return proc.returncode or 0, out.decode(), err.decode()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+    tmp = tmp_path_factory.mktemp("plugins")
+    async with EmbeddedServer(tmp / "srv", port=0) as srv:
+        stack = Stack(data_dir=tmp / "stack", nats_url=srv.url, workers=1, projector=False,
+                      lease_s=5.0)
+        await stack.start()
+        client = await connect(srv.url)
+        try:
+            yield World(srv.url, client, tmp, tmp / "stack" / "outputs")
+        finally:
+            await client.close()
+            await stack.stop()
+
+
+def orders(path: Path, rows: int, bad: int = 0) -> Path:
+    lines = ["order_id,customer,amount,day"]
+    lines += [f"{i},c{i % 7},{i * 0.5},2026-12-0{1 + i % 9}" for i in range(rows)]
+    lines += [f"bad{i},c,1.0,2026-12-01" for i in range(bad)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def parquet_files(directory: Path) -> list[Path]:
+    return sorted(directory.rglob("*.parquet")) if directory.exists() else []
+
+
+async def test_the_example_converts_a_csv_with_its_contract(world: World) -> None:
+    code, out, err = await world.cli("plugin", "deploy", str(EXAMPLE))
+    assert code == 0, err
+    csv = orders(world.tmp / "orders.csv", 5000, bad=3)
+    code, out, err = await world.cli("submit", "csv_to_parquet", "--input", "orders.csv",
+                                     "--args", '{"min_amount": 1}', "--wait", "--json")
+    assert code == 0, out + err
+    doc = json.loads(out)
+    assert doc["state"] == "succeeded"
+    outputs = {o["name"]: o for o in doc["result"]["outputs"]}
+    main, quarantine = outputs["orders"], outputs["orders_quarantine"]
+    assert main["rows"] == 4998 and main["quarantined"] == 3 and quarantine["rows"] == 3
+    path = Path(main["uri"].removeprefix("file://"))
+    assert path == world.outputs / "csv_to_parquet" / "orders" / f"{doc['job_id']}-1.parquet"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == main["sha256"]
+    assert path.stat().st_size == main["bytes"]
+    table = pq.read_table(path)
+    assert table.schema.field("order_id").type == "int64"
+    assert not table.schema.field("order_id").nullable
+    assert str(table.schema.field("day").type) == "date32[day]"
+    assert set(table.column("_jf_job_id").to_pylist()) == {doc["job_id"]}
+    assert set(table.column("_jf_plugin_version").to_pylist()) == {"1.0.0"}
+    assert min(table.column("amount").to_pylist()) >= 1
+    bad = pq.read_table(Path(quarantine["uri"].removeprefix("file://"))).to_pylist()
+    assert [r["_jf_reason"] for r in bad] == ["order_id: 'bad0' is not int64",
+                                              "order_id: 'bad1' is not int64",
+                                              "order_id: 'bad2' is not int64"]
+    assert not list(world.outputs.rglob("*.tmp"))
+    assert csv.exists()
+
+
+async def test_named_outputs_and_a_job_pinned_to_its_version(world: World) -> None:
+    body = ("import pyarrow as pa\nfrom jetflow import Output\n"
+            "def parse(path, ctx):\n"
+            "    n = int(open(path).read())\n"
+            "    return [Output('nums', pa.table({'n': list(range(n))})),\n"
+            "            ('tag', pa.record_batch([pa.array([ctx.args['tag']])], ['t']))]\n")
+    assert await world.deploy("multi", body, "1") == "1"
+    source = world.tmp / "n.txt"
+    source.write_text("7")
+    job = await world.run("multi", source, {"tag": "x"}, output=world.tmp / "out")
+    assert job.state == "succeeded", job.error
+    rows = {o["name"]: o["rows"] for o in job.result["outputs"]}
+    assert rows == {"nums": 7, "tag": 1}
+    assert len(parquet_files(world.tmp / "out" / "nums")) == 1
+    history = await world.client.history(job.job_id)
+    assert history[0].data["plugin"]["version"] == "1"
+    await world.deploy("multi", body.replace("range(n)", "range(n * 2)"), "2")
+    job2 = await world.run("multi", source, {"tag": "y"}, output=world.tmp / "out")
+    assert {o["name"]: o["rows"] for o in job2.result["outputs"]} == {"nums": 14, "tag": 1}
+    assert (await world.client.history(job2.job_id))[0].data["plugin"]["version"] == "2"
+    assert job.result["version"] == "1" and job2.result["version"] == "2"
+
+
+async def test_no_active_version_and_no_plugin_are_rejected(world: World) -> None:
+    await world.deploy("gone", "def parse(path):\n    return None\n")
+    nc = await bus_connect(world.url)
+    try:
+        await PluginStore(nc).retire("gone")
+    finally:
+        await nc.close()
+    with pytest.raises(SubmissionRejected, match="has no active version") as info:
+        await world.client.submit("gone", {}, input="/etc/hostname")
+    assert info.value.code == "no_active_version"
+    with pytest.raises(SubmissionRejected, match="are for plugin jobs") as info:
+        await world.client.submit("echo", {}, input="/etc/hostname")
+    with pytest.raises(SubmissionRejected, match="needs 'input'"):
+        await world.client.submit("multi", {})
+
+
+@pytest.mark.parametrize(("name", "body", "message"), [
+    ("imports_badly", "import module_that_is_not_there\ndef parse(path):\n    return None\n",
+     "failed to import: ModuleNotFoundError"),
+    ("raises_halfway",
+     "import pyarrow as pa\ndef parse(path):\n"
+     "    yield pa.record_batch([pa.array([1, 2])], ['a'])\n"
+     "    raise ValueError('broke at row 3')\n", "broke at row 3"),
+    ("changes_schema",
+     "import pyarrow as pa\ndef parse(path):\n"
+     "    yield pa.record_batch([pa.array([1])], ['a'])\n"
+     "    yield pa.record_batch([pa.array(['x'])], ['a'])\n",
+     "batch 1 has schema (a: string), the first had (a: int64)"),
+    ("mostly_bad",
+     "import pyarrow as pa\nOUTPUTS = {'out': [{'name': 'a', 'type': 'int64', "
+     "'nullable': False}]}\ndef parse(path):\n"
+     "    return pa.table({'a': ['1', 'x', 'y', None]})\n",
+     "3 of 4 rows broke its contract, over the 10% allowed"),
+    ("not_a_table", "def parse(path):\n    return 42\n", "parse returned a int"),
+])
+async def test_bad_plugins_fail_with_the_reason_and_leave_nothing(
+        world: World, name: str, body: str, message: str) -> None:
+    await world.deploy(name, body)
+    source = world.tmp / "any.txt"
+    source.write_text("x")
+    job = await world.run(name, source, output=world.tmp / f"out-{name}")
+    assert job.state == "dead_lettered" and job.error is not None
+    assert message in job.error["message"], job.error
+    if name != "raises_halfway":
+        assert job.attempt == 1 and job.error["retryable"] is False
+    assert parquet_files(world.tmp / f"out-{name}") == []
+    assert not list((world.tmp / f"out-{name}").rglob("*.tmp"))
+    ok = await world.run("multi", world.tmp / "n.txt", {"tag": "z"})
+    assert ok.state == "succeeded"  # the worker survived
+
+
+async def test_a_missing_input_fails_permanently(world: World) -> None:
+    job = await world.run("csv_to_parquet", world.tmp / "no-such.csv")
+    assert job.state == "dead_lettered" and job.attempt == 1
+    assert "is missing or unreadable" in job.error["message"]  # type: ignore[index]
