@@ -20,9 +20,10 @@ demo: $(STAMP)
 test: $(STAMP)  ## the whole suite, on both cores (pytest-xdist); one file: make test T=tests/x.py
 	$(BIN)/python -m pytest -q -n 2 $(T)
 
-bench: $(STAMP)  ## ~7 minutes: prints tables, writes bench/results/{system,workflows}-*.json
+bench: $(STAMP)  ## ~12 minutes: prints tables, writes bench/results/{system,workflows,plugins}-*.json
 	$(BIN)/python -m bench.system
 	$(BIN)/python -m bench.workflows
+	$(BIN)/python -m bench.plugins
 
 bench-more: $(STAMP)  ## the older, narrower benchmarks: raw vs Stack, durability, replay
 	$(BIN)/python -m bench.throughput

@@ -3,9 +3,11 @@
 Starts nats-server (the venv's binary, nats.conf), a sentinel, two workers and the
 projector as separate processes; submits jobs three ways (Python API, the `jetflow` CLI,
 a raw NATS publish) and, while they land, starts two example workflows (tasker-core's
-linear DAG and a CSV cut into dynamic batches); waits for them; prints each job's final
-state and event history read from the stream, each workflow's DAG with its exact result,
-and the projection's view; shuts everything down.
+linear DAG and a CSV cut into dynamic batches) and a plugin job (the example plugin,
+deployed, turns a generated CSV into Parquet under its schema contract); waits for them;
+prints each job's final state and event history read from the stream, each workflow's DAG
+with its exact result, the plugin's outputs, and the projection's view; shuts everything
+down.
 """
 
 from __future__ import annotations
@@ -138,6 +140,44 @@ async def show_workflows(client: Client, expected: dict[str, object]) -> bool:
     return ok
 
 
+PLUGIN = Path(__file__).resolve().parent / "plugins" / "csv_to_parquet.py"
+
+
+async def start_plugin_job(client: Client) -> str:
+    """Deploy the example plugin and submit a CSV of 20,000 orders (3 that break the
+    contract) to it."""
+    from jetflow.adapters.plugins import PluginStore
+
+    say("\n[p] Plugin: jetflow plugin deploy examples/plugins/csv_to_parquet.py, then "
+        "jetflow submit csv_to_parquet --input orders.csv")
+    deployed = await PluginStore(client.nc).deploy(PLUGIN, by="demo")
+    say(f"    deployed {deployed['name']} {deployed['version']} (sha256 "
+        f"{deployed['sha256'][:12]}): {deployed['status']}")
+    csv = (DATA / "orders.csv").resolve()
+    rows = [f"{i},c{i % 7},{i * 0.25},2026-12-0{1 + i % 9}" for i in range(20_000)]
+    rows += ["x1,bad,1.0,2026-12-01", "7,,2.0,2026-12-02", "8,c,3.0,someday"]
+    csv.write_text("order_id,customer,amount,day\n" + "\n".join(rows) + "\n")
+    return await client.submit("csv_to_parquet", {"min_amount": 1}, input=str(csv))
+
+
+async def show_plugin_job(client: Client, job_id: str) -> bool:
+    import pyarrow.parquet as pq
+
+    say("\n[p] The plugin job's outputs (from its succeeded event)")
+    job = await client.wait(job_id, timeout=60)
+    if job.state != "succeeded":
+        say(f"    {job_id} {job.state}: {job.error}")
+        return False
+    for out in job.result["outputs"]:
+        say(f"    {out['name']:<18} {out['rows']:>6} rows  {out['bytes']:>7} bytes  "
+            f"quarantined {out['quarantined']}  {out['uri']}")
+    quarantine = next(o for o in job.result["outputs"] if o["name"] == "orders_quarantine")
+    for row in pq.read_table(quarantine["uri"].removeprefix("file://")).to_pylist():
+        say(f"      quarantined: {row['_jf_reason']}")
+    rows = {o["name"]: o["rows"] for o in job.result["outputs"]}
+    return rows == {"orders": 19_996, "orders_quarantine": 3}
+
+
 async def main() -> int:
     shutil.rmtree(DATA, ignore_errors=True)
     say("jetflow demo: starting nats-server, a sentinel, two workers and the projector...")
@@ -149,10 +189,12 @@ async def main() -> int:
         try:
             ids = await submit_python(client)
             workflows = await start_workflows(client)
+            plugin_job = await start_plugin_job(client)
             ids.append(submit_cli(stack.url))
             ids += await submit_raw(client)
             states = await show(client, ids)
             workflows_ok = await show_workflows(client, workflows)
+            plugin_ok = await show_plugin_job(client, plugin_job)
             await show_projection(client, stack.data_dir / "projections.sqlite")
         finally:
             await client.close()
@@ -161,10 +203,12 @@ async def main() -> int:
     expected = ["succeeded", "succeeded", "dead_lettered", "succeeded", "succeeded",
                 "succeeded", "rejected"]
     got = [states[j] for j in ids]
-    ok = got == expected and not leftovers and workflows_ok
-    say("demo " + ("OK: every job reached the state it should, and every workflow its exact "
-                   "result" if ok else f"FAILED: expected {expected}, got {got}; workflows "
-                   f"{'ok' if workflows_ok else 'not as expected'}"))
+    ok = got == expected and not leftovers and workflows_ok and plugin_ok
+    say("demo " + ("OK: every job reached the state it should, every workflow its exact "
+                   "result, and the plugin wrote its Parquet" if ok else
+                   f"FAILED: expected {expected}, got {got}; workflows "
+                   f"{'ok' if workflows_ok else 'not as expected'}; plugin "
+                   f"{'ok' if plugin_ok else 'not as expected'}"))
     return 0 if ok else 1
 
 

@@ -21,6 +21,7 @@ from tests.conftest import StackFactory
 from tests.test_projections_e2e import cli
 
 ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 
 pytestmark = pytest.mark.e2e
 
@@ -89,7 +90,12 @@ async def test_a_wait_that_ends_first_says_which_job_goes_on(make_stack: StackFa
 
 READERS = [["submit", "echo"], ["cancel", "j1"], ["retry", "j1"], ["status"], ["workers"],
            ["jobs"], ["errors"], ["job", "j1"], ["history", "j1"], ["replay", "--db", "{tmp}/r"],
-           ["replay", "--verify"], ["export", "--parquet", "{tmp}/pq"], ["trace", "j1"]]
+           ["replay", "--verify"], ["export", "--parquet", "{tmp}/pq"], ["trace", "j1"],
+           ["workflow", "list"], ["workflow", "show", "w1"], ["workflows"],
+           ["workflow", "register", str(EXAMPLES / "workflows" / "linear.yaml")],
+           ["plugin", "list"],
+           ["plugin", "deploy", str(EXAMPLES / "plugins" / "csv_to_parquet.py")],
+           ["plugin", "retire", "p1"], ["logs", "j1"], ["logs", "j1", "-f"]]
 SERVICES = [["sentinel", "--wait-nats", "1"], ["worker", "--wait-nats", "1"],
             ["projector", "--wait-nats", "1", "--data", "{tmp}/p"], ["up"]]
 

@@ -193,3 +193,48 @@ async def test_a_missing_input_fails_permanently(world: World) -> None:
     job = await world.run("csv_to_parquet", world.tmp / "no-such.csv")
     assert job.state == "dead_lettered" and job.attempt == 1
     assert "is missing or unreadable" in job.error["message"]  # type: ignore[index]
+
+
+async def test_progress_becomes_events_in_the_history(world: World) -> None:
+    body = ("import time\nimport pyarrow as pa\n"
+            "def parse(path, ctx):\n"
+            "    for i in range(1, 11):\n"
+            "        ctx.progress(i, 10)\n"
+            "        time.sleep(0.1)\n"
+            "        yield pa.record_batch([pa.array([i])], ['i'])\n")
+    await world.deploy("slowly", body)
+    source = world.tmp / "s.txt"
+    source.write_text("x")
+    job = await world.run("slowly", source)
+    assert job.state == "succeeded", job.error
+    progress = [e for e in await world.client.history(job.job_id) if e.type == "progress"]
+    assert 2 <= len(progress) <= 10
+    assert progress[-1].data["done"] == 10 and progress[-1].data["total"] == 10
+    assert [e.data["done"] for e in progress] == sorted(e.data["done"] for e in progress)
+
+
+async def test_logs_prints_and_follows_a_jobs_lines_and_progress(world: World) -> None:
+    body = ("import sys, time\nimport pyarrow as pa\n"
+            "def parse(path, ctx):\n"
+            "    for i in range(1, 6):\n"
+            "        print(f'line {i}')\n"
+            "        ctx.progress(i, 5)\n"
+            "        time.sleep(0.3)\n"
+            "    print('to stderr', file=sys.stderr)\n"
+            "    return pa.table({'i': [1]})\n")
+    await world.deploy("chatty", body)
+    source = world.tmp / "c.txt"
+    source.write_text("x")
+    job_id = await world.client.submit("chatty", {}, input=str(source))
+    code, out, err = await world.cli("logs", job_id, "-f")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [ln for ln in lines if ln.startswith("[1 stdout]")] == [
+        f"[1 stdout] line {i}" for i in range(1, 6)]
+    assert "[1 stderr] to stderr" in lines
+    assert "[1 progress] 5/5" in lines and lines[-1] == f"job {job_id} succeeded (attempt 1)"
+    code, out, _ = await world.cli("logs", job_id, "--json")
+    first = json.loads(out.splitlines()[0])
+    assert first == {"attempt": 1, "stream": "stdout", "line": "line 1"}
+    code, out, err = await world.cli("logs", "nosuchjob")
+    assert code == 1 and "no job 'nosuchjob'" in err

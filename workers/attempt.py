@@ -23,12 +23,12 @@ from nats.aio.client import Client as NATS
 
 from jetflow.adapters.bus import Conflict, EventLog, job_messages_after
 from jetflow.core import subjects as S
-from jetflow.core.codec import CodecError, decode_event, dumps
+from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
 from jetflow.core.job import TRANSITIONS
 from jetflow.core.plugin import PLUGIN_ROUTE, PluginError
 from jetflow.workers.plugin_cache import PluginCache
-from jetflow.workers.pool import ChildPool, Outcome
+from jetflow.workers.pool import PROGRESS_STREAM, ChildPool, Outcome
 from jetflow.workers.spans import traced_attempt, traced_claim, traced_record
 
 __all__ = ["Attempt", "Deps"]
@@ -68,6 +68,10 @@ class Attempt:
     # called once its child is free again (before the outcome is recorded): the worker
     # starts its next job then, so that job's claim and this record share a write
     child_free: Callable[[], None] = lambda: None
+    _progress_next: dict[str, Any] | None = None
+    _progress_task: asyncio.Future[None] | None = None
+    _progress_head: int | None = None
+    _progress_n: int = 0
     stop: asyncio.Future[str] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -177,9 +181,35 @@ class Attempt:
         nc = self.deps.nc
 
         def sink(stream: str, line: str) -> None:
+            if stream == PROGRESS_STREAM:
+                self._progress(loads(line))
+                return
             asyncio.ensure_future(nc.publish(subject, line.encode(),
-                                             headers={"Jf-Stream": stream}))
+                                             headers={"Jf-Stream": stream, **tags}))
+        tags = {S.HDR_CORRELATION_ID: str(self.work.get("correlation_id") or self.job_id)}
         return sink
+
+    def _progress(self, value: dict[str, Any]) -> None:
+        """Record a ``progress`` event (the child sends a few a second at most); one at a
+        time: while one is on its way, the newest waits and the older ones are dropped."""
+        self._progress_next = value
+        if self._progress_task is None or self._progress_task.done():
+            self._progress_task = asyncio.ensure_future(self._record_progress())
+
+    async def _record_progress(self) -> None:
+        while self._progress_next is not None and self.outcome is None:
+            value, self._progress_next = self._progress_next, None
+            self._progress_n += 1
+            event = self._event("progress", attempt=self.number, done=value.get("done"),
+                                total=value.get("total"))
+            try:
+                ack = await self.deps.log.append(
+                    event, expected_seq=self._progress_head or self.started_seq,
+                    headers=self.headers, msg_id=f"{self.msg_id('progress')}:{self._progress_n}")
+                self._progress_head = ack.seq
+            except Exception as exc:  # noqa: BLE001 - progress is a hint: the outcome counts
+                log.debug("job %s: progress not recorded: %s", self.job_id, exc)
+                return
 
     # -- record -------------------------------------------------------------------------
     @traced_record

@@ -111,6 +111,15 @@ def main() -> None:
         tracing.shutdown()  # flush this child's spans
 
 
+def _route_progress(send: Any) -> None:
+    """A plugin's ctx.progress(done, total) becomes a progress frame to the worker (set
+    once pyarrow is imported for a plugin job: not before, a handler child stays light)."""
+    import jetflow.workers.plugin_hooks as hooks
+
+    hooks.send_progress = lambda done, total: send({"t": "progress", "done": done,
+                                                    "total": total})
+
+
 def _serve() -> None:
     out: IO[bytes] = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
@@ -119,6 +128,7 @@ def _serve() -> None:
         out.write(encode_frame(frame))
 
     sys.stdout = _LineWriter(send)
+    _route_progress(send)
     stdin = sys.stdin.buffer
     while True:
         job = read_frame_sync(stdin)

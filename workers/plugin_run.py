@@ -18,6 +18,7 @@ import hashlib
 import inspect
 import logging
 import os
+import time
 import types
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,12 +30,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jetflow.core.plugin import PluginError, read_plugin
+from jetflow.workers import plugin_hooks as hooks
 from jetflow.workers.context import PermanentError
 
 __all__ = ["Output", "PluginContext", "run_plugin"]
 
 log = logging.getLogger("jetflow.plugin")
 ROW_GROUP = 128 * 1024  # rows per Parquet row group
+PROGRESS_EVERY_S = 0.25  # at most this often does ctx.progress reach the worker
+
 
 
 class Output(NamedTuple):
@@ -54,9 +58,19 @@ class PluginContext:
     input: str
     output: str
     logger: logging.Logger = field(default_factory=lambda: log)
+    _last: float = 0.0
 
     def progress(self, done: float, total: float | None = None) -> None:
-        print(f"progress {done}" + (f"/{total}" if total is not None else ""))
+        """Say how far the job is: ``progress`` events in its history (a few a second at
+        most; the last one, ``done == total``, always)."""
+        now = time.monotonic()
+        if now - self._last < PROGRESS_EVERY_S and done != total:
+            return
+        self._last = now
+        if hooks.send_progress is not None:
+            hooks.send_progress(done, total)
+        else:
+            print(f"progress {done}" + (f"/{total}" if total is not None else ""))
 
     def cancelled(self) -> bool:
         """A cancelled attempt's process is stopped by its worker: never true here."""
@@ -244,9 +258,8 @@ class _Writer:
 
     def _lineage(self, table: pa.Table) -> pa.Table:
         n = table.num_rows
-        table = table.append_column("_jf_job_id", pa.array([self.job_id] * n, pa.string()))
-        return table.append_column("_jf_plugin_version",
-                                   pa.array([self.version] * n, pa.string()))
+        table = table.append_column("_jf_job_id", pa.repeat(self.job_id, n))
+        return table.append_column("_jf_plugin_version", pa.repeat(self.version, n))
 
     def finish(self) -> list[dict[str, Any]]:
         quarantined = self.quarantine.rows
@@ -276,47 +289,64 @@ def _schema_text(schema: pa.Schema) -> str:
 
 def _check(table: pa.Table, contract: list[dict[str, Any]], name: str
            ) -> tuple[pa.Table, pa.Table | None]:
-    """The rows that keep the contract, cast to it; the others with their reason."""
+    """The rows that keep the contract, cast to it; the others with their reason. The
+    checks are Arrow kernels over the whole batch: a row is looked at one by one only
+    when its batch has a value that does not cast."""
     missing = [c["name"] for c in contract if c["name"] not in table.column_names]
     if missing:
         raise PermanentError(f"output {name}: no column(s) {missing} that OUTPUTS declares "
                              f"(it has {table.column_names})")
-    n = table.num_rows
-    reasons: list[str | None] = [None] * n
     cast: dict[str, pa.Array] = {}
+    problems: list[tuple[str, pa.Array]] = []  # (reason template, mask of rows it covers)
     for col in contract:
-        arr = table.column(col["name"]).combine_chunks()
-        target = pa.type_for_alias(col["type"]) if "(" not in col["type"] else \
-            pa.decimal128(38, 9)
-        try:
-            cast[col["name"]] = pc.cast(arr, target)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            values, bad = _cast_each(arr, target)
-            cast[col["name"]] = values
-            for i in bad:
-                reasons[i] = reasons[i] or f"{col['name']}: {arr[i].as_py()!r} is not " \
-                                           f"{col['type']}"
-        if not col["nullable"]:
-            nulls = pc.is_null(cast[col["name"]]).to_pylist()
-            for i, is_null in enumerate(nulls):
-                if is_null and reasons[i] is None:
-                    reasons[i] = f"{col['name']}: null in a non-nullable column"
-    good_table = pa.table({c["name"]: cast[c["name"]] for c in contract},
-                          schema=pa.schema([pa.field(c["name"], cast[c["name"]].type,
-                                                     c["nullable"]) for c in contract]))
-    if not any(r is not None for r in reasons):
-        return good_table, None
-    keep = pa.array([r is None for r in reasons])
-    bad_idx = [i for i, r in enumerate(reasons) if r is not None]
+        cast[col["name"]] = _cast_column(table, col, problems)
+    schema = pa.schema([pa.field(c["name"], cast[c["name"]].type, c["nullable"])
+                        for c in contract])
+    good = pa.Table.from_arrays([cast[c["name"]] for c in contract], schema=schema)
+    if not problems:
+        return good, None
+    bad_mask = problems[0][1]
+    for _, mask in problems[1:]:
+        bad_mask = pc.or_(bad_mask, mask)
+    bad_idx = pc.indices_nonzero(bad_mask).to_pylist()
+    reasons = {}
+    for kind, mask in problems:  # the first problem of a row is its reason
+        for i in pc.indices_nonzero(mask).to_pylist():
+            if i not in reasons:
+                reasons[i] = _reason(kind, table, i)
     bad = pa.table({c["name"]: pc.cast(table.column(c["name"]).take(bad_idx), pa.string())
                     for c in contract})
     bad = bad.append_column("_jf_reason", pa.array([reasons[i] for i in bad_idx]))
-    return _filter_nullable(good_table.filter(keep), contract), bad
+    return good.filter(pc.invert(bad_mask)), bad
 
 
-def _filter_nullable(table: pa.Table, contract: list[dict[str, Any]]) -> pa.Table:
-    return table.cast(pa.schema([pa.field(c["name"], table.schema.field(c["name"]).type,
-                                          c["nullable"]) for c in contract]))
+def _cast_column(table: pa.Table, col: dict[str, Any],
+                 problems: list[tuple[str, pa.Array]]) -> pa.Array:
+    """The column cast to its declared type; the rows that break it added to
+    ``problems``."""
+    arr = table.column(col["name"]).combine_chunks()
+    target = pa.type_for_alias(col["type"]) if "(" not in col["type"] else \
+        pa.decimal128(38, 9)
+    try:
+        values = pc.cast(arr, target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        values, bad = _cast_each(arr, target)
+        mask = [False] * len(arr)
+        for i in bad:
+            mask[i] = True
+        problems.append((f"cast:{col['name']}:{col['type']}", pa.array(mask)))
+    if not col["nullable"]:
+        nulls = pc.is_null(values)
+        if pc.any(nulls).as_py():
+            problems.append((f"null:{col['name']}", nulls))
+    return values
+
+
+def _reason(kind: str, table: pa.Table, i: int) -> str:
+    what, column, *type_ = kind.split(":", 2)
+    if what == "null":
+        return f"{column}: null in a non-nullable column"
+    return f"{column}: {table.column(column)[i].as_py()!r} is not {type_[0]}"
 
 
 def _cast_each(arr: pa.Array, target: pa.DataType) -> tuple[pa.Array, list[int]]:

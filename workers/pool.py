@@ -17,14 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from jetflow.core.codec import loads
+from jetflow.core.codec import dumps, loads
 from jetflow.workers.frames import HEADER, PARENT_ENV, encode_frame
 
-__all__ = ["ChildPool", "Outcome"]
+__all__ = ["ChildPool", "Outcome", "PROGRESS_STREAM"]
 
 log = logging.getLogger("jetflow.worker")
 
 LineSink = Callable[[str, str], None]  # (stream, line)
+PROGRESS_STREAM = "@progress"  # the sink's stream for a plugin's progress (a JSON line)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,10 @@ class Child:
                     return await self._crashed()
                 if frame.get("t") == "log":
                     sink(frame.get("stream", "stdout"), frame.get("line", ""))
+                    continue
+                if frame.get("t") == "progress":  # the line: {"done", "total"}
+                    sink(PROGRESS_STREAM, dumps({"done": frame.get("done"),
+                                                 "total": frame.get("total")}).decode())
                     continue
                 return _outcome(frame)
         except (BrokenPipeError, ConnectionResetError):

@@ -35,7 +35,7 @@ TEXT = {c["name"]: pa.string() for c in OUTPUTS["orders"]}
 def parse(path: str, ctx: Any = None) -> Iterator[pa.RecordBatch]:
     args = getattr(ctx, "args", None) or {}
     min_amount = args.get("min_amount")
-    reader = pv.open_csv(path, read_options=pv.ReadOptions(block_size=8 << 20),
+    reader = pv.open_csv(path, read_options=pv.ReadOptions(block_size=4 << 20),
                          convert_options=pv.ConvertOptions(
                              column_types=TEXT, strings_can_be_null=True))
     for batch in reader:

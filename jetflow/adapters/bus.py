@@ -565,42 +565,42 @@ async def job_messages_after(nc: NATS, job_id: str, seq: int,
 MAX_FILTERS = 256  # subject filters per reading consumer
 
 
-async def messages_on(js: JetStreamContext, filters: list[str], start_seq: int = 1
-                      ) -> list[Msg]:
-    """Every message of JF_EVENTS on any of ``filters`` from ``start_seq``, in stream
-    order (a short-lived consumer per :data:`MAX_FILTERS` filters)."""
+async def messages_on(js: JetStreamContext, filters: list[str], start_seq: int = 1,
+                      stream: str = S.EVENTS_STREAM) -> list[Msg]:
+    """Every message of ``stream`` (JF_EVENTS) on any of ``filters`` from ``start_seq``,
+    in stream order (a short-lived consumer per :data:`MAX_FILTERS` filters)."""
     msgs: list[Msg] = []
     for i in range(0, len(filters), MAX_FILTERS):
-        msgs.extend(await _read_filtered(js, filters[i:i + MAX_FILTERS], start_seq))
+        msgs.extend(await _read_filtered(js, filters[i:i + MAX_FILTERS], start_seq, stream))
     if len(filters) > MAX_FILTERS:
         msgs.sort(key=lambda m: parse_ack_reply(m.reply).stream_seq)
     return msgs
 
 
-async def _read_filtered(js: JetStreamContext, filters: list[str], start_seq: int
-                         ) -> list[Msg]:
+async def _read_filtered(js: JetStreamContext, filters: list[str], start_seq: int,
+                         stream: str) -> list[Msg]:
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                             opt_start_seq=max(1, start_seq), ack_policy=AckPolicy.NONE,
                             inactive_threshold=10.0, mem_storage=True,
                             **({"filter_subject": filters[0]} if len(filters) == 1
                                else {"filter_subjects": filters}))
     try:
-        info = await js.add_consumer(S.EVENTS_STREAM, config=config)
+        info = await js.add_consumer(stream, config=config)
     except nats.js.errors.NotFoundError:
-        raise no_stream(S.EVENTS_STREAM) from None
+        raise no_stream(stream) from None
     except NO_JETSTREAM as exc:
         raise no_jetstream(exc) from None
     total = info.num_pending or 0
     msgs: list[Msg] = []
     if total:
-        sub = await js.pull_subscribe_bind(info.name, S.EVENTS_STREAM)
+        sub = await js.pull_subscribe_bind(info.name, stream)
         try:
             while len(msgs) < total:
                 msgs.extend(await sub.fetch(min(256, total - len(msgs)), 5.0))
         finally:
             await sub.unsubscribe()
     with contextlib.suppress(nats.js.errors.NotFoundError):
-        await js.delete_consumer(S.EVENTS_STREAM, info.name)
+        await js.delete_consumer(stream, info.name)
     return msgs
 
 
@@ -613,7 +613,10 @@ async def event_at(nc: NATS, seq: int) -> tuple[int, str, bytes] | None:
 async def _direct_get(nc: NATS, job_id: str, query: dict[str, object]
                       ) -> tuple[int, str, bytes] | None:
     request = json.dumps(query).encode()
-    msg = await nc.request(f"$JS.API.DIRECT.GET.{S.EVENTS_STREAM}", request, 5.0)
+    try:
+        msg = await nc.request(f"$JS.API.DIRECT.GET.{S.EVENTS_STREAM}", request, 5.0)
+    except nats.errors.NoRespondersError as exc:  # no JetStream (or no such stream)
+        raise no_jetstream(exc) from None
     headers = msg.headers or {}
     if headers.get("Status") == "404":
         return None

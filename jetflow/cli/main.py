@@ -16,6 +16,7 @@ from jetflow.adapters.runtime import Interrupted
 from jetflow.cli import (
     control,
     history,
+    logs,
     plugin,
     replay,
     services,
@@ -32,7 +33,8 @@ from jetflow.projections.schema import ProjectionError
 __all__ = ["main", "parser"]
 
 TRACED_COMMANDS = ("sentinel", "worker", "submit")  # the ones that make spans
-GROUPS = (services, submit, workflow, plugin, control, views, history, replay, trace)
+GROUPS = (services, submit, workflow, plugin, control, views, history, logs, replay,
+          trace)
 
 
 def parser() -> argparse.ArgumentParser:
