@@ -238,3 +238,24 @@ async def test_logs_prints_and_follows_a_jobs_lines_and_progress(world: World) -
     assert first == {"attempt": 1, "stream": "stdout", "line": "line 1"}
     code, out, err = await world.cli("logs", "nosuchjob")
     assert code == 1 and "no job 'nosuchjob'" in err
+
+
+async def test_a_flood_of_lines_is_capped_and_said(world: World) -> None:
+    body = ("import pyarrow as pa\n"
+            "def parse(path, ctx):\n"
+            "    for i in range(30000):\n"
+            "        print(f'flood {i}')\n"
+            "    return pa.table({'i': [1]})\n")
+    await world.deploy("flood", body)
+    source = world.tmp / "f.txt"
+    source.write_text("x")
+    job = await world.run("flood", source)
+    assert job.state == "succeeded", job.error
+    code, out, err = await world.cli("logs", job.job_id, "--json")
+    lines = [json.loads(ln) for ln in out.splitlines()]
+    kept = [ln for ln in lines if ln["stream"] == "stdout"]
+    notes = [ln["line"] for ln in lines if ln["stream"] == "jetflow"]
+    assert len(notes) == 1 and "dropped" in notes[0]
+    dropped = int(notes[0].split()[1])
+    assert dropped > 0 and len(kept) + dropped == 30000
+    assert [ln["line"] for ln in kept[:3]] == ["flood 0", "flood 1", "flood 2"]

@@ -40,7 +40,32 @@ APPEND_TRIES = 12  # about a minute of a server away, then the lease decides
 _BENIGN = ("cancel_requested", "progress")
 # the events a running job may get: any other is refused by the state machine
 _AFTER_RUNNING = frozenset(t for t, states in TRANSITIONS.items() if "running" in states)
-RECORDED = -1  # what _benign_head says when the outcome is in the log already
+RECORDED = -1
+LINES_PER_S = 2000  # an attempt's log lines: at most this many a second (a burst of 4x)...
+MAX_LINES = 100_000  # ... and in all...
+MAX_LOG_BYTES = 32 << 20  # ... and bytes: beyond, lines are dropped and counted
+
+
+class LineBudget:
+    """How many more log lines an attempt may send (a token bucket and totals): a handler
+    that prints a flood cannot stall its worker nor fill JF_LOGS."""
+
+    def __init__(self) -> None:
+        self.tokens = float(4 * LINES_PER_S)
+        self.at = time.monotonic()
+        self.lines = self.bytes = self.dropped = 0
+
+    def take(self, size: int) -> bool:
+        now = time.monotonic()
+        self.tokens = min(4.0 * LINES_PER_S, self.tokens + (now - self.at) * LINES_PER_S)
+        self.at = now
+        if self.tokens < 1 or self.lines >= MAX_LINES or self.bytes + size > MAX_LOG_BYTES:
+            self.dropped += 1
+            return False
+        self.tokens -= 1
+        self.lines += 1
+        self.bytes += size
+        return True  # what _benign_head says when the outcome is in the log already
 
 
 @dataclass(frozen=True)
@@ -72,6 +97,7 @@ class Attempt:
     _progress_task: asyncio.Future[None] | None = None
     _progress_head: int | None = None
     _progress_n: int = 0
+    _lines: LineBudget = field(default_factory=lambda: LineBudget())
     stop: asyncio.Future[str] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -95,6 +121,7 @@ class Attempt:
             return
         self.outcome = await self.execute()
         self.child_free()
+        await self._say_dropped()
         await self.record(self.outcome)
 
     # -- claim --------------------------------------------------------------------------
@@ -184,10 +211,20 @@ class Attempt:
             if stream == PROGRESS_STREAM:
                 self._progress(loads(line))
                 return
+            if not self._lines.take(len(line)):
+                return  # over the attempt's cap: counted, said once the attempt ends
             asyncio.ensure_future(nc.publish(subject, line.encode(),
                                              headers={"Jf-Stream": stream, **tags}))
         tags = {S.HDR_CORRELATION_ID: str(self.work.get("correlation_id") or self.job_id)}
         return sink
+
+    async def _say_dropped(self) -> None:
+        """One last line when the cap dropped some: how many, and why."""
+        if self._lines.dropped:
+            note = (f"[jetflow] {self._lines.dropped} line(s) of this attempt dropped: over "
+                    f"{LINES_PER_S} lines/s, {MAX_LINES} lines or {MAX_LOG_BYTES >> 20} MiB")
+            await self.deps.nc.publish(S.log_subject(self.job_id, self.number),
+                                       note.encode(), headers={"Jf-Stream": "jetflow"})
 
     def _progress(self, value: dict[str, Any]) -> None:
         """Record a ``progress`` event (the child sends a few a second at most); one at a
