@@ -113,6 +113,9 @@ async def test_the_example_converts_a_csv_with_its_contract(world: World) -> Non
                                               "order_id: 'bad2' is not int64"]
     assert not list(world.outputs.rglob("*.tmp"))
     assert csv.exists()
+    code, out, _ = await world.cli("job", doc["job_id"])
+    assert "output orders: 4998 rows (3 quarantined)" in out
+    assert "output orders_quarantine: 3 rows" in out
 
 
 async def test_named_outputs_and_a_job_pinned_to_its_version(world: World) -> None:

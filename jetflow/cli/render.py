@@ -26,7 +26,10 @@ def job_lines(job: JobState, events: Sequence[Event], skipped: Mapping[int, str]
     lines = [f"job {job.job_id}: {job.state}  handler={job.handler or '-'} "
              f"queue={job.queue or '-'} priority={job.priority} "
              f"attempt={job.attempt}/{job.max_attempts}"]
-    if job.result is not None:
+    outputs = job.result.get("outputs") if isinstance(job.result, dict) else None
+    if isinstance(outputs, list) and all(isinstance(o, dict) for o in outputs):
+        lines += [_output_line(o) for o in outputs]  # a plugin job's: one line each
+    elif job.result is not None:
         lines.append(f"  result: {json.dumps(job.result)}")
     if job.error:
         lines.append(f"  error: {job.error.get('error_type') or job.error.get('type', '')}: "
@@ -64,3 +67,11 @@ def job_json(job: JobState, events: Sequence[Event], skipped: Mapping[int, str] 
     if unreadable:
         out["unreadable"] = [u._asdict() for u in unreadable]
     return out
+
+
+def _output_line(o: dict[str, Any]) -> str:
+    """One output of a plugin job: its rows, quarantined rows, size, digest and where."""
+    quarantined = f" ({o.get('quarantined')} quarantined)" if o.get("quarantined") else ""
+    digest = str(o.get("sha256") or "")[:12]
+    return (f"  output {o.get('name')}: {o.get('rows')} rows{quarantined}, "
+            f"{o.get('bytes') or 0:,} bytes, sha256 {digest or '-'}, {o.get('uri') or '-'}")
