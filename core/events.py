@@ -75,6 +75,8 @@ PLUGIN_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "deployed": {"version": _STR, "sha256": _STR},
     "activated": {"version": _STR},
     "retired": {"version": _STR},
+    "env_ready": {"version": _STR, "worker": _STR},  # a worker built its environment
+    "env_failed": {"version": _STR, "worker": _STR, "error": _STR},
 }
 
 FIELDS: dict[str, dict[str, dict[str, tuple[type, ...]]]] = {

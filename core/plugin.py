@@ -178,12 +178,13 @@ class PluginVersion:
     by: str
     status: str = "active"  # active, superseded, retired
     seq: int = 0
+    envs: dict[str, str] = field(default_factory=dict)  # worker -> "ready" or the error
 
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "sha256": self.sha256,
                 "status": self.status, "outputs": self.outputs,
                 "requirements": self.requirements, "deployed_at": self.deployed_at,
-                "by": self.by}
+                "by": self.by, "envs": dict(self.envs)}
 
 
 @dataclass
@@ -210,6 +211,9 @@ class PluginRegistry:
             self._activate(name, version)
         elif event.type == "retired" and version in versions:
             versions[version].status = "retired"
+        elif event.type in ("env_ready", "env_failed") and version in versions:
+            versions[version].envs[str(d.get("worker"))] = (
+                "ready" if event.type == "env_ready" else str(d.get("error")))
 
     def _activate(self, name: str, version: str) -> None:
         for v in self.versions[name].values():
@@ -231,7 +235,8 @@ class PluginRegistry:
                 str(v["version"]): PluginVersion(
                     name, str(v["version"]), str(v["sha256"]), v["outputs"],
                     list(v["requirements"]), float(v["deployed_at"]), str(v["by"]),
-                    str(v["status"]), int(v["seq"])) for v in versions}
+                    str(v["status"]), int(v["seq"]), dict(v.get("envs") or {}))
+                for v in versions}
         return r
 
     def active(self, name: str) -> PluginVersion | None:

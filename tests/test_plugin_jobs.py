@@ -262,3 +262,78 @@ async def test_a_flood_of_lines_is_capped_and_said(world: World) -> None:
     dropped = int(notes[0].split()[1])
     assert dropped > 0 and len(kept) + dropped == 30000
     assert [ln["line"] for ln in kept[:3]] == ["flood 0", "flood 1", "flood 2"]
+
+
+def local_wheel(tmp: Path, name: str, value: int) -> Path:
+    """A wheel built here, offline: the requirement a plugin's environment installs."""
+    pkg = tmp / f"src-{name}"
+    (pkg / name).mkdir(parents=True, exist_ok=True)
+    (pkg / name / "__init__.py").write_text(f"VALUE = {value}\n")
+    (pkg / "pyproject.toml").write_text(
+        f'[project]\nname = "{name}"\nversion = "1.0"\n'
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n')
+    out = tmp / "wheels"
+    import subprocess
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
+                    "--no-index", "-q", "-w", str(out), str(pkg)], check=True)
+    return next(out.glob(f"{name}-1.0-*.whl"))
+
+
+async def test_requirements_run_in_an_environment_of_their_own(world: World) -> None:
+    wheel = local_wheel(world.tmp, "jf_req_demo", 41)
+    body = (f"REQUIREMENTS = ['jf_req_demo @ {wheel.as_uri()}']\n"
+            "import pyarrow as pa\n"
+            "def parse(path):\n"
+            "    import sys, jf_req_demo\n"
+            "    return pa.table({'v': [jf_req_demo.VALUE + 1], 'py': [sys.prefix]})\n")
+    await world.deploy("with_reqs", body)
+    await world.deploy("same_reqs", body.replace("+ 1", "+ 2"))
+    source = world.tmp / "r.txt"
+    source.write_text("x")
+    first = await world.run("with_reqs", source, output=world.tmp / "out-reqs")
+    assert first.state == "succeeded", first.error
+    second = await world.run("same_reqs", source, output=world.tmp / "out-reqs")
+    assert second.state == "succeeded", second.error
+    rows = [pq.read_table(Path(j.result["outputs"][0]["uri"].removeprefix("file://")))
+            .to_pylist()[0] for j in (first, second)]
+    assert [r["v"] for r in rows] == [42, 43]
+    envs = world.tmp / "stack" / "envs"
+    assert rows[0]["py"] == rows[1]["py"] and rows[0]["py"].startswith(str(envs))
+    assert len([p for p in envs.iterdir() if not p.name.startswith(".")]) == 1  # shared
+    with pytest.raises(ModuleNotFoundError):
+        __import__("jf_req_demo")  # installed in the plugin's environment, not the worker's
+    # built when deployed, by the worker, and said in the log
+    nc = await bus_connect(world.url)
+    try:
+        for _ in range(100):
+            registry = await PluginStore(nc).registry("with_reqs")
+            if registry.versions["with_reqs"]["1"].envs:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+    assert list(registry.versions["with_reqs"]["1"].envs.values()) == ["ready"]
+    code, out, _ = await world.cli("plugin", "list")
+    assert "1 ready" in out
+
+
+async def test_a_requirement_that_cannot_install_fails_permanently(world: World) -> None:
+    body = (f"REQUIREMENTS = ['nothere @ {(world.tmp / 'no-such.whl').as_uri()}']\n"
+            "def parse(path):\n    return None\n")
+    await world.deploy("bad_reqs", body)
+    source = world.tmp / "r.txt"
+    source.write_text("x")
+    job = await world.run("bad_reqs", source)
+    assert job.state == "dead_lettered" and job.attempt == 1
+    assert "installing nothere @ file://" in job.error["message"]  # type: ignore[index]
+    assert "failed" in job.error["message"]  # type: ignore[index]
+    nc = await bus_connect(world.url)
+    try:
+        for _ in range(100):
+            envs = (await PluginStore(nc).registry("bad_reqs")).versions["bad_reqs"]["1"].envs
+            if envs:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+    assert [v.startswith("installing nothere") for v in envs.values()] == [True]

@@ -26,7 +26,8 @@ from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
 from jetflow.core.job import TRANSITIONS
-from jetflow.core.plugin import PLUGIN_ROUTE, PluginError
+from jetflow.core.plugin import PLUGIN_ROUTE, PluginError, read_plugin
+from jetflow.workers.envs import Environments
 from jetflow.workers.plugin_cache import PluginCache
 from jetflow.workers.pool import PROGRESS_STREAM, ChildPool, Outcome
 from jetflow.workers.spans import traced_attempt, traced_claim, traced_record
@@ -80,6 +81,7 @@ class Deps:
     handlers: dict[str, str]
     plugins: PluginCache | None = None  # None: this worker runs no plugins
     outputs: Path = Path(".jetflow/outputs")  # where plugin outputs go by default
+    envs: Environments | None = None  # plugins' environments (by their REQUIREMENTS)
 
 
 @dataclass
@@ -162,8 +164,11 @@ class Attempt:
             return Outcome("failed", error={"error_type": type(exc).__name__,
                                             "message": f"fetching the plugin: {exc}",
                                             "retryable": True})
-        running = asyncio.create_task(self.deps.pool.run(job, self._sink(),
-                                                         self.work.get("timeout_s")))
+        python = job.pop("python", None)
+        run = (self.deps.pool.run_in(python, job, self._sink(), self.work.get("timeout_s"))
+               if python else
+               self.deps.pool.run(job, self._sink(), self.work.get("timeout_s")))
+        running = asyncio.create_task(run)
 
         def stop(_done: asyncio.Future[str]) -> None:
             running.cancel()  # the pool kills the child
@@ -201,6 +206,9 @@ class Attempt:
         job["plugin"] = {"name": name, "version": pin["version"], "sha256": pin["sha256"],
                          "path": str(path), "input": self.work.get("input"),
                          "output": output}
+        requirements = read_plugin(path.read_bytes(), str(path)).requirements
+        if requirements and self.deps.envs is not None:
+            job["python"] = str(await self.deps.envs.python_for(requirements))
         return job
 
     def _sink(self) -> Any:

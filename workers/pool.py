@@ -45,12 +45,13 @@ class Child:
         self._stderr_task = asyncio.create_task(self._pump_stderr())
 
     @classmethod
-    async def spawn(cls, env: dict[str, str] | None = None) -> Child:
+    async def spawn(cls, env: dict[str, str] | None = None,
+                    python: str = sys.executable) -> Child:
         # Its own session: Ctrl-C in a terminal (SIGINT to the foreground process group)
         # is the worker's to handle (drain), not a KeyboardInterrupt in a running job. It
         # dies with the worker (see jetflow.workers.child).
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "jetflow.workers.child", stdin=asyncio.subprocess.PIPE,
+            python, "-m", "jetflow.workers.child", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env={**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}, limit=2**24,
             start_new_session=True)
@@ -176,6 +177,25 @@ class ChildPool:
             raise
         finally:
             await self._give_back(child)
+
+    async def run_in(self, python: str, job: dict[str, Any], sink: LineSink,
+                     timeout_s: float | None = None) -> Outcome:
+        """Run ``job`` in a child of its own started with ``python`` (a plugin's
+        environment), in one of the pool's slots; the child is stopped after it."""
+        slot = await self._idle.get()
+        child: Child | None = None
+        try:
+            child = await Child.spawn(self.env, python)
+            self._all.add(child)
+            return await asyncio.wait_for(child.run(job, sink), timeout_s)
+        except TimeoutError:
+            return Outcome("timed_out", error={"error_type": "Timeout", "retryable": True,
+                                               "message": f"run timeout of {timeout_s:g}s"})
+        finally:
+            if child is not None:
+                self._all.discard(child)
+                await child.kill()
+            self._idle.put_nowait(slot)
 
     async def _give_back(self, child: Child) -> None:
         if child.alive:

@@ -31,13 +31,15 @@ from jetflow.adapters.bus import (
     connect,
     ensure_streams,
 )
+from jetflow.adapters.plugins import PluginStore
 from jetflow.adapters.runtime import cancel_and_wait, supervise
 from jetflow.core import subjects as S
-from jetflow.core.codec import dumps, loads
+from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
 from jetflow.core.fleet import default_heartbeat_s
-from jetflow.core.plugin import PLUGIN_ROUTE
+from jetflow.core.plugin import PLUGIN_ROUTE, PluginError, read_plugin
 from jetflow.workers.attempt import Attempt, Deps
+from jetflow.workers.envs import Environments
 from jetflow.workers.handlers import HandlerError, parse_handlers, resolve
 from jetflow.workers.plugin_cache import PluginCache
 from jetflow.workers.pool import ChildPool
@@ -75,7 +77,7 @@ class Worker:
                  prefetch: int | None = None, memory_limit_mb: int | None = None,
                  worker_id: str | None = None,
                  wait_nats_s: float = FIRST_CONNECT_WAIT_S, plugins: str = "all",
-                 data_dir: Path | str = ".jetflow") -> None:
+                 data_dir: Path | str = ".jetflow", keep_envs: int = 8) -> None:
         self.url = url
         self.wait_nats_s = wait_nats_s
         self.handlers = parse_handlers(handlers) if isinstance(handlers, str) else handlers
@@ -85,6 +87,7 @@ class Worker:
         if self.plugins:  # announced: the sentinel offers this worker plugin jobs
             self.handlers = {**self.handlers, PLUGIN_ROUTE: PLUGIN_REF}
         self.data_dir = Path(data_dir)
+        self.keep_envs = keep_envs
         for name in queues:
             S.check_token(name, "queue")
         self.queues = tuple(queues)
@@ -117,6 +120,8 @@ class Worker:
             await self._abandon()
             raise
         self._tasks = [asyncio.create_task(supervise("heartbeat", self._heartbeat_loop))]
+        if self.plugins:
+            self._tasks.append(asyncio.create_task(self._prepare_active()))
         log.info("worker %s ready: handlers %s, queues %s, concurrency %d", self.worker_id,
                  ",".join(self.handlers), ",".join(self.queues), self.concurrency)
         return self
@@ -130,12 +135,15 @@ class Worker:
         self.deps = Deps(self.nc, self.log, self.pool, self.worker_id, self.lease_s,
                          self.handlers,
                          PluginCache(self.nc, self.data_dir / "plugins") if self.plugins
-                         else None, self.data_dir / "outputs")
+                         else None, self.data_dir / "outputs",
+                         Environments(self.data_dir / "envs", keep=self.keep_envs))
         await self.nc.subscribe(S.worker_subject(self.worker_id, "lost"), cb=self._on_lost)
         for kind in ("cancel_requested", "timed_out"):
             await self.nc.subscribe(f"{S.PREFIX}.job.*.{kind}", cb=self._on_job_event)
         self._offers = await self.nc.subscribe_raw(S.work_subject(self.worker_id),
                                                    self._on_offers)
+        if self.plugins:  # environments are built when a plugin is deployed, not later
+            await self.nc.subscribe(f"{S.PREFIX}.plugin.*.deployed", cb=self._on_deployed)
         await self.nc.flush()  # subscribed before anyone learns of us
         await self._heartbeat()
         await self._announce()
@@ -157,6 +165,46 @@ class Worker:
             "heartbeat_s": self.heartbeat_s})
         self._joined = True  # before: stored but unacknowledged is joined too
         await self.log.append(event, msg_id=f"worker:{self.worker_id}:joined:{event.at}")
+
+    # -- plugin environments ---------------------------------------------------------
+    async def _prepare_active(self) -> None:
+        """A worker that joins builds the environments of the active versions."""
+        try:
+            registry = await PluginStore(self.nc).registry()
+        except Exception as exc:  # noqa: BLE001 - a job builds its own if need be
+            log.warning("could not read the plugin registry: %s", exc)
+            return
+        for name in registry.versions:
+            active = registry.active(name)
+            if active is not None and active.requirements:
+                await self._prepare(name, active.version, active.sha256)
+
+    async def _on_deployed(self, msg: Msg) -> None:
+        try:
+            event = decode_event(msg.subject, msg.data, 0)
+        except CodecError:
+            return
+        if event.data.get("requirements"):
+            self._tasks.append(asyncio.create_task(self._prepare(
+                event.id, str(event.data["version"]), str(event.data["sha256"]))))
+
+    async def _prepare(self, name: str, version: str, sha256: str) -> None:
+        """Build the environment of a plugin version and say so in the log
+        (``env_ready``, or ``env_failed`` with the installer's message)."""
+        assert self.deps.plugins is not None and self.deps.envs is not None
+        try:
+            path = await self.deps.plugins.path(name, version, sha256)
+            requirements = read_plugin(path.read_bytes(), str(path)).requirements
+            await self.deps.envs.python_for(requirements)
+            event = Event("plugin", name, "env_ready", time.time(),
+                          {"version": version, "worker": self.worker_id})
+        except PluginError as exc:
+            event = Event("plugin", name, "env_failed", time.time(),
+                          {"version": version, "worker": self.worker_id, "error": str(exc)})
+        try:
+            await self.log.append(event)
+        except Exception as exc:  # noqa: BLE001 - the environment is there all the same
+            log.warning("%s %s: %s not recorded: %s", name, version, event.type, exc)
 
     async def _on_lost(self, msg: Msg) -> None:
         if not self._draining:

@@ -62,12 +62,23 @@ async def cmd_list(a: argparse.Namespace) -> int:
         return 0
     wn = max(len(r["name"]) for r in rows)
     wv = max(max(len(r["version"]) for r in rows), 7)
-    print(f"{'NAME':<{wn}}  {'VERSION':<{wv}}  STATUS      SHA256        DEPLOYED")
+    print(f"{'NAME':<{wn}}  {'VERSION':<{wv}}  STATUS      SHA256        DEPLOYED             "
+          "ENVIRONMENTS")
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["deployed_at"]))
         print(f"{r['name']:<{wn}}  {r['version']:<{wv}}  {r['status']:<10}  "
-              f"{r['sha256'][:12]}  {when}  {r['by']}")
+              f"{r['sha256'][:12]}  {when}  {_envs(r)}")
     return 0
+
+
+def _envs(r: dict[str, Any]) -> str:
+    """How the workers' environments for a version stand (- without REQUIREMENTS)."""
+    if not r["requirements"]:
+        return "-"
+    ready = sum(1 for v in r["envs"].values() if v == "ready")
+    failed = [v for v in r["envs"].values() if v != "ready"]
+    text = f"{ready} ready" + (f", {len(failed)} failed: {failed[0][:80]}" if failed else "")
+    return text if r["envs"] else "being built"
 
 
 async def _change(a: argparse.Namespace, verb: str) -> int:

@@ -65,7 +65,8 @@ async def cmd_worker(a: argparse.Namespace) -> int:
     worker = Worker(a.nats, handlers=a.handlers, queues=tuple(csv(a.queue)),
                     concurrency=a.concurrency, lease_s=a.lease, heartbeat_s=a.heartbeat,
                     grace_s=a.grace, prefetch=a.prefetch, memory_limit_mb=a.memory_limit,
-                    wait_nats_s=a.wait_nats, plugins=a.plugins, data_dir=a.data)
+                    wait_nats_s=a.wait_nats, plugins=a.plugins, data_dir=a.data,
+                    keep_envs=a.keep_envs)
     with Signals() as caught:
         await caught.before(worker.start())
         await caught.wait()
@@ -244,6 +245,8 @@ def _add_worker(sub: Any) -> None:
     p.add_argument("--concurrency", type=positive_int, default=4, help="jobs at once (4)")
     p.add_argument("--plugins", choices=("all", "none"), default="all",
                    help="run jobs of deployed plugins (all, the default) or none")
+    p.add_argument("--keep-envs", type=positive_int, default=8,
+                   help="plugin environments kept (least recently used go first) (8)")
     p.add_argument("--data", default=DEFAULT_DATA,
                    help=f"data directory: plugin sources, default plugin outputs "
                         f"(<data>/outputs/<plugin>/<output>/) (./{DEFAULT_DATA})")
