@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from jetflow.core.events import Event
 from jetflow.core.job import TERMINAL, IllegalTransition, JobState, apply
-from jetflow.core.plugin import PLUGIN_ROUTE, PluginRegistry
+from jetflow.core.plugin import PLUGIN_ROUTE, PluginRegistry, env_route
 from jetflow.core.retry import DeadLetter, Retry, RetryPolicy, next_action, policy_for
 from jetflow.core.scheduler import ReadyJob, Scheduler, WorkerSlots
 from jetflow.core.workflow import Workflows
@@ -113,7 +113,24 @@ class Fleet:
             self._observe_wf(event)
         elif event.kind == "plugin":
             self.plugins.observe(event)
+            if event.type in ("env_ready", "env_failed"):
+                self._grant_env(event.id, str(event.data["version"]),
+                                str(event.data["worker"]))
         return None
+
+    def _grant_env(self, name: str, version: str, worker_id: str) -> None:
+        """The worker has built (or failed to build) the version's environment: its jobs
+        may go there."""
+        slots = self.sched.workers().get(worker_id)
+        if slots is not None:
+            slots.handlers = slots.handlers | {env_route(name, version)}
+
+    def grant_envs(self) -> None:
+        """Every environment the registry knows of, granted again (a restored fleet)."""
+        for name, versions in self.plugins.versions.items():
+            for version in versions.values():
+                for worker_id in version.envs:
+                    self._grant_env(name, version.version, worker_id)
 
     def _observe_wf(self, event: Event) -> None:
         if event.type == "registered":
@@ -414,4 +431,7 @@ def _heartbeat_interval(joined: Event, lease_s: float) -> float:
 def _route(job: JobState) -> str:
     """What a worker must serve to be offered the job: its handler, or for a plugin job
     :data:`~jetflow.core.plugin.PLUGIN_ROUTE` (the workers that run deployed plugins)."""
-    return PLUGIN_ROUTE if job.plugin else job.handler
+    pin = job.plugin
+    if not pin:
+        return job.handler
+    return env_route(job.handler, str(pin.get("version"))) if pin.get("env") else PLUGIN_ROUTE

@@ -22,11 +22,18 @@ from typing import Any
 from jetflow.core.events import Event
 
 __all__ = ["PluginMeta", "PluginError", "PluginVersion", "PluginRegistry", "read_plugin",
-           "source_sha256", "ARROW_TYPES", "normalised_requirements", "PLUGIN_ROUTE"]
+           "source_sha256", "ARROW_TYPES", "normalised_requirements", "PLUGIN_ROUTE", "env_route"]
 
 # What a worker that runs deployed plugins announces among its handlers; the sentinel
 # offers a plugin job (one with a pinned version) to such workers only.
 PLUGIN_ROUTE = "@plugins"
+
+
+def env_route(name: str, version: str) -> str:
+    """What a plugin job whose version has REQUIREMENTS is routed by: the sentinel grants
+    it to a worker once that worker has recorded ``env_ready`` (or ``env_failed``, so that
+    the job fails there with the installer's message) for the version."""
+    return f"@env:{name}:{version}"
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}\Z")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, loads
@@ -152,7 +153,7 @@ class Intake:
         return out
 
 
-def _plugin_pin(sub: Submission, plugins: PluginRegistry | None) -> dict[str, str] | None:
+def _plugin_pin(sub: Submission, plugins: PluginRegistry | None) -> dict[str, Any] | None:
     """For a job whose handler is a deployed plugin's name: the version active now (the
     job runs it whatever is deployed later, retries and replays included)."""
     if plugins is None or sub.handler not in plugins.versions:
@@ -170,7 +171,10 @@ def _plugin_pin(sub: Submission, plugins: PluginRegistry | None) -> dict[str, st
     if sub.input is None:
         raise CodecError("missing_field", f"plugin {sub.handler!r} needs 'input' (the file "
                                           "its parse() reads)")
-    return {"version": active.version, "sha256": active.sha256}
+    pin: dict[str, Any] = {"version": active.version, "sha256": active.sha256}
+    if active.requirements:
+        pin["env"] = True  # offered only to workers that built its environment
+    return pin
 
 
 def _optional(**fields: object) -> dict[str, object]:

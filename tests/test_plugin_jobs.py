@@ -19,9 +19,11 @@ import pytest_asyncio
 
 from jetflow import Client, SubmissionRejected, connect
 from jetflow.adapters.bus import connect as bus_connect
+from jetflow.adapters.bus import messages_on
 from jetflow.adapters.nats_server import EmbeddedServer
 from jetflow.adapters.plugins import PluginStore
 from jetflow.core.job import JobState
+from jetflow.core.metadata import parse_ack_reply
 from jetflow.up import Stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -313,6 +315,16 @@ async def test_requirements_run_in_an_environment_of_their_own(world: World) -> 
     finally:
         await nc.close()
     assert list(registry.versions["with_reqs"]["1"].envs.values()) == ["ready"]
+    # the sentinel offered the job only once its worker had said its environment is ready
+    nc = await bus_connect(world.url)
+    try:
+        ready = [(parse_ack_reply(m.reply).stream_seq, json.loads(m.data)["data"]["worker"])
+                 for m in await messages_on(nc.jetstream(), ["jf.plugin.with_reqs.env_ready"])]
+    finally:
+        await nc.close()
+    started = next(e for e in await world.client.history(first.job_id) if e.type == "started")
+    assert any(seq < started.seq and worker == started.data["worker"]
+               for seq, worker in ready), (ready, started)
     code, out, _ = await world.cli("plugin", "list")
     assert "1 ready" in out
 
