@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import resource
 import sys
@@ -36,7 +35,7 @@ import pyarrow as pa
 import pyarrow.csv as pv
 import pyarrow.parquet as pq
 
-from bench.system import RESULTS, jetflow_up, say
+from bench.system import jetflow_up, say, write_results
 from bench.throughput import machine_info
 from jetflow import connect
 from jetflow.adapters.plugins import PluginStore
@@ -175,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| jetflow plugin job | {j['mb_s']} | {j['seconds']} | "
           f"{j['peak_rss_worker_and_child_mb']} (worker + child) |")
     print(f"\njetflow / direct: {report['ratio']}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"plugins-{stamp}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"written: {out}")
+    print(f"written: {write_results('plugins', stamp, report)}")
     return 0
 
 

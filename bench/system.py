@@ -58,6 +58,14 @@ PAD = "x" * 200  # a 256-byte job document with its fields
 _T0 = time.monotonic()
 
 
+def write_results(kind: str, stamp: str, report: dict[str, Any]) -> Path:
+    """``bench/results/<kind>-<stamp>.json``, the report of one run."""
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{kind}-{stamp}.json"
+    out.write_text(json.dumps(report, indent=2))
+    return out
+
+
 def say(text: str) -> None:
     print(f"[{time.monotonic() - _T0:6.1f}s] {text}", file=sys.stderr, flush=True)
 
@@ -397,10 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         report = asyncio.run(run(args, Path(tmp)))
     report["stamp"] = stamp
     print(table(report))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"system-{stamp}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwritten: {out}")
+    print(f"\nwritten: {write_results('system', stamp, report)}")
     return 0
 
 

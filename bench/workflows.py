@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.system import RESULTS, jetflow_up, say
+from bench.system import jetflow_up, say, write_results
 from bench.throughput import latency_summary, machine_info
 from jetflow import Client, connect
 
@@ -162,10 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         report = asyncio.run(run(args, Path(tmp)))
     report["stamp"] = stamp
     print(table(report))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"workflows-{stamp}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwritten: {out}")
+    print(f"\nwritten: {write_results('workflows', stamp, report)}")
     return 0
 
 

@@ -84,9 +84,7 @@ def parse_template(doc: Any) -> Template:
     unknown = sorted(set(doc) - _TOP)
     if unknown:
         raise TemplateError(f"unknown template field(s) {unknown}; known: {sorted(_TOP)}")
-    name = doc.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise TemplateError(f"'name' must be 1-64 of A-Z a-z 0-9 _ -, got {name!r}")
+    name = _name("", doc.get("name"))
     steps_doc = doc.get("steps")
     if not isinstance(steps_doc, list) or not steps_doc:
         raise TemplateError(f"{name}: 'steps' must be a non-empty list")
@@ -108,9 +106,7 @@ def _step(template: str, i: int, doc: Any) -> StepSpec:
     where = f"{template}: step #{i + 1}"
     if not isinstance(doc, Mapping):
         raise TemplateError(f"{where} is not a mapping")
-    name = doc.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise TemplateError(f"{where}: 'name' must be 1-64 of A-Z a-z 0-9 _ -, got {name!r}")
+    name = _name(f"{where}: ", doc.get("name"))
     where = f"{template}: step {name!r}"
     unknown = sorted(set(doc) - _STEP)
     if unknown:
@@ -128,6 +124,12 @@ def _step(template: str, i: int, doc: Any) -> StepSpec:
                     _retry(where, doc.get("retry")), _positive(where, doc, "timeout_s"),
                     _attempts(where, doc.get("max_attempts")),
                     _flag(where, doc, "continue_on_failure"), _worker(where, type_, doc))
+
+
+def _name(where: str, value: Any) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise TemplateError(f"{where}'name' must be 1-64 of A-Z a-z 0-9 _ -, got {value!r}")
+    return value
 
 
 def _retry(where: str, value: Any) -> dict[str, float] | None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from jetflow.adapters.bus import Conflict, job_messages_after, last_event_on, last_job_event
+from jetflow.adapters.bus import Conflict, job_messages_after, last_event_on
 from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event
 from jetflow.core.events import Event
@@ -61,10 +61,7 @@ class Control:
         reason = str(body.get("reason") or "workflow cancelled")[:500]
         filter_ = S.entity_filter("wf", workflow_id)
         for _ in range(3):
-            latest = await last_event_on(self.nc, filter_)
-            deadline = time.monotonic() + 3.0
-            while latest and self.fleet.last_seq < latest[0] and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            latest = await self._seen_latest_on(filter_)
             run = self.fleet.workflows.runs.get(workflow_id)
             if run is None:
                 if latest is None:
@@ -107,12 +104,18 @@ class Control:
         message in the log: a request right after an outcome its sender saw (``wait``, then
         ``retry``) is judged on that outcome, not on the view just before it (a client can
         see an event in the stream before the sentinel that appended it has its ack)."""
-        latest = await last_job_event(self.nc, job_id)
+        await self._seen_latest_on(S.job_filter(job_id), timeout_s)
+
+    async def _seen_latest_on(self, subject_filter: str, timeout_s: float = 3.0
+                              ) -> tuple[int, str, bytes] | None:
+        """The latest message on ``subject_filter``, once the sentinel has read it (or
+        after ``timeout_s``: judged on what it has; its answer says to try again if it
+        lags)."""
+        latest = await last_event_on(self.nc, subject_filter)
         deadline = time.monotonic() + timeout_s
-        while latest and self.fleet.last_seq < latest[0]:
-            if time.monotonic() > deadline:
-                return  # judged on what it has; its answer says to try again if it lags
+        while latest and self.fleet.last_seq < latest[0] and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        return latest
 
     async def _try(self, append: Append) -> bool:
         try:

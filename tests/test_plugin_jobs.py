@@ -25,6 +25,7 @@ from jetflow.adapters.plugins import PluginStore
 from jetflow.core.job import JobState
 from jetflow.core.metadata import parse_ack_reply
 from jetflow.up import Stack
+from tests.test_projections_e2e import cli
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -52,11 +53,20 @@ class World:
         return await self.client.wait(job_id, timeout=60)
 
     async def cli(self, *argv: str) -> tuple[int, str, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "jetflow.cli", *argv, "--nats", self.url,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=self.tmp)
-        out, err = await asyncio.wait_for(proc.communicate(), 120)
-        return proc.returncode or 0, out.decode(), err.decode()
+        return await cli(self.url, *argv, cwd=self.tmp)
+
+    async def envs_of(self, name: str, version: str = "1") -> dict[str, str]:
+        """The version's environments as the log says (waiting for the first one)."""
+        nc = await bus_connect(self.url)
+        try:
+            for _ in range(100):
+                envs = (await PluginStore(nc).registry(name)).versions[name][version].envs
+                if envs:
+                    return envs
+                await asyncio.sleep(0.1)
+        finally:
+            await nc.close()
+        return {}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -305,16 +315,7 @@ async def test_requirements_run_in_an_environment_of_their_own(world: World) -> 
     with pytest.raises(ModuleNotFoundError):
         __import__("jf_req_demo")  # installed in the plugin's environment, not the worker's
     # built when deployed, by the worker, and said in the log
-    nc = await bus_connect(world.url)
-    try:
-        for _ in range(100):
-            registry = await PluginStore(nc).registry("with_reqs")
-            if registry.versions["with_reqs"]["1"].envs:
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        await nc.close()
-    assert list(registry.versions["with_reqs"]["1"].envs.values()) == ["ready"]
+    assert list((await world.envs_of("with_reqs")).values()) == ["ready"]
     # the sentinel offered the job only once its worker had said its environment is ready
     nc = await bus_connect(world.url)
     try:
@@ -339,13 +340,5 @@ async def test_a_requirement_that_cannot_install_fails_permanently(world: World)
     assert job.state == "dead_lettered" and job.attempt == 1
     assert "installing nothere @ file://" in job.error["message"]  # type: ignore[index]
     assert "failed" in job.error["message"]  # type: ignore[index]
-    nc = await bus_connect(world.url)
-    try:
-        for _ in range(100):
-            envs = (await PluginStore(nc).registry("bad_reqs")).versions["bad_reqs"]["1"].envs
-            if envs:
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        await nc.close()
+    envs = await world.envs_of("bad_reqs")
     assert [v.startswith("installing nothere") for v in envs.values()] == [True]

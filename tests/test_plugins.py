@@ -4,7 +4,6 @@ refusals, supersede, list, retire, rollback), the stored source verified by sha2
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from jetflow.adapters.plugins import PluginStore
 from jetflow.core.events import Event
 from jetflow.core.plugin import PluginError, PluginRegistry, read_plugin, source_sha256
 from tests.conftest import url_of
+from tests.test_projections_e2e import cli as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "plugins" / "csv_to_parquet.py"
@@ -115,11 +115,7 @@ def test_the_example_plugin_streams_filtered_text_batches(tmp_path: Path) -> Non
 
 
 async def cli(url: str, *argv: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "jetflow.cli", "plugin", *argv, "--nats", url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode(), err.decode()
+    return await run_cli(url, "plugin", *argv, cwd=ROOT)
 
 
 async def test_deploy_list_retire_and_roll_back(client: Client, tmp_path: Path) -> None:

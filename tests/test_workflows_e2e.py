@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from jetflow.core.workflow import step_job_id
 from jetflow.projections.views import trace_id_of
 from jetflow.up import Stack
 from tests.conftest import read_log
+from tests.test_projections_e2e import cli
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -39,13 +39,8 @@ class World:
         wf = await self.client.start_workflow(name, context)
         return await self.client.wait_workflow(wf, timeout=timeout)
 
-    async def cli(self, *argv: str, stdin: bytes | None = None) -> tuple[int, str, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "jetflow.cli", *argv, "--nats", self.url,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, cwd=ROOT)
-        out, err = await asyncio.wait_for(proc.communicate(stdin), 120)
-        return proc.returncode or 0, out.decode(), err.decode()
+    async def cli(self, *argv: str) -> tuple[int, str, str]:
+        return await cli(self.url, *argv, cwd=ROOT)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

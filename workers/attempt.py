@@ -26,7 +26,7 @@ from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
 from jetflow.core.job import TRANSITIONS
-from jetflow.core.plugin import PLUGIN_ROUTE, PluginError, read_plugin
+from jetflow.core.plugin import PLUGIN_ROUTE, PluginError
 from jetflow.workers.envs import Environments
 from jetflow.workers.plugin_cache import PluginCache
 from jetflow.workers.pool import PROGRESS_STREAM, ChildPool, Outcome
@@ -206,7 +206,7 @@ class Attempt:
         job["plugin"] = {"name": name, "version": pin["version"], "sha256": pin["sha256"],
                          "path": str(path), "input": self.work.get("input"),
                          "output": output}
-        requirements = read_plugin(path.read_bytes(), str(path)).requirements
+        requirements = self.deps.plugins.requirements(path)
         if requirements and self.deps.envs is not None:
             job["python"] = str(await self.deps.envs.python_for(requirements))
         return job

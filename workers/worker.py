@@ -37,7 +37,7 @@ from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
 from jetflow.core.fleet import default_heartbeat_s
-from jetflow.core.plugin import PLUGIN_ROUTE, PluginError, read_plugin
+from jetflow.core.plugin import PLUGIN_ROUTE, PluginError
 from jetflow.workers.attempt import Attempt, Deps
 from jetflow.workers.envs import Environments
 from jetflow.workers.handlers import HandlerError, parse_handlers, resolve
@@ -194,8 +194,7 @@ class Worker:
         assert self.deps.plugins is not None and self.deps.envs is not None
         try:
             path = await self.deps.plugins.path(name, version, sha256)
-            requirements = read_plugin(path.read_bytes(), str(path)).requirements
-            await self.deps.envs.python_for(requirements)
+            await self.deps.envs.python_for(self.deps.plugins.requirements(path))
             event = Event("plugin", name, "env_ready", time.time(),
                           {"version": version, "worker": self.worker_id})
         except PluginError as exc:
