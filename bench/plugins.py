@@ -14,6 +14,11 @@ same file in one run:
    MB/s, and the peak RSS of a worker plus its largest child (the one running the job),
    sampled every 50 ms.
 
+3. **deploy -> first job**: a plugin with REQUIREMENTS (a wheel built here, offline, so
+   the figure is the environment's build and the routing, not a download) deployed, a job
+   submitted at once: the seconds until that job's ``started`` (its environment built by
+   every worker and ``env_ready`` recorded first) and until it succeeded.
+
 The ratio jetflow / direct is the figure (the issue's goal: at least 0.8, with the
 worker and child under 500 MB together). Writes ``bench/results/plugins-<stamp>.json``.
 """
@@ -24,6 +29,7 @@ import argparse
 import asyncio
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -145,6 +151,51 @@ async def through_jetflow(csv: Path, workdir: Path) -> dict[str, Any]:
         await up.stop()
 
 
+def local_wheel(tmp: Path, name: str, value: int) -> Path:
+    """A wheel built here, offline (``name`` with ``VALUE = value``): a requirement a
+    plugin's environment can install with no network."""
+    pkg = tmp / f"src-{name}"
+    (pkg / name).mkdir(parents=True, exist_ok=True)
+    (pkg / name / "__init__.py").write_text(f"VALUE = {value}\n")
+    (pkg / "pyproject.toml").write_text(
+        f'[project]\nname = "{name}"\nversion = "1.0"\n'
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n')
+    out = tmp / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
+                    "--no-index", "-q", "-w", str(out), str(pkg)], check=True)
+    return next(out.glob(f"{name}-1.0-*.whl"))
+
+
+async def deploy_to_first_job(workdir: Path) -> dict[str, Any]:
+    """Seconds from ``plugin deploy`` of a plugin with REQUIREMENTS to its first job
+    running (``started``) and succeeded, the job submitted right after the deploy."""
+    wheel = local_wheel(workdir, "jf_bench_req", 1)
+    plugin = workdir / "with_reqs.py"
+    plugin.write_text(f"NAME = 'with_reqs'\nVERSION = '1'\n"
+                      f"REQUIREMENTS = ['jf_bench_req @ {wheel.as_uri()}']\n"
+                      "import pyarrow as pa\n"
+                      "def parse(path):\n    import jf_bench_req\n"
+                      "    return pa.table({'v': [jf_bench_req.VALUE]})\n")
+    (workdir / "reqs").mkdir()
+    up = await jetflow_up(workdir / "reqs", 2, handlers=None)
+    try:
+        client = await connect(up.url)
+        try:
+            t0 = time.time()  # the events' clock (one machine)
+            await PluginStore(client.nc).deploy(plugin, by="bench")
+            job_id = await client.submit("with_reqs", {}, input=str(plugin))
+            job = await client.wait(job_id, timeout=600)
+            if job.state != "succeeded":
+                raise RuntimeError(f"the plugin job ended {job.state}: {job.error}")
+            at = {e.type: e.at for e in await client.history(job_id)}
+            return {"deploy_to_started_s": round(at["started"] - t0, 2),
+                    "deploy_to_succeeded_s": round(at["succeeded"] - t0, 2)}
+        finally:
+            await client.close()
+    finally:
+        await up.stop()
+
+
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     csv = workdir / "orders.csv"
     say(f"writing a {args.mb} MB CSV")
@@ -154,8 +205,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     say("jetflow: a plugin job under jetflow up")
     j = await through_jetflow(csv, workdir)
     assert j["rows"] == d["rows"], (j, d)
+    say("deploy -> first job of a plugin with requirements")
+    first = await deploy_to_first_job(workdir)
     return {"machine": machine_info(), "csv_bytes": size, "direct": d, "jetflow": j,
-            "ratio": round(j["mb_s"] / d["mb_s"], 2)}
+            "ratio": round(j["mb_s"] / d["mb_s"], 2), "requirements": first}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| jetflow plugin job | {j['mb_s']} | {j['seconds']} | "
           f"{j['peak_rss_worker_and_child_mb']} (worker + child) |")
     print(f"\njetflow / direct: {report['ratio']}")
+    first = report["requirements"]
+    print(f"plugin with requirements: deploy -> first job started "
+          f"{first['deploy_to_started_s']} s, succeeded {first['deploy_to_succeeded_s']} s")
     print(f"written: {write_results('plugins', stamp, report)}")
     return 0
 

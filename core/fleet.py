@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from jetflow.core.events import Event
 from jetflow.core.job import TERMINAL, IllegalTransition, JobState, apply
-from jetflow.core.plugin import PLUGIN_ROUTE, PluginRegistry, env_route
+from jetflow.core.plugin import PLUGIN_ROUTE, PluginRegistry, env_route, plugin_route
 from jetflow.core.retry import DeadLetter, Retry, RetryPolicy, next_action, policy_for
 from jetflow.core.scheduler import ReadyJob, Scheduler, WorkerSlots
 from jetflow.core.workflow import Workflows
@@ -113,24 +113,28 @@ class Fleet:
             self._observe_wf(event)
         elif event.kind == "plugin":
             self.plugins.observe(event)
-            if event.type in ("env_ready", "env_failed"):
-                self._grant_env(event.id, str(event.data["version"]),
-                                str(event.data["worker"]))
+            if event.type in ("env_ready", "env_failed", "deployed"):
+                self.grant_plugins()
         return None
 
-    def _grant_env(self, name: str, version: str, worker_id: str) -> None:
-        """The worker has built (or failed to build) the version's environment: its jobs
-        may go there."""
-        slots = self.sched.workers().get(worker_id)
-        if slots is not None:
-            slots.handlers = slots.handlers | {env_route(name, version)}
-
-    def grant_envs(self) -> None:
-        """Every environment the registry knows of, granted again (a restored fleet)."""
-        for name, versions in self.plugins.versions.items():
-            for version in versions.values():
-                for worker_id in version.envs:
-                    self._grant_env(name, version.version, worker_id)
+    def grant_plugins(self, only: str | None = None) -> None:
+        """The plugin routes each worker (or ``only`` that one) is offered beyond what it
+        announced: every plugin's name for a worker that runs them all, and each version's
+        environment a worker has built (or failed to build: its jobs fail there)."""
+        for slots in self.sched.workers().values():
+            if only is not None and slots.worker_id != only:
+                continue
+            info = self.workers.get(slots.worker_id)
+            announced = info.handlers if info is not None else slots.handlers
+            granted = set(announced)
+            every = PLUGIN_ROUTE in announced
+            for name, versions in self.plugins.versions.items():
+                if every:
+                    granted.add(plugin_route(name))
+                if every or plugin_route(name) in announced:
+                    granted |= {env_route(name, v.version) for v in versions.values()
+                                if slots.worker_id in v.envs}
+            slots.handlers = frozenset(granted)
 
     def _observe_wf(self, event: Event) -> None:
         if event.type == "registered":
@@ -225,6 +229,7 @@ class Fleet:
             # worker busy across the sentinel's round trip; the claim stays exclusive.
             slots = info.concurrency + int(event.get("prefetch", 0))
             self.sched.add_worker(WorkerSlots(wid, info.handlers, info.queues, slots))
+            self.grant_plugins(only=wid)
             return
         known = self.workers.get(wid)
         if known is None:
@@ -430,8 +435,10 @@ def _heartbeat_interval(joined: Event, lease_s: float) -> float:
 
 def _route(job: JobState) -> str:
     """What a worker must serve to be offered the job: its handler, or for a plugin job
-    :data:`~jetflow.core.plugin.PLUGIN_ROUTE` (the workers that run deployed plugins)."""
+    its plugin's route (or its version's environment's): see :meth:`Fleet.grant_plugins`."""
     pin = job.plugin
     if not pin:
         return job.handler
-    return env_route(job.handler, str(pin.get("version"))) if pin.get("env") else PLUGIN_ROUTE
+    if pin.get("env"):
+        return env_route(job.handler, str(pin.get("version")))
+    return plugin_route(job.handler)

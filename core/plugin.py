@@ -2,7 +2,9 @@
 
 A plugin is one Python module file: ``parse(path, ctx)`` (or ``parse(path)``) and the
 module constants ``NAME``, ``VERSION``, optional ``OUTPUTS`` (per output, its columns:
-``{"name", "type", "nullable"}``) and ``REQUIREMENTS`` (pip requirement strings).
+``{"name", "type", "nullable"}``), ``REQUIREMENTS`` (pip requirement strings) and
+``MAX_QUARANTINE`` (the share of an output's rows that may break its contract, 0.1 by
+default).
 :func:`read_plugin` reads them from the source's syntax tree (literals only, as
 Casparian's publisher does with ``literal_eval``), so deploying never runs the plugin nor
 needs its requirements installed. :class:`PluginRegistry` folds the ``jf.plugin.<name>.*``
@@ -22,11 +24,19 @@ from typing import Any
 from jetflow.core.events import Event
 
 __all__ = ["PluginMeta", "PluginError", "PluginVersion", "PluginRegistry", "read_plugin",
-           "source_sha256", "ARROW_TYPES", "normalised_requirements", "PLUGIN_ROUTE", "env_route"]
+           "source_sha256", "ARROW_TYPES", "normalised_requirements", "PLUGIN_ROUTE", "env_route",
+           "plugin_route"]
 
 # What a worker that runs deployed plugins announces among its handlers; the sentinel
 # offers a plugin job (one with a pinned version) to such workers only.
 PLUGIN_ROUTE = "@plugins"
+
+
+def plugin_route(name: str) -> str:
+    """What a plugin's jobs (of a version without REQUIREMENTS) are routed by: announced
+    by a worker that serves only some plugins (``--plugins NAMES``), granted by the
+    sentinel to one that announces :data:`PLUGIN_ROUTE` (``--plugins all``)."""
+    return f"@plugin:{name}"
 
 
 def env_route(name: str, version: str) -> str:
@@ -37,6 +47,7 @@ def env_route(name: str, version: str) -> str:
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}\Z")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
+DEFAULT_MAX_QUARANTINE = 0.1  # share of an output's rows that may break its contract
 # The Arrow types an OUTPUTS column may declare (pyarrow's names for them).
 ARROW_TYPES = frozenset({
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -56,6 +67,7 @@ class PluginMeta:
     outputs: dict[str, list[dict[str, Any]]] | None
     requirements: tuple[str, ...]
     parse_args: int  # 1: parse(path), 2: parse(path, ctx)
+    max_quarantine: float = DEFAULT_MAX_QUARANTINE
 
 
 def source_sha256(source: bytes) -> str:
@@ -81,7 +93,17 @@ def read_plugin(source: bytes, filename: str = "<plugin>") -> PluginMeta:
         raise PluginError(f"{filename}: VERSION must be a version string such as \"1.0.0\", "
                           f"got {version!r}")
     return PluginMeta(name, version, _outputs(filename, constants.get("OUTPUTS")),
-                      _requirements(filename, constants.get("REQUIREMENTS")), parse_args)
+                      _requirements(filename, constants.get("REQUIREMENTS")), parse_args,
+                      _share(filename, constants.get("MAX_QUARANTINE")))
+
+
+def _share(filename: str, value: Any) -> float:
+    if value is None:
+        return DEFAULT_MAX_QUARANTINE
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise PluginError(f"{filename}: MAX_QUARANTINE must be a share between 0 and 1 "
+                          f"(0.1: a tenth of the rows), got {value!r}")
+    return float(value)
 
 
 def _constants(filename: str, tree: ast.Module) -> dict[str, Any]:
@@ -111,7 +133,7 @@ def _parse_args(filename: str, tree: ast.Module) -> int:
     return count
 
 
-_CONSTANTS = ("NAME", "VERSION", "OUTPUTS", "REQUIREMENTS")
+_CONSTANTS = ("NAME", "VERSION", "OUTPUTS", "REQUIREMENTS", "MAX_QUARANTINE")
 
 
 def _literal(filename: str, name: str, node: ast.expr) -> Any:

@@ -89,7 +89,7 @@ def restore(doc: dict[str, Any], *, policy: RetryPolicy,
                                   for name, versions in doc["template_digests"].items()}
         fleet.workflows = restore_workflows(doc["workflows"])
         fleet.plugins = PluginRegistry.from_doc(doc["plugins"])
-        fleet.grant_envs()
+        fleet.grant_plugins()
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"snapshot unreadable: {type(exc).__name__}: {exc}") from None
     fleet.reconcile()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import pytest_asyncio
 
+from bench.plugins import local_wheel
 from jetflow import Client, SubmissionRejected, connect
 from jetflow.adapters.bus import connect as bus_connect
 from jetflow.adapters.bus import messages_on
@@ -25,6 +25,7 @@ from jetflow.adapters.plugins import PluginStore
 from jetflow.core.job import JobState
 from jetflow.core.metadata import parse_ack_reply
 from jetflow.up import Stack
+from jetflow.workers.worker import Worker
 from tests.test_projections_e2e import cli
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -165,8 +166,9 @@ async def test_no_active_version_and_no_plugin_are_rejected(world: World) -> Non
     assert info.value.code == "no_active_version"
     with pytest.raises(SubmissionRejected, match="are for plugin jobs") as info:
         await world.client.submit("echo", {}, input="/etc/hostname")
+    await world.deploy("needs_input", "def parse(path):\n    return None\n")
     with pytest.raises(SubmissionRejected, match="needs 'input'"):
-        await world.client.submit("multi", {})
+        await world.client.submit("needs_input", {})
 
 
 @pytest.mark.parametrize(("name", "body", "message"), [
@@ -200,8 +202,10 @@ async def test_bad_plugins_fail_with_the_reason_and_leave_nothing(
         assert job.attempt == 1 and job.error["retryable"] is False
     assert parquet_files(world.tmp / f"out-{name}") == []
     assert not list((world.tmp / f"out-{name}").rglob("*.tmp"))
-    ok = await world.run("multi", world.tmp / "n.txt", {"tag": "z"})
-    assert ok.state == "succeeded"  # the worker survived
+    await world.deploy("survivor", "import pyarrow as pa\n"
+                       "def parse(path):\n    return pa.table({'x': [1]})\n")
+    ok = await world.run("survivor", source)
+    assert ok.state == "succeeded", ok.error  # the worker survived
 
 
 async def test_a_missing_input_fails_permanently(world: World) -> None:
@@ -276,21 +280,6 @@ async def test_a_flood_of_lines_is_capped_and_said(world: World) -> None:
     assert [ln["line"] for ln in kept[:3]] == ["flood 0", "flood 1", "flood 2"]
 
 
-def local_wheel(tmp: Path, name: str, value: int) -> Path:
-    """A wheel built here, offline: the requirement a plugin's environment installs."""
-    pkg = tmp / f"src-{name}"
-    (pkg / name).mkdir(parents=True, exist_ok=True)
-    (pkg / name / "__init__.py").write_text(f"VALUE = {value}\n")
-    (pkg / "pyproject.toml").write_text(
-        f'[project]\nname = "{name}"\nversion = "1.0"\n'
-        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n')
-    out = tmp / "wheels"
-    import subprocess
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
-                    "--no-index", "-q", "-w", str(out), str(pkg)], check=True)
-    return next(out.glob(f"{name}-1.0-*.whl"))
-
-
 async def test_requirements_run_in_an_environment_of_their_own(world: World) -> None:
     wheel = local_wheel(world.tmp, "jf_req_demo", 41)
     body = (f"REQUIREMENTS = ['jf_req_demo @ {wheel.as_uri()}']\n"
@@ -342,3 +331,23 @@ async def test_a_requirement_that_cannot_install_fails_permanently(world: World)
     assert "failed" in job.error["message"]  # type: ignore[index]
     envs = await world.envs_of("bad_reqs")
     assert [v.startswith("installing nothere") for v in envs.values()] == [True]
+
+
+async def test_a_worker_serves_only_the_plugins_it_names(world: World) -> None:
+    body = "import pyarrow as pa\ndef parse(path):\n    return pa.table({'x': [1, 2]})\n"
+    await world.deploy("picky_a", body)
+    await world.deploy("picky_b", body)
+    worker = await Worker(world.url, handlers={}, queues=("picky",), plugins="picky_a",
+                          data_dir=world.tmp / "picky", concurrency=1).start()
+    try:
+        source = world.tmp / "picky.txt"
+        source.write_text("x")
+        b = await world.client.submit("picky_b", {}, input=str(source), queue="picky")
+        a = await world.client.submit("picky_a", {}, input=str(source), queue="picky")
+        job = await world.client.wait(a, timeout=60)
+        assert job.state == "succeeded" and job.worker == worker.worker_id, job.error
+        await asyncio.sleep(1.0)
+        assert (await world.client.status(b)).state == "queued"  # nobody serves picky_b
+        await world.client.cancel(b)
+    finally:
+        await worker.drain()

@@ -15,9 +15,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client as NATS
 
@@ -26,11 +26,15 @@ from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
 from jetflow.core.job import TRANSITIONS
-from jetflow.core.plugin import PLUGIN_ROUTE, PluginError
+from jetflow.core.plugin import PluginError
+from jetflow.workers.context import PermanentError
 from jetflow.workers.envs import Environments
 from jetflow.workers.plugin_cache import PluginCache
-from jetflow.workers.pool import PROGRESS_STREAM, ChildPool, Outcome
+from jetflow.workers.pool import OUTPUT_STREAM, PROGRESS_STREAM, ChildPool, Outcome
 from jetflow.workers.spans import traced_attempt, traced_claim, traced_record
+
+if TYPE_CHECKING:
+    from jetflow.workers.outputs import Receiver
 
 __all__ = ["Attempt", "Deps"]
 
@@ -69,6 +73,9 @@ class LineBudget:
         return True  # what _benign_head says when the outcome is in the log already
 
 
+PLUGIN_REF = "jetflow.workers.plugin_run:run_plugin"  # (the child runs a plugin job itself)
+
+
 @dataclass(frozen=True)
 class Deps:
     """What an attempt needs from its worker."""
@@ -82,6 +89,7 @@ class Deps:
     plugins: PluginCache | None = None  # None: this worker runs no plugins
     outputs: Path = Path(".jetflow/outputs")  # where plugin outputs go by default
     envs: Environments | None = None  # plugins' environments (by their REQUIREMENTS)
+    ipc: Path = Path(".jetflow/ipc")  # where a plugin's child makes its outputs' FIFOs
 
 
 @dataclass
@@ -100,6 +108,7 @@ class Attempt:
     _progress_head: int | None = None
     _progress_n: int = 0
     _lines: LineBudget = field(default_factory=lambda: LineBudget())
+    _receiver: Receiver | None = None  # a plugin job's outputs, written by this worker
     stop: asyncio.Future[str] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -173,8 +182,10 @@ class Attempt:
         def stop(_done: asyncio.Future[str]) -> None:
             running.cancel()  # the pool kills the child
         self.stop.add_done_callback(stop)
+        outcome: Outcome | None = None
         try:
-            return await running
+            outcome = await self._written(await running)
+            return outcome
         except asyncio.CancelledError:
             this = asyncio.current_task()
             if self.stop.done() and running.cancelled() and not (this and this.cancelling()):
@@ -182,10 +193,38 @@ class Attempt:
             raise
         finally:
             self.stop.remove_done_callback(stop)
+            if self._receiver is not None and (outcome is None or outcome.kind != "succeeded"):
+                await self._receiver.discard()
+
+    async def _written(self, outcome: Outcome) -> Outcome:
+        """A plugin job's outcome with what this worker wrote: the outputs in the result
+        once the child succeeded (or the writer's error); the writer's error in place of
+        the child's when it broke the child's stream."""
+        receiver = self._receiver
+        if receiver is None:
+            return outcome
+        if outcome.kind == "failed":
+            found = await receiver.failure()
+            if found is not None:
+                outcome = Outcome("failed", error={"error_type": "PermanentError",
+                                                   "message": str(found), "retryable": False})
+            return outcome
+        if outcome.kind != "succeeded":
+            return outcome
+        try:
+            outputs = await receiver.finish()
+        except PermanentError as exc:
+            return Outcome("failed", error={"error_type": "PermanentError",
+                                            "message": str(exc), "retryable": False})
+        except Exception as exc:  # noqa: BLE001 - the disk: full, gone, read-only
+            return Outcome("failed", error={"error_type": type(exc).__name__,
+                                            "message": f"writing the outputs: {exc}",
+                                            "retryable": True})
+        return replace(outcome, result={**outcome.result, "outputs": outputs})
 
     def _job(self) -> dict[str, Any]:
         w = self.work
-        ref = self.deps.handlers[PLUGIN_ROUTE if w.get("plugin") else w["handler"]]
+        ref = PLUGIN_REF if w.get("plugin") else self.deps.handlers[w["handler"]]
         return {"job_id": w["job_id"], "attempt": w["attempt"],
                 "ref": ref, "args": w.get("args") or {},
                 "queue": w.get("queue", ""), "correlation_id": w.get("correlation_id"),
@@ -205,8 +244,14 @@ class Attempt:
         output = self.work.get("output") or str(self.deps.outputs / name)
         job["plugin"] = {"name": name, "version": pin["version"], "sha256": pin["sha256"],
                          "path": str(path), "input": self.work.get("input"),
-                         "output": output}
-        requirements = self.deps.plugins.requirements(path)
+                         "output": output, "ipc": str(self.deps.ipc)}
+        meta = self.deps.plugins.meta(path)
+        from jetflow.workers.outputs import Receiver  # pyarrow: once a plugin job comes
+
+        self._receiver = Receiver({**job["plugin"], "outputs": meta.outputs,
+                                   "max_quarantine": meta.max_quarantine},
+                                  self.job_id, self.number)
+        requirements = meta.requirements
         if requirements and self.deps.envs is not None:
             job["python"] = str(await self.deps.envs.python_for(requirements))
         return job
@@ -218,6 +263,9 @@ class Attempt:
         def sink(stream: str, line: str) -> None:
             if stream == PROGRESS_STREAM:
                 self._progress(loads(line))
+                return
+            if stream == OUTPUT_STREAM and self._receiver is not None:
+                self._receiver.on_output(loads(line))
                 return
             if not self._lines.take(len(line)):
                 return  # over the attempt's cap: counted, said once the attempt ends

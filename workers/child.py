@@ -112,12 +112,14 @@ def main() -> None:
 
 
 def _route_progress(send: Any) -> None:
-    """A plugin's ctx.progress(done, total) becomes a progress frame to the worker (set
-    once pyarrow is imported for a plugin job: not before, a handler child stays light)."""
+    """A plugin's ctx.progress(done, total) becomes a progress frame to the worker, and
+    its outputs' streams are announced in frames (the hooks module imports no pyarrow:
+    a handler child stays light)."""
     import jetflow.workers.plugin_hooks as hooks
 
     hooks.send_progress = lambda done, total: send({"t": "progress", "done": done,
                                                     "total": total})
+    hooks.send_frame = send
 
 
 def _serve() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from nats.aio.client import Client as NATS
 
 from jetflow.adapters.plugins import PluginStore
-from jetflow.core.plugin import read_plugin, source_sha256
+from jetflow.core.plugin import PluginMeta, read_plugin, source_sha256
 
 __all__ = ["PluginCache"]
 
@@ -19,14 +19,17 @@ class PluginCache:
     def __init__(self, nc: NATS, directory: Path) -> None:
         self.store = PluginStore(nc)
         self.directory = directory
-        self._requirements: dict[Path, tuple[str, ...]] = {}
+        self._meta: dict[Path, PluginMeta] = {}
+
+    def meta(self, path: Path) -> PluginMeta:
+        """The constants of a cached source (read once: a cached file never changes, its
+        name holds its sha256)."""
+        if path not in self._meta:
+            self._meta[path] = read_plugin(path.read_bytes(), str(path))
+        return self._meta[path]
 
     def requirements(self, path: Path) -> tuple[str, ...]:
-        """The REQUIREMENTS of a cached source (read once: a cached file never changes,
-        its name holds its sha256)."""
-        if path not in self._requirements:
-            self._requirements[path] = read_plugin(path.read_bytes(), str(path)).requirements
-        return self._requirements[path]
+        return self.meta(path).requirements
 
     async def path(self, name: str, version: str, sha256: str) -> Path:
         """The cached source file (fetched and verified if it is not there yet);

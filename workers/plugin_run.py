@@ -1,19 +1,15 @@
 """Running a plugin in the handler child: load its source (its sha256 checked before every
-load), call ``parse``, and write each output as Parquet, streamed batch by batch (memory
-stays bounded by a batch), under its schema contract.
+load), call ``parse``, and stream each output's record batches to the worker as Arrow IPC.
 
-For an output ``OUTPUTS`` declares, each batch is cast to the declared columns; rows that
-break the contract (a null in a non-nullable column, a value that does not cast) go to
-``<output>_quarantine`` with a ``_jf_reason`` column instead; beyond ``max_quarantine`` of
-the rows the attempt fails, permanently. Every written row carries ``_jf_job_id`` and
-``_jf_plugin_version``. A file is written as ``.<job>-<attempt>.parquet.tmp``, fsynced and
-renamed to ``<job_id>-<attempt>.parquet``: nothing partial is ever under a final name, and
-a failed attempt removes what it wrote.
+An output goes through a FIFO the child makes in the worker's IPC directory (``spec
+["ipc"]``): an ``output`` frame names it to the worker, whose thread reads it and writes
+the Parquet (see :mod:`jetflow.workers.outputs`); the pipe's back-pressure bounds memory on
+both sides. Outputs are streamed one after another; a batch whose schema is not the
+output's first one fails the attempt.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import logging
@@ -26,8 +22,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from jetflow.core.plugin import PluginError, read_plugin
 from jetflow.workers import plugin_hooks as hooks
@@ -36,9 +30,8 @@ from jetflow.workers.context import PermanentError
 __all__ = ["Output", "PluginContext", "run_plugin"]
 
 log = logging.getLogger("jetflow.plugin")
-ROW_GROUP = 128 * 1024  # rows per Parquet row group
+BATCH_ROWS = 128 * 1024  # rows per batch a Table is streamed in
 PROGRESS_EVERY_S = 0.25  # at most this often does ctx.progress reach the worker
-
 
 
 class Output(NamedTuple):
@@ -79,37 +72,53 @@ class PluginContext:
 
 def run_plugin(spec: dict[str, Any], args: dict[str, Any], job_id: str,
                attempt: int) -> dict[str, Any]:
-    """Run the plugin ``spec`` names on its input; the outputs it wrote."""
+    """Run the plugin ``spec`` names on its input, its outputs streamed to the worker
+    (which puts what it wrote in the result)."""
     module, outputs = _load(spec)
     spec = {**spec, "outputs": outputs}
     source = spec["input"]
     if not os.path.isfile(source) or not os.access(source, os.R_OK):
         raise PermanentError(f"input {source} is missing or unreadable")
-    out_dir = Path(spec["output"])
-    ctx = PluginContext(job_id, attempt, args, source, str(out_dir))
+    ctx = PluginContext(job_id, attempt, args, source, str(spec["output"]))
     parse = module.parse
-    writers: list[_Writer] = []
+    names: list[str] = []
     try:
         produced = parse(source, ctx) if _takes_ctx(parse) else parse(source)
-        for name, data in _outputs(produced, spec):
-            writer = _Writer(out_dir / name, name, job_id, attempt, spec,
-                             (spec.get("outputs") or {}).get(name))
-            writers.append(writer)
-            for batch in _batches(data, name):
-                writer.write(batch)
-        results = []
-        for w in writers:
-            results += w.finish()
+        for n, (name, data) in enumerate(_outputs(produced, spec)):
+            if _stream(Path(spec["ipc"]) / f"{job_id}-{attempt}-{n}.arrow", name, data):
+                names.append(name)
     except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError) as exc:
-        for w in writers:
-            w.discard()
         raise PermanentError(f"{source} cannot be read as this plugin expects: "
                              f"{type(exc).__name__}: {exc}") from None
-    except BaseException:
-        for w in writers:
-            w.discard()
-        raise
-    return {"outputs": results, "plugin": spec["name"], "version": spec["version"]}
+    return {"outputs": names, "plugin": spec["name"], "version": spec["version"]}
+
+
+def _stream(fifo: Path, name: str, data: Any) -> bool:
+    """Output ``name``'s batches to the worker through ``fifo``, an Arrow IPC stream;
+    False when it has none."""
+    batches = _batches(data, name)
+    first = next(batches, None)
+    if first is None:
+        return False
+    if hooks.send_frame is None:
+        raise RuntimeError("a plugin runs in a worker's child process")
+    os.mkfifo(fifo, 0o600)
+    hooks.send_frame({"t": "output", "name": name, "path": str(fifo)})
+    with open(fifo, "wb") as sink:  # blocks until the worker's thread opens it
+        writer = pa.ipc.new_stream(sink, first.schema)
+        writer.write_batch(first)
+        for i, batch in enumerate(batches, 1):
+            if not batch.schema.equals(first.schema):
+                raise PermanentError(f"output {name}: batch {i} has schema "
+                                     f"({_schema_text(batch.schema)}), the first had "
+                                     f"({_schema_text(first.schema)})")
+            writer.write_batch(batch)
+        writer.close()
+    return True
+
+
+def _schema_text(schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name}: {f.type}" for f in schema)
 
 
 def _load(spec: dict[str, Any]) -> tuple[types.ModuleType, dict[str, Any] | None]:
@@ -158,13 +167,13 @@ def _outputs(produced: Any, spec: dict[str, Any]) -> Iterator[tuple[str, Any]]:
 
 def _batches(data: Any, name: str) -> Iterator[pa.RecordBatch]:
     if isinstance(data, pa.Table):
-        yield from data.to_batches(max_chunksize=ROW_GROUP)
+        yield from data.to_batches(max_chunksize=BATCH_ROWS)
     elif isinstance(data, pa.RecordBatch):
         yield data
     elif isinstance(data, Iterable) and not isinstance(data, str | bytes | dict):
         for i, item in enumerate(data):
             if isinstance(item, pa.Table):
-                yield from item.to_batches(max_chunksize=ROW_GROUP)
+                yield from item.to_batches(max_chunksize=BATCH_ROWS)
             elif isinstance(item, pa.RecordBatch):
                 yield item
             else:
@@ -174,189 +183,3 @@ def _batches(data: Any, name: str) -> Iterator[pa.RecordBatch]:
         raise PermanentError(f"output {name}: parse returned a {type(data).__name__}; it "
                              "returns a Table, a RecordBatch, an iterator of RecordBatches "
                              "or a list of Output(name, data)")
-
-
-class _File:
-    """One Parquet file being written: a temporary name until :meth:`close` renames it."""
-
-    def __init__(self, directory: Path, job_id: str, attempt: int) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.final = directory / f"{job_id}-{attempt}.parquet"
-        self.tmp = directory / f".{job_id}-{attempt}.parquet.tmp"
-        self.writer: pq.ParquetWriter | None = None
-        self.rows = 0
-        self.schema: pa.Schema | None = None
-
-    def write(self, table: pa.Table) -> None:
-        if self.writer is None:
-            self.schema = table.schema
-            self.writer = pq.ParquetWriter(self.tmp, table.schema, compression="zstd")
-        self.writer.write_table(table, row_group_size=ROW_GROUP)
-        self.rows += table.num_rows
-
-    def close(self) -> dict[str, Any] | None:
-        if self.writer is None:
-            return None
-        self.writer.close()
-        with open(self.tmp, "rb+") as tmp:
-            os.fsync(tmp.fileno())
-        os.replace(self.tmp, self.final)
-        dir_fd = os.open(self.final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        digest = hashlib.sha256()
-        with open(self.final, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        assert self.schema is not None
-        return {"uri": self.final.resolve().as_uri(), "rows": self.rows,
-                "bytes": self.final.stat().st_size, "sha256": digest.hexdigest(),
-                "schema": [{"name": f.name, "type": str(f.type), "nullable": f.nullable}
-                           for f in self.schema]}
-
-    def discard(self) -> None:
-        if self.writer is not None:
-            with contextlib.suppress(Exception):  # removed anyway
-                self.writer.close()
-        for p in (self.tmp, self.final):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-
-
-class _Writer:
-    """One output: its batches checked against the contract, written with lineage."""
-
-    def __init__(self, directory: Path, name: str, job_id: str, attempt: int,
-                 spec: dict[str, Any], contract: list[dict[str, Any]] | None) -> None:
-        self.name, self.job_id, self.version = name, job_id, str(spec["version"])
-        self.contract = contract
-        self.max_quarantine = float(spec.get("max_quarantine", 0.1))
-        self.main = _File(directory, job_id, attempt)
-        self.quarantine = _File(directory.with_name(f"{name}_quarantine"), job_id, attempt)
-        self.first: pa.Schema | None = None
-        self.seen = 0
-        self.batches = 0
-
-    def write(self, batch: pa.RecordBatch) -> None:
-        if self.first is None:
-            self.first = batch.schema
-        elif not batch.schema.equals(self.first):
-            raise PermanentError(f"output {self.name}: batch {self.batches} has schema "
-                                 f"({_schema_text(batch.schema)}), the first had "
-                                 f"({_schema_text(self.first)})")
-        self.batches += 1
-        self.seen += batch.num_rows
-        table = pa.Table.from_batches([batch])
-        if self.contract is not None:
-            table, bad = _check(table, self.contract, self.name)
-            if bad is not None and bad.num_rows:
-                self.quarantine.write(self._lineage(bad))
-        if table.num_rows:
-            self.main.write(self._lineage(table))
-
-    def _lineage(self, table: pa.Table) -> pa.Table:
-        n = table.num_rows
-        table = table.append_column("_jf_job_id", pa.repeat(self.job_id, n))
-        return table.append_column("_jf_plugin_version", pa.repeat(self.version, n))
-
-    def finish(self) -> list[dict[str, Any]]:
-        quarantined = self.quarantine.rows
-        if self.seen and quarantined / self.seen > self.max_quarantine:
-            raise PermanentError(f"output {self.name}: {quarantined} of {self.seen} rows "
-                                 f"broke its contract, over the {self.max_quarantine:.0%} "
-                                 "allowed (see the reasons in a dry run)")
-        out = []
-        main = self.main.close()
-        if main is None and self.first is not None:  # every row quarantined, or none came
-            main = {"uri": None, "rows": 0, "bytes": 0, "sha256": None, "schema": []}
-        if main is not None:
-            out.append({"name": self.name, **main, "quarantined": quarantined})
-        q = self.quarantine.close()
-        if q is not None:
-            out.append({"name": f"{self.name}_quarantine", **q, "quarantined": 0})
-        return out
-
-    def discard(self) -> None:
-        self.main.discard()
-        self.quarantine.discard()
-
-
-def _schema_text(schema: pa.Schema) -> str:
-    return ", ".join(f"{f.name}: {f.type}" for f in schema)
-
-
-def _check(table: pa.Table, contract: list[dict[str, Any]], name: str
-           ) -> tuple[pa.Table, pa.Table | None]:
-    """The rows that keep the contract, cast to it; the others with their reason. The
-    checks are Arrow kernels over the whole batch: a row is looked at one by one only
-    when its batch has a value that does not cast."""
-    missing = [c["name"] for c in contract if c["name"] not in table.column_names]
-    if missing:
-        raise PermanentError(f"output {name}: no column(s) {missing} that OUTPUTS declares "
-                             f"(it has {table.column_names})")
-    cast: dict[str, pa.Array] = {}
-    problems: list[tuple[str, pa.Array]] = []  # (reason template, mask of rows it covers)
-    for col in contract:
-        cast[col["name"]] = _cast_column(table, col, problems)
-    schema = pa.schema([pa.field(c["name"], cast[c["name"]].type, c["nullable"])
-                        for c in contract])
-    good = pa.Table.from_arrays([cast[c["name"]] for c in contract], schema=schema)
-    if not problems:
-        return good, None
-    bad_mask = problems[0][1]
-    for _, mask in problems[1:]:
-        bad_mask = pc.or_(bad_mask, mask)
-    bad_idx = pc.indices_nonzero(bad_mask).to_pylist()
-    reasons = {}
-    for kind, mask in problems:  # the first problem of a row is its reason
-        for i in pc.indices_nonzero(mask).to_pylist():
-            if i not in reasons:
-                reasons[i] = _reason(kind, table, i)
-    bad = pa.table({c["name"]: pc.cast(table.column(c["name"]).take(bad_idx), pa.string())
-                    for c in contract})
-    bad = bad.append_column("_jf_reason", pa.array([reasons[i] for i in bad_idx]))
-    return good.filter(pc.invert(bad_mask)), bad
-
-
-def _cast_column(table: pa.Table, col: dict[str, Any],
-                 problems: list[tuple[str, pa.Array]]) -> pa.Array:
-    """The column cast to its declared type; the rows that break it added to
-    ``problems``."""
-    arr = table.column(col["name"]).combine_chunks()
-    target = pa.type_for_alias(col["type"]) if "(" not in col["type"] else \
-        pa.decimal128(38, 9)
-    try:
-        values = pc.cast(arr, target)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        values, bad = _cast_each(arr, target)
-        mask = [False] * len(arr)
-        for i in bad:
-            mask[i] = True
-        problems.append((f"cast:{col['name']}:{col['type']}", pa.array(mask)))
-    if not col["nullable"]:
-        nulls = pc.is_null(values)
-        if pc.any(nulls).as_py():
-            problems.append((f"null:{col['name']}", nulls))
-    return values
-
-
-def _reason(kind: str, table: pa.Table, i: int) -> str:
-    what, column, *type_ = kind.split(":", 2)
-    if what == "null":
-        return f"{column}: null in a non-nullable column"
-    return f"{column}: {table.column(column)[i].as_py()!r} is not {type_[0]}"
-
-
-def _cast_each(arr: pa.Array, target: pa.DataType) -> tuple[pa.Array, list[int]]:
-    """Cast value by value (a column whose whole cast failed): nulls where it cannot."""
-    out: list[Any] = []
-    bad: list[int] = []
-    for i, value in enumerate(arr):
-        try:
-            out.append(pc.cast(pa.array([value.as_py()], arr.type), target)[0].as_py())
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            out.append(None)
-            bad.append(i)
-    return pa.array(out, target), bad

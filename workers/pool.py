@@ -20,12 +20,13 @@ from typing import Any
 from jetflow.core.codec import dumps, loads
 from jetflow.workers.frames import HEADER, PARENT_ENV, encode_frame
 
-__all__ = ["ChildPool", "Outcome", "PROGRESS_STREAM"]
+__all__ = ["ChildPool", "Outcome", "OUTPUT_STREAM", "PROGRESS_STREAM"]
 
 log = logging.getLogger("jetflow.worker")
 
 LineSink = Callable[[str, str], None]  # (stream, line)
 PROGRESS_STREAM = "@progress"  # the sink's stream for a plugin's progress (a JSON line)
+OUTPUT_STREAM = "@output"  # and for an output stream the child is about to send
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,10 @@ class Child:
                 if frame.get("t") == "progress":  # the line: {"done", "total"}
                     sink(PROGRESS_STREAM, dumps({"done": frame.get("done"),
                                                  "total": frame.get("total")}).decode())
+                    continue
+                if frame.get("t") == "output":  # the line: {"name", "path"}
+                    sink(OUTPUT_STREAM, dumps({"name": frame.get("name"),
+                                               "path": frame.get("path")}).decode())
                     continue
                 return _outcome(frame)
         except (BrokenPipeError, ConnectionResetError):

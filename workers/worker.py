@@ -16,7 +16,9 @@ import functools
 import logging
 import os
 import secrets
+import shutil
 import socket
+import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -37,8 +39,8 @@ from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
 from jetflow.core.fleet import default_heartbeat_s
-from jetflow.core.plugin import PLUGIN_ROUTE, PluginError
-from jetflow.workers.attempt import Attempt, Deps
+from jetflow.core.plugin import NAME_RE, PLUGIN_ROUTE, PluginError, plugin_route
+from jetflow.workers.attempt import PLUGIN_REF, Attempt, Deps
 from jetflow.workers.envs import Environments
 from jetflow.workers.handlers import HandlerError, parse_handlers, resolve
 from jetflow.workers.plugin_cache import PluginCache
@@ -62,12 +64,26 @@ async def _until_done(tasks: list[asyncio.Task[None]], timeout_s: float,
     return {task for task in tasks if not task.done()}
 
 
-PLUGIN_REF = "jetflow.workers.plugin_run:run_plugin"  # (the child runs a plugin job itself)
 
 
 def make_worker_id() -> str:
     host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
     return f"{host[:40]}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def parse_plugins(value: str) -> frozenset[str] | None:
+    """``--plugins``: None for all, an empty set for none, else the names (comma-separated)."""
+    value = value.strip()
+    if value == "all":
+        return None
+    if value == "none":
+        return frozenset()
+    names = frozenset(n.strip() for n in value.split(",") if n.strip())
+    bad = sorted(n for n in names if not NAME_RE.match(n))
+    if not names or bad:
+        raise HandlerError(f"--plugins is all, none or plugin names separated by commas "
+                           f"(letters, digits, _ or -), not {value!r}")
+    return names
 
 
 class Worker:
@@ -81,11 +97,12 @@ class Worker:
         self.url = url
         self.wait_nats_s = wait_nats_s
         self.handlers = parse_handlers(handlers) if isinstance(handlers, str) else handlers
-        if plugins not in ("all", "none"):
-            raise HandlerError(f"--plugins is all or none, not {plugins!r}")
-        self.plugins = plugins == "all"
-        if self.plugins:  # announced: the sentinel offers this worker plugin jobs
-            self.handlers = {**self.handlers, PLUGIN_ROUTE: PLUGIN_REF}
+        self.plugin_names = parse_plugins(plugins)
+        self.plugins = self.plugin_names != frozenset()
+        # announced: the sentinel offers this worker the jobs of all plugins, or of these
+        routes = [PLUGIN_ROUTE] if self.plugin_names is None else \
+            [plugin_route(n) for n in sorted(self.plugin_names)]
+        self.handlers = {**self.handlers, **{r: PLUGIN_REF for r in routes}}
         self.data_dir = Path(data_dir)
         self.keep_envs = keep_envs
         for name in queues:
@@ -106,11 +123,12 @@ class Worker:
         self._draining = False
         self._joined = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._ipc: Path | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> Worker:
-        for name, ref in self.handlers.items():
-            if name != PLUGIN_ROUTE:  # plugins load in the child, per job
+        for ref in self.handlers.values():
+            if ref != PLUGIN_REF:  # plugins load in the child, per job
                 resolve(ref)  # fail now, clearly, on a typo or a broken handler
         self.pool = ChildPool(self.concurrency, memory_limit_mb=self.memory_limit_mb)
         try:
@@ -136,7 +154,8 @@ class Worker:
                          self.handlers,
                          PluginCache(self.nc, self.data_dir / "plugins") if self.plugins
                          else None, self.data_dir / "outputs",
-                         Environments(self.data_dir / "envs", keep=self.keep_envs))
+                         Environments(self.data_dir / "envs", keep=self.keep_envs),
+                         self._ipc_dir())
         await self.nc.subscribe(S.worker_subject(self.worker_id, "lost"), cb=self._on_lost)
         for kind in ("cancel_requested", "timed_out"):
             await self.nc.subscribe(f"{S.PREFIX}.job.*.{kind}", cb=self._on_job_event)
@@ -175,6 +194,8 @@ class Worker:
             log.warning("could not read the plugin registry: %s", exc)
             return
         for name in registry.versions:
+            if self.plugin_names is not None and name not in self.plugin_names:
+                continue
             active = registry.active(name)
             if active is not None and active.requirements:
                 await self._prepare(name, active.version, active.sha256)
@@ -184,7 +205,8 @@ class Worker:
             event = decode_event(msg.subject, msg.data, 0)
         except CodecError:
             return
-        if event.data.get("requirements"):
+        if event.data.get("requirements") and (self.plugin_names is None
+                                               or event.id in self.plugin_names):
             self._tasks.append(asyncio.create_task(self._prepare(
                 event.id, str(event.data["version"]), str(event.data["sha256"]))))
 
@@ -236,9 +258,18 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - the sentinel will find us lost instead
             log.warning("could not record leaving: %s", exc)
 
+    def _ipc_dir(self) -> Path:
+        """A private directory for the FIFOs plugin outputs stream through (removed by
+        :meth:`stop`; one left by a killed worker holds nothing but names)."""
+        if self._ipc is None:
+            self._ipc = Path(tempfile.mkdtemp(prefix="jetflow-ipc-"))
+        return self._ipc
+
     async def stop(self) -> None:
         await cancel_and_wait([*self._tasks, *self._tasks_by_job.values()])
         await self.pool.stop()
+        if self._ipc is not None:
+            shutil.rmtree(self._ipc, ignore_errors=True)
         if not self.nc.is_closed:
             await self.nc.close()
 
@@ -262,6 +293,11 @@ class Worker:
         await self.nc.publish(S.heartbeat_subject(self.worker_id), dumps(body))
 
     # -- receive ------------------------------------------------------------------------
+    def serves(self, offer: dict[str, Any]) -> bool:
+        """This worker runs the plugin of the offer."""
+        return self.plugins and (self.plugin_names is None
+                                 or offer.get("handler") in self.plugin_names)
+
     def _on_offers(self, subject: bytes, reply: bytes, data: bytes,
                    headers: bytes | None) -> None:
         """A message of offers (raw: called in the reading task, so it only files them)."""
@@ -274,7 +310,7 @@ class Worker:
             valid = [o for o in offers if isinstance(o, dict) and isinstance(o.get("job_id"), str)
                      and isinstance(o.get("seq"), int) and (
                          o.get("handler") in self.handlers
-                         or (self.plugins and isinstance(o.get("plugin"), dict)))]
+                         or (isinstance(o.get("plugin"), dict) and self.serves(o)))]
         except Exception:  # noqa: BLE001 - a malformed offer is dropped, loudly
             log.error("dropping a malformed offer on %s: %r", subject.decode(errors="replace"),
                       data[:200])

@@ -243,8 +243,9 @@ def _add_worker(sub: Any) -> None:
                    help="handlers: built-in names, name=module:function, or @module (every "
                         f"one of its HANDLERS), comma-separated ({DEFAULT_HANDLERS})")
     p.add_argument("--concurrency", type=positive_int, default=4, help="jobs at once (4)")
-    p.add_argument("--plugins", choices=("all", "none"), default="all",
-                   help="run jobs of deployed plugins (all, the default) or none")
+    p.add_argument("--plugins", default="all", metavar="all|none|NAMES",
+                   help="run jobs of deployed plugins: all (the default), none, or only "
+                        "these (names separated by commas)")
     p.add_argument("--keep-envs", type=positive_int, default=8,
                    help="plugin environments kept (least recently used go first) (8)")
     p.add_argument("--data", default=DEFAULT_DATA,
