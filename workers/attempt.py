@@ -205,17 +205,13 @@ class Attempt:
             return outcome
         if outcome.kind == "failed":
             found = await receiver.failure()
-            if found is not None:
-                outcome = Outcome("failed", error={"error_type": "PermanentError",
-                                                   "message": str(found), "retryable": False})
-            return outcome
+            return outcome if found is None else _permanent(found)
         if outcome.kind != "succeeded":
             return outcome
         try:
             outputs = await receiver.finish()
         except PermanentError as exc:
-            return Outcome("failed", error={"error_type": "PermanentError",
-                                            "message": str(exc), "retryable": False})
+            return _permanent(exc)
         except Exception as exc:  # noqa: BLE001 - the disk: full, gone, read-only
             return Outcome("failed", error={"error_type": type(exc).__name__,
                                             "message": f"writing the outputs: {exc}",
@@ -371,6 +367,12 @@ class Attempt:
 
     def msg_id(self, type_: str) -> str:
         return f"{self.job_id}:{type_}:{self.number}:{self.deps.worker_id}"
+
+
+def _permanent(exc: PermanentError) -> Outcome:
+    """A failure the worker found in what the plugin produced: not worth a retry."""
+    return Outcome("failed", error={"error_type": "PermanentError", "message": str(exc),
+                                    "retryable": False})
 
 
 def _same_outcome(event: Event, mine: Event) -> bool:
