@@ -30,15 +30,17 @@ def receiver(tmp: Path, outputs: dict[str, Any] | None = None) -> Receiver:
     return Receiver(spec, "job1", 1)
 
 
-async def child_side(r: Receiver, tmp: Path, outputs: list[tuple[str, Any]]
-                     ) -> BaseException | None:
-    """What the child does, in a thread: each output streamed through a FIFO."""
+async def child_side(r: Receiver, tmp: Path, outputs: list[tuple[str, Any]],
+                     contracts: bool = True) -> BaseException | None:
+    """What the child does, in a thread: each output streamed through a FIFO (checked
+    against its contract, unless ``contracts`` is false: a child that does not)."""
     loop = asyncio.get_running_loop()
     hooks.send_frame = lambda frame: loop.call_soon_threadsafe(r.on_output, frame)
 
     def run() -> None:
         for n, (name, data) in enumerate(outputs):
-            plugin_run._stream(tmp / "ipc" / f"job1-1-{n}.arrow", name, data)
+            contract = (r.spec["outputs"] or {}).get(name) if contracts else None
+            plugin_run._stream(tmp / "ipc" / f"job1-1-{n}.arrow", name, data, contract)
     try:
         await asyncio.to_thread(run)
     except BaseException as exc:  # noqa: BLE001 - what the child would report
@@ -88,14 +90,33 @@ async def test_a_schema_change_mid_stream_fails_and_discard_leaves_nothing(
     assert list((tmp_path / "out").rglob("*.parquet*")) == []
 
 
-async def test_a_worker_side_error_breaks_the_childs_pipe(tmp_path: Path) -> None:
-    r = receiver(tmp_path, {"nums": [{"name": "missing", "type": "int64",
-                                      "nullable": True}]})
-    error = await child_side(r, tmp_path, [("nums", batches(10_000, 1000))])
+async def test_a_contract_the_child_breaks_fails_on_the_workers_side(
+        tmp_path: Path) -> None:
+    r = receiver(tmp_path, CONTRACT)
+    uncast = batches(10_000, 1000, pa.string())  # streamed as text: not the contract
+    error = await child_side(r, tmp_path, [("nums", uncast)], contracts=False)
     assert isinstance(error, BrokenPipeError | OSError)  # the child stops, not hangs
     found = await r.failure()
-    assert found is not None and "no column(s) ['missing']" in str(found)
+    assert found is not None and "its contract declares (n: int64 not null)" in str(found)
     await r.discard()
+    assert list((tmp_path / "out").rglob("*.parquet*")) == []
+
+
+async def test_a_missing_contract_column_fails_in_the_child(tmp_path: Path) -> None:
+    r = receiver(tmp_path, {"nums": [{"name": "missing", "type": "int64",
+                                      "nullable": True}]})
+    error = await child_side(r, tmp_path, [("nums", batches(3, 10))])
+    assert isinstance(error, PermanentError) and "no column(s) ['missing']" in str(error)
+    await r.discard()
+    assert list((tmp_path / "out").rglob("*.parquet*")) == []
+
+
+async def test_too_many_quarantined_rows_fail_the_attempt(tmp_path: Path) -> None:
+    r = receiver(tmp_path, CONTRACT)  # max_quarantine 0.5
+    rows = pa.record_batch([pa.array(["1", "x", "y", None], pa.string())], ["n"])
+    assert await child_side(r, tmp_path, [("nums", iter([rows]))]) is None
+    with pytest.raises(PermanentError, match="3 of 4 rows broke its contract"):
+        await r.finish()
     assert list((tmp_path / "out").rglob("*.parquet*")) == []
 
 

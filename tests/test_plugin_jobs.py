@@ -209,7 +209,8 @@ async def test_bad_plugins_fail_with_the_reason_and_leave_nothing(
 
 
 async def test_a_missing_input_fails_permanently(world: World) -> None:
-    job = await world.run("csv_to_parquet", world.tmp / "no-such.csv")
+    await world.deploy("reads_text", "def parse(path):\n    return open(path).read()\n")
+    job = await world.run("reads_text", world.tmp / "no-such.csv")
     assert job.state == "dead_lettered" and job.attempt == 1
     assert "is missing or unreadable" in job.error["message"]  # type: ignore[index]
 

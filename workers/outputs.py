@@ -1,16 +1,18 @@
-"""The worker's side of a plugin job: the Arrow IPC streams its child sends, one per
-output, written as Parquet under the output's schema contract.
+"""The worker's side of a plugin job: the Arrow IPC streams its child sends, written as
+Parquet.
 
 The child runs ``parse`` and writes each output's record batches to a FIFO as an Arrow IPC
 stream (rows are never pickled, and the pipe's back-pressure keeps both processes' memory
-bounded by a few batches). A thread of the worker reads the stream and writes it: for an
-output ``OUTPUTS`` declares, each batch is cast to the declared columns; rows that break
-the contract (a null in a non-nullable column, a value that does not cast) go to
-``<output>_quarantine`` with a ``_jf_reason`` column instead; beyond ``max_quarantine`` of
-the rows the attempt fails, permanently. Every written row carries ``_jf_job_id`` and
-``_jf_plugin_version``. A file is written as ``.<job>-<attempt>.parquet.tmp``, fsynced and
-renamed to ``<job_id>-<attempt>.parquet`` once the attempt succeeded: nothing partial is
-ever under a final name, and a failed, timed-out or cancelled attempt removes what it wrote.
+bounded by a few batches). For an output ``OUTPUTS`` declares, the child applies the
+contract (:mod:`jetflow.workers.contract`): its stream carries the rows cast to the
+declared types, and a second stream, ``<output>_quarantine``, the rows that broke it with a
+``_jf_reason`` column. A thread of the worker reads each stream, verifies that a
+contract's stream has the contract's schema, and writes it; beyond ``max_quarantine`` of
+an output's rows quarantined the attempt fails, permanently. Every written row carries
+``_jf_job_id`` and ``_jf_plugin_version`` (dictionary-encoded strings: one value per
+file). A file is written as ``.<job>-<attempt>.parquet.tmp``, fsynced and renamed to
+``<job_id>-<attempt>.parquet`` once the attempt succeeded: nothing partial is ever under a
+final name, and a failed, timed-out or cancelled attempt removes what it wrote.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jetflow.workers.context import PermanentError
+from jetflow.workers.contract import conforms, quarantine_schema, schema_of
 
 __all__ = ["Receiver", "ROW_GROUP"]
 
@@ -50,13 +52,22 @@ class Receiver:
         self._stopped = threading.Event()
 
     def on_output(self, frame: dict[str, Any]) -> None:
-        """The child is about to stream output ``frame["name"]`` into ``frame["path"]``."""
+        """The child is about to stream output ``frame["name"]`` into ``frame["path"]``
+        (with ``quarantine_of``: the rows that output's contract quarantined)."""
         name, path = str(frame["name"]), str(frame["path"])
-        contract = (self.spec.get("outputs") or {}).get(name)
         if any(w.name == name for w in self._writers):
             raise PermanentError(f"parse returned output {name!r} twice")
-        writer = _Writer(self.out_dir / name, name, self.job_id, self.attempt, self.spec,
-                         contract)
+        of = frame.get("quarantine_of")
+        contracts = self.spec.get("outputs") or {}
+        if of is not None:
+            if str(of) not in contracts:
+                raise PermanentError(f"output {of!r} has no contract to quarantine rows of")
+            expected: pa.Schema | None = quarantine_schema(contracts[str(of)])
+        else:
+            expected = schema_of(contracts[name]) if name in contracts else None
+        writer = _Writer(_File(self.out_dir / name, self.job_id, self.attempt), name,
+                         self.job_id, str(self.spec["version"]), expected,
+                         None if of is None else str(of))
         self._writers.append(writer)
         self._fifos.append(path)
         loop = asyncio.get_running_loop()
@@ -102,10 +113,7 @@ class Receiver:
         return None
 
     def _close_all(self) -> list[dict[str, Any]]:
-        results: list[dict[str, Any]] = []
-        for writer in self._writers:
-            results += writer.finish()
-        return results
+        return _results(self._writers, float(self.spec.get("max_quarantine", 0.1)))
 
     async def discard(self) -> None:
         """Stop reading and remove everything this attempt wrote."""
@@ -136,12 +144,12 @@ class _File:
         self.rows = 0
         self.schema: pa.Schema | None = None
 
-    def write(self, table: pa.Table) -> None:
+    def write(self, batch: pa.RecordBatch) -> None:
         if self.writer is None:
-            self.schema = table.schema
-            self.writer = pq.ParquetWriter(self.tmp, table.schema, compression="zstd")
-        self.writer.write_table(table, row_group_size=ROW_GROUP)
-        self.rows += table.num_rows
+            self.schema = batch.schema
+            self.writer = pq.ParquetWriter(self.tmp, batch.schema, compression="zstd")
+        self.writer.write_batch(batch, row_group_size=ROW_GROUP)
+        self.rows += batch.num_rows
 
     def close(self) -> dict[str, Any] | None:
         if self.writer is None:
@@ -175,129 +183,64 @@ class _File:
 
 
 class _Writer:
-    """One output: its batches checked against the contract, written with lineage."""
+    """One stream of an output (its rows, or the rows its contract quarantined), written
+    with lineage; a contract's stream is verified to have the contract's schema."""
 
-    def __init__(self, directory: Path, name: str, job_id: str, attempt: int,
-                 spec: dict[str, Any], contract: list[dict[str, Any]] | None) -> None:
-        self.name, self.job_id, self.version = name, job_id, str(spec["version"])
-        self.contract = contract
-        self.max_quarantine = float(spec.get("max_quarantine", 0.1))
-        self.main = _File(directory, job_id, attempt)
-        self.quarantine = _File(directory.with_name(f"{name}_quarantine"), job_id, attempt)
-        self.first: pa.Schema | None = None
-        self.seen = 0
+    def __init__(self, file: _File, name: str, job_id: str, version: str,
+                 expected: pa.Schema | None, quarantine_of: str | None = None) -> None:
+        self.file, self.name, self.expected = file, name, expected
+        self.quarantine_of = quarantine_of
+        self.job_id = pa.array([job_id], pa.string())
+        self.version = pa.array([version], pa.string())
         self.batches = 0
+        self._zeros = pa.array([], pa.int32())
+        self._schema: pa.Schema | None = None
 
     def write(self, batch: pa.RecordBatch) -> None:
-        if self.first is None:  # (one stream, one schema: the child checks each batch)
-            self.first = batch.schema
+        if self.expected is not None and (wrong := conforms(batch, self.expected)):
+            raise PermanentError(f"output {self.name}: the plugin's stream {wrong}")
         self.batches += 1
-        self.seen += batch.num_rows
-        table = pa.Table.from_batches([batch])
-        if self.contract is not None:
-            table, bad = _check(table, self.contract, self.name)
-            if bad is not None and bad.num_rows:
-                self.quarantine.write(self._lineage(bad))
-        if table.num_rows:
-            self.main.write(self._lineage(table))
+        if batch.num_rows:
+            self.file.write(self._lineage(batch))
 
-    def _lineage(self, table: pa.Table) -> pa.Table:
-        n = table.num_rows
-        table = table.append_column("_jf_job_id", pa.repeat(self.job_id, n))
-        return table.append_column("_jf_plugin_version", pa.repeat(self.version, n))
-
-    def finish(self) -> list[dict[str, Any]]:
-        quarantined = self.quarantine.rows
-        if self.seen and quarantined / self.seen > self.max_quarantine:
-            raise PermanentError(f"output {self.name}: {quarantined} of {self.seen} rows "
-                                 f"broke its contract, over the {self.max_quarantine:.0%} "
-                                 "allowed (see the reasons in a dry run)")
-        out = []
-        main = self.main.close()
-        if main is None and self.first is not None:  # every row quarantined, or none came
-            main = {"uri": None, "rows": 0, "bytes": 0, "sha256": None, "schema": []}
-        if main is not None:
-            out.append({"name": self.name, **main, "quarantined": quarantined})
-        q = self.quarantine.close()
-        if q is not None:
-            out.append({"name": f"{self.name}_quarantine", **q, "quarantined": 0})
-        return out
+    def _lineage(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """``batch`` with ``_jf_job_id`` and ``_jf_plugin_version``: dictionary columns of
+        one value (no string copied or hashed per row)."""
+        n = batch.num_rows
+        if len(self._zeros) < n:
+            self._zeros = pa.repeat(pa.scalar(0, pa.int32()), n)
+        zeros = self._zeros.slice(0, n)
+        job = pa.DictionaryArray.from_arrays(zeros, self.job_id)
+        version = pa.DictionaryArray.from_arrays(zeros, self.version)
+        if self._schema is None:
+            self._schema = pa.schema([*batch.schema, pa.field("_jf_job_id", job.type, False),
+                                      pa.field("_jf_plugin_version", version.type, False)])
+        return pa.RecordBatch.from_arrays([*batch.columns, job, version], schema=self._schema)
 
     def discard(self) -> None:
-        self.main.discard()
-        self.quarantine.discard()
+        self.file.discard()
 
 
-def _check(table: pa.Table, contract: list[dict[str, Any]], name: str
-           ) -> tuple[pa.Table, pa.Table | None]:
-    """The rows that keep the contract, cast to it; the others with their reason. The
-    checks are Arrow kernels over the whole batch: a row is looked at one by one only
-    when its batch has a value that does not cast."""
-    missing = [c["name"] for c in contract if c["name"] not in table.column_names]
-    if missing:
-        raise PermanentError(f"output {name}: no column(s) {missing} that OUTPUTS declares "
-                             f"(it has {table.column_names})")
-    cast: dict[str, pa.Array] = {}
-    problems: list[tuple[str, pa.Array]] = []  # (reason template, mask of rows it covers)
-    for col in contract:
-        cast[col["name"]] = _cast_column(table, col, problems)
-    schema = pa.schema([pa.field(c["name"], cast[c["name"]].type, c["nullable"])
-                        for c in contract])
-    good = pa.Table.from_arrays([cast[c["name"]] for c in contract], schema=schema)
-    if not problems:
-        return good, None
-    bad_mask = problems[0][1]
-    for _, mask in problems[1:]:
-        bad_mask = pc.or_(bad_mask, mask)
-    bad_idx = pc.indices_nonzero(bad_mask).to_pylist()
-    reasons = {}
-    for kind, mask in problems:  # the first problem of a row is its reason
-        for i in pc.indices_nonzero(mask).to_pylist():
-            if i not in reasons:
-                reasons[i] = _reason(kind, table, i)
-    bad = pa.table({c["name"]: pc.cast(table.column(c["name"]).take(bad_idx), pa.string())
-                    for c in contract})
-    bad = bad.append_column("_jf_reason", pa.array([reasons[i] for i in bad_idx]))
-    return good.filter(pc.invert(bad_mask)), bad
-
-
-def _cast_column(table: pa.Table, col: dict[str, Any],
-                 problems: list[tuple[str, pa.Array]]) -> pa.Array:
-    """The column cast to its declared type; the rows that break it added to
-    ``problems``."""
-    arr = table.column(col["name"]).combine_chunks()
-    target = pa.type_for_alias(col["type"]) if "(" not in col["type"] else \
-        pa.decimal128(38, 9)
-    try:
-        values = pc.cast(arr, target)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        values, bad = _cast_each(arr, target)
-        mask = [False] * len(arr)
-        for i in bad:
-            mask[i] = True
-        problems.append((f"cast:{col['name']}:{col['type']}", pa.array(mask)))
-    if not col["nullable"]:
-        nulls = pc.is_null(values)
-        if pc.any(nulls).as_py():
-            problems.append((f"null:{col['name']}", nulls))
-    return values
-
-
-def _reason(kind: str, table: pa.Table, i: int) -> str:
-    what, column, *type_ = kind.split(":", 2)
-    if what == "null":
-        return f"{column}: null in a non-nullable column"
-    return f"{column}: {table.column(column)[i].as_py()!r} is not {type_[0]}"
-
-
-def _cast_each(arr: pa.Array, target: pa.DataType) -> tuple[pa.Array, list[int]]:
-    """Cast value by value (a column whose whole cast failed): nulls where it cannot."""
-    out: list[Any] = []
-    bad: list[int] = []
-    for i, value in enumerate(arr):
-        try:
-            out.append(pc.cast(pa.array([value.as_py()], arr.type), target)[0].as_py())
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            out.append(None)
-            bad.append(i)
-    return pa.array(out, target), bad
+def _results(writers: list[_Writer], max_quarantine: float) -> list[dict[str, Any]]:
+    """Each output's files closed and described: its rows, then its quarantine's (more
+    than ``max_quarantine`` of its rows quarantined fails the attempt)."""
+    quarantines = {w.quarantine_of: w for w in writers if w.quarantine_of is not None}
+    out: list[dict[str, Any]] = []
+    for w in writers:
+        if w.quarantine_of is not None:
+            continue
+        q = quarantines.get(w.name)
+        quarantined = q.file.rows if q is not None else 0
+        seen = w.file.rows + quarantined
+        if seen and quarantined / seen > max_quarantine:
+            raise PermanentError(f"output {w.name}: {quarantined} of {seen} rows broke its "
+                                 f"contract, over the {max_quarantine:.0%} allowed (see "
+                                 f"their reasons in {w.name}_quarantine)")
+        main = w.file.close()
+        if main is None and w.batches:  # every row quarantined
+            main = {"uri": None, "rows": 0, "bytes": 0, "sha256": None, "schema": []}
+        if main is not None:
+            out.append({"name": w.name, **main, "quarantined": quarantined})
+        if q is not None and (qfile := q.file.close()) is not None:
+            out.append({"name": q.name, **qfile, "quarantined": 0})
+    return out

@@ -4,14 +4,18 @@ load), call ``parse``, and stream each output's record batches to the worker as 
 An output goes through a FIFO the child makes in the worker's IPC directory (``spec
 ["ipc"]``): an ``output`` frame names it to the worker, whose thread reads it and writes
 the Parquet (see :mod:`jetflow.workers.outputs`); the pipe's back-pressure bounds memory on
-both sides. Outputs are streamed one after another; a batch whose schema is not the
-output's first one fails the attempt.
+both sides. An output with a contract is checked and cast here, batch by batch (while the
+worker writes the previous ones), its quarantined rows sent through a second FIFO.
+Outputs are streamed one after another; a batch whose schema is not the output's first one
+fails the attempt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
+import itertools
 import logging
 import os
 import time
@@ -19,13 +23,14 @@ import types
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import pyarrow as pa
 
 from jetflow.core.plugin import PluginError, read_plugin
 from jetflow.workers import plugin_hooks as hooks
 from jetflow.workers.context import PermanentError
+from jetflow.workers.contract import check
 
 __all__ = ["Output", "PluginContext", "run_plugin"]
 
@@ -85,7 +90,8 @@ def run_plugin(spec: dict[str, Any], args: dict[str, Any], job_id: str,
     try:
         produced = parse(source, ctx) if _takes_ctx(parse) else parse(source)
         for n, (name, data) in enumerate(_outputs(produced, spec)):
-            if _stream(Path(spec["ipc"]) / f"{job_id}-{attempt}-{n}.arrow", name, data):
+            fifo = Path(spec["ipc"]) / f"{job_id}-{attempt}-{n}.arrow"
+            if _stream(fifo, name, data, (spec["outputs"] or {}).get(name)):
                 names.append(name)
     except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError) as exc:
         raise PermanentError(f"{source} cannot be read as this plugin expects: "
@@ -93,28 +99,70 @@ def run_plugin(spec: dict[str, Any], args: dict[str, Any], job_id: str,
     return {"outputs": names, "plugin": spec["name"], "version": spec["version"]}
 
 
-def _stream(fifo: Path, name: str, data: Any) -> bool:
-    """Output ``name``'s batches to the worker through ``fifo``, an Arrow IPC stream;
-    False when it has none."""
+def _stream(fifo: Path, name: str, data: Any,
+            contract: list[dict[str, Any]] | None = None) -> bool:
+    """Output ``name``'s batches to the worker through ``fifo``, an Arrow IPC stream (with
+    a contract: the rows cast to it, and the rows that break it through a second stream,
+    opened at the first such row); False when it has none."""
     batches = _batches(data, name)
     first = next(batches, None)
     if first is None:
         return False
-    if hooks.send_frame is None:
-        raise RuntimeError("a plugin runs in a worker's child process")
-    os.mkfifo(fifo, 0o600)
-    hooks.send_frame({"t": "output", "name": name, "path": str(fifo)})
-    with open(fifo, "wb") as sink:  # blocks until the worker's thread opens it
-        writer = pa.ipc.new_stream(sink, first.schema)
-        writer.write_batch(first)
-        for i, batch in enumerate(batches, 1):
-            if not batch.schema.equals(first.schema):
+    main = _Sink(fifo, {"name": name})
+    quarantine = _Sink(fifo.with_suffix(".quarantine.arrow"),
+                       {"name": f"{name}_quarantine", "quarantine_of": name})
+    try:
+        for i, batch in enumerate(itertools.chain([first], batches)):
+            if i and not batch.schema.equals(first.schema):
                 raise PermanentError(f"output {name}: batch {i} has schema "
                                      f"({_schema_text(batch.schema)}), the first had "
                                      f"({_schema_text(first.schema)})")
-            writer.write_batch(batch)
-        writer.close()
+            if contract is None:
+                main.write(batch)
+                continue
+            good, bad = check(batch, contract, name)
+            main.write(good)
+            if bad is not None:
+                quarantine.write(bad)
+        main.close()
+        quarantine.close()
+    finally:
+        main.abandon()
+        quarantine.abandon()
     return True
+
+
+class _Sink:
+    """One Arrow IPC stream to the worker, its FIFO made and announced (an ``output``
+    frame) at the first batch."""
+
+    def __init__(self, fifo: Path, frame: dict[str, Any]) -> None:
+        self.fifo, self.frame = fifo, frame
+        self.file: BinaryIO | None = None
+        self.writer: pa.ipc.RecordBatchStreamWriter | None = None
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if self.writer is None:
+            if hooks.send_frame is None:
+                raise RuntimeError("a plugin runs in a worker's child process")
+            os.mkfifo(self.fifo, 0o600)
+            hooks.send_frame({"t": "output", **self.frame, "path": str(self.fifo)})
+            self.file = open(self.fifo, "wb")  # noqa: SIM115 - blocks until the worker reads
+            self.writer = pa.ipc.new_stream(self.file, batch.schema)
+        self.writer.write_batch(batch)
+
+    def close(self) -> None:
+        """The stream's end: the worker has it all."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def abandon(self) -> None:
+        """Let go of the FIFO (after :meth:`close`, or cut short on an error)."""
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+            self.file = None
 
 
 def _schema_text(schema: pa.Schema) -> str:

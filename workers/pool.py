@@ -79,9 +79,9 @@ class Child:
                     sink(PROGRESS_STREAM, dumps({"done": frame.get("done"),
                                                  "total": frame.get("total")}).decode())
                     continue
-                if frame.get("t") == "output":  # the line: {"name", "path"}
-                    sink(OUTPUT_STREAM, dumps({"name": frame.get("name"),
-                                               "path": frame.get("path")}).decode())
+                if frame.get("t") == "output":  # {"name", "path"[, "quarantine_of"]}
+                    sink(OUTPUT_STREAM, dumps({k: v for k, v in frame.items()
+                                               if k != "t"}).decode())
                     continue
                 return _outcome(frame)
         except (BrokenPipeError, ConnectionResetError):

@@ -1,6 +1,6 @@
 """A jetflow plugin: a CSV of orders into Arrow batches, streamed (a file larger than
 memory is read a block at a time), with a row filter from the job's args. Columns are
-read as text and typed by the schema contract (``OUTPUTS``): the worker casts each batch
+read as text and typed by the schema contract (``OUTPUTS``): jetflow casts each batch
 to it, and a row whose value does not cast (or a null where none may be) goes to
 ``orders_quarantine`` with its reason instead of failing the job.
 
