@@ -50,18 +50,20 @@ class EmbeddedServer:
     """``async with EmbeddedServer(data_dir, port=0) as srv: srv.url`` — a running server.
 
     ``port=0`` picks a free port. ``durable=True`` adds ``sync_interval: always`` (every
-    write reaches the disk before it is acknowledged). Restarting on the same ``data_dir``
-    keeps the streams.
+    write reaches the disk before it is acknowledged). ``extra`` is configuration added to
+    the file's (the file written under ``data_dir`` is 0600: it may hold credentials).
+    Restarting on the same ``data_dir`` keeps the streams.
     """
 
     def __init__(self, data_dir: str | os.PathLike[str], *, port: int = 4222,
                  config: Path | None = None, durable: bool = False,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", extra: str = "") -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.host = host
         self.config = config or default_config()
         self.durable = durable
+        self.extra = extra  # configuration added to the file's (an authorization block)
         self.proc: asyncio.subprocess.Process | None = None
 
     name = "nats-server"
@@ -126,8 +128,13 @@ class EmbeddedServer:
         text = self.config.read_text()
         if self.durable:
             text = text.replace("jetstream {", "jetstream {\n  sync_interval: always", 1)
+        if self.extra:
+            text += "\n" + self.extra
         path = self.data_dir / "nats.conf"
-        path.write_text(text)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold secrets
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o600)
         return path
 
     async def _wait_ready(self, offset: int, timeout_s: float) -> None:

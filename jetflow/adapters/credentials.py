@@ -1,0 +1,82 @@
+"""The credentials of a local jetflow: one NATS user per role (and per worker), generated
+once under ``<data>/``, and a nats CLI context file per role.
+
+``<data>/credentials.json`` (0600) holds the users: name, a random password, role, and a
+worker's id. :func:`contexts` writes ``<data>/contexts/<role>.json`` (0600) in the nats
+CLI's context format (``url``, ``user``, ``password``), so ``nats --context FILE`` and
+jetflow's ``--context FILE`` both work. The server's side is
+:func:`jetflow.core.roles.authorization_block` of the same users.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+
+from jetflow.core import subjects as S
+from jetflow.core.roles import ROLES, User
+
+__all__ = ["CREDENTIALS_FILE", "CONTEXTS_DIR", "contexts", "ensure_users", "worker_user"]
+
+CREDENTIALS_FILE = "credentials.json"
+CONTEXTS_DIR = "contexts"
+PASSWORD_BYTES = 24
+
+
+def worker_user(worker_id: str) -> str:
+    """The user name of worker ``worker_id``'s own identity."""
+    return f"worker-{S.check_token(worker_id, 'worker id')}"
+
+
+def ensure_users(data_dir: Path, worker_ids: Iterable[str] = ()) -> list[User]:
+    """The users stored under ``data_dir`` (made on first use): one per role, and one per
+    worker id in ``worker_ids`` (added when new; existing passwords are kept)."""
+    path = data_dir / CREDENTIALS_FILE
+    users: dict[str, User] = {}
+    if path.exists():
+        for entry in json.loads(path.read_text())["users"]:
+            user = User(**entry)
+            users[user.name] = user
+    changed = not path.exists()
+    wanted: list[tuple[str, str, str | None]] = [
+        (role, role, None) for role in ROLES if role != "worker"]
+    wanted += [(worker_user(w), "worker", w) for w in worker_ids]
+    for name, role, worker_id in wanted:
+        if name not in users:
+            users[name] = User(name, secrets.token_urlsafe(PASSWORD_BYTES), role, worker_id)
+            changed = True
+    if changed:
+        _write_private(path, json.dumps({"users": [asdict(u) for u in users.values()]},
+                                        indent=2))
+    return list(users.values())
+
+
+def contexts(data_dir: Path, url: str, users: Iterable[User]) -> dict[str, Path]:
+    """A nats CLI context file per user, ``<data>/contexts/<user name>.json``; the paths by
+    user name."""
+    directory = data_dir / CONTEXTS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    out: dict[str, Path] = {}
+    for user in users:
+        path = directory / f"{user.name}.json"
+        _write_private(path, json.dumps({
+            "description": f"jetflow {user.role}" + (f" {user.worker_id}" if user.worker_id
+                                                     else ""),
+            "url": url, "user": user.name, "password": user.password}, indent=2))
+        out[user.name] = path
+    return out
+
+
+def _write_private(path: Path, text: str) -> None:
+    """``text`` into ``path``, readable by its owner only, replaced atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)
