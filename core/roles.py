@@ -11,8 +11,8 @@ role may append only the events it owns, told apart by the subject's last token
 - ``operator`` is a submitter that may also cancel and retry (``jf.ctl.>``).
 - ``worker`` (one identity per worker id) receives its own offers and appends what a
   worker owns: a claim (``started``), ``progress``, ``succeeded``, ``failed``, a
-  ``timed_out`` of its own run, its own lifecycle and heartbeats, logs, and the
-  environments it built.
+  ``timed_out`` of its own run, the ``cancelled`` of a run it stopped, its own lifecycle
+  and heartbeats, logs, and the environments it built.
 - ``sentinel`` appends the decisions (queued, retries, dead letters, cancellations,
   workflow events, lost workers) and offers work.
 - ``projector`` reads the whole log through its own durable consumer.
@@ -35,7 +35,8 @@ __all__ = ["ROLES", "Permissions", "User", "authorization_block", "matches", "pe
 ROLES = ("submitter", "operator", "worker", "sentinel", "projector", "admin")
 
 # The events each role may append, by kind (the subject's last token).
-WORKER_JOB_EVENTS = ("started", "progress", "succeeded", "failed", "timed_out")
+# a worker records ``cancelled`` when it stops a running job it was asked to cancel
+WORKER_JOB_EVENTS = ("started", "progress", "succeeded", "failed", "timed_out", "cancelled")
 WORKER_SELF_EVENTS = ("joined", "left")
 WORKER_PLUGIN_EVENTS = ("env_ready", "env_failed")
 SENTINEL_JOB_EVENTS = ("submitted", "rejected", "queued", "retry_scheduled", "timed_out",
@@ -102,8 +103,8 @@ def _events(kind: str, types: Iterable[str], id_: str = "*") -> list[str]:
 
 
 def _reads() -> list[str]:
-    """Publishes a reader needs: direct gets and stream info (nothing is created)."""
-    out = [f"{JS}.INFO"]
+    """Publishes a reader needs: direct gets and streams' info (nothing is created)."""
+    out = [f"{JS}.INFO", f"{JS}.STREAM.INFO.*", f"{JS}.STREAM.NAMES"]
     for stream in READ_STREAMS:
         out += [f"{JS}.STREAM.INFO.{stream}", f"{JS}.DIRECT.GET.{stream}",
                 f"{JS}.DIRECT.GET.{stream}.>"]
@@ -116,6 +117,12 @@ def _consumes(stream: str) -> list[str]:
             f"{JS}.CONSUMER.CREATE.{stream}.>", f"{JS}.CONSUMER.DURABLE.CREATE.{stream}.*",
             f"{JS}.CONSUMER.INFO.{stream}.*", f"{JS}.CONSUMER.MSG.NEXT.{stream}.*",
             f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>"]
+
+
+def _own_consumers(stream: str) -> list[str]:
+    """A service's right to delete its consumers on ``stream`` (trusted services only:
+    the server cannot tell whose a consumer is)."""
+    return [f"{JS}.CONSUMER.DELETE.{stream}.*"]
 
 
 def _object_store(bucket: str, write: bool) -> list[str]:
@@ -148,18 +155,21 @@ def permissions(role: str, worker_id: str | None = None) -> Permissions | None:
             *_events("plugin", WORKER_PLUGIN_EVENTS), S.heartbeat_subject(me),
             *S.LOGS_SUBJECTS, *_reads(), *_consumes(S.EVENTS_STREAM),
             *_object_store(S.PLUGIN_BUCKET, write=False), S.SENTINEL_PING]),
-            (S.work_subject(me), f"{S.PREFIX}.job.>", f"{S.PREFIX}.plugin.>",
+            (S.work_subject(me), f"{S.PREFIX}.worker.{me}.>", f"{S.PREFIX}.job.>",
+             f"{S.PREFIX}.plugin.>",
              f"{S.PREFIX}.ctl.>", INBOX))
     if role == "sentinel":
         return Permissions(tuple([
             *_events("job", SENTINEL_JOB_EVENTS), *_events("wf", SENTINEL_WF_EVENTS),
             *_events("worker", SENTINEL_WORKER_EVENTS), *S.WORK_SUBJECTS, *_reads(),
             *_consumes(S.EVENTS_STREAM), *_consumes(S.SUBMIT_STREAM),
-            *_consumes(S.HEARTBEAT_STREAM), *_object_store(S.SNAPSHOT_BUCKET, write=True),
+            *_consumes(S.HEARTBEAT_STREAM), *_own_consumers(S.EVENTS_STREAM),
+            *_own_consumers(S.HEARTBEAT_STREAM), *_object_store(S.SNAPSHOT_BUCKET, write=True),
             *_object_store(S.TEMPLATE_BUCKET, write=False), INBOX]),
             (f"{S.PREFIX}.>", INBOX), allow_responses=True)
     if role == "projector":
-        return Permissions(tuple([*_reads(), *_consumes(S.EVENTS_STREAM), INBOX]),
+        return Permissions(tuple([*_reads(), *_consumes(S.EVENTS_STREAM),
+                                  *_own_consumers(S.EVENTS_STREAM), INBOX]),
                            (f"{S.PREFIX}.>", INBOX), allow_responses=True)
     raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
 

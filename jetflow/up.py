@@ -12,11 +12,14 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, Protocol
 
 from jetflow.adapters.bus import Tail, connect
+from jetflow.adapters.local_auth import LocalAuth
 from jetflow.adapters.nats_server import EmbeddedServer, ServerError
+from jetflow.adapters.natsclient import Client
 from jetflow.adapters.runtime import STOP_WITH_PARENT_ENV
 from jetflow.core import subjects as S
 from jetflow.core.retry import RetryPolicy, compute_backoff
@@ -89,8 +92,10 @@ class Service:
     """One service process, its output in ``<data>/logs/<name>.log``."""
 
     def __init__(self, name: str, args: list[str], url: str, log_dir: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 before_start: Callable[[Service], Awaitable[None]] | None = None) -> None:
         self.name = name
+        self.before_start = before_start  # on every start: a worker's fresh identity
         self.args = args
         self.url = url
         self.log_path = log_dir / f"{name}.log"
@@ -100,6 +105,8 @@ class Service:
 
     async def start(self) -> Service:
         """Start the process (again, after it exited: its log is appended to)."""
+        if self.before_start is not None:
+            await self.before_start(self)
         self._close_log()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
@@ -168,10 +175,13 @@ class Stack:
                  durable: bool = False, lease_s: float = 15.0, projector: bool = True,
                  worker_args: list[str] | None = None,
                  sentinel_args: list[str] | None = None, restart: bool = False,
-                 log_level: str | None = None, log_format: str | None = None) -> None:
+                 log_level: str | None = None, log_format: str | None = None,
+                 auth: bool = False) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.server = None if nats_url else EmbeddedServer(self.data_dir, port=port,
                                                            durable=durable)
+        # each service with its own credentials on the embedded server (see local_auth)
+        self.auth = LocalAuth(self.data_dir, self.server) if auth and self.server else None
         self._url = nats_url
         self.n_workers = workers
         self.handlers = handlers
@@ -203,7 +213,11 @@ class Stack:
         for begins once all is up, so a configuration that cannot run is said once
         instead of being restarted for ever."""
         if self.server:
+            if self.auth:
+                self.auth.prepare()
             await self.server.start()
+            if self.auth:
+                self.auth.started()
         head = await self._events_head()
         self._starting = True
         await self.add_sentinel()
@@ -212,7 +226,8 @@ class Stack:
         if self.with_projector:
             self.projector = await self._launch(Service(
                 "projector", ["projector", "--db", str(self.data_dir / "projections.sqlite"),
-                              *self._common()], self.url, self.log_dir))
+                              *self._common()], self.url, self.log_dir,
+                self._env("projector")))
         await self.wait_for_workers(self.n_workers, head, ready_timeout_s)
         await self.wait_for_sentinel(ready_timeout_s)
         self._starting = False
@@ -222,6 +237,14 @@ class Stack:
             for svc in kept:
                 self._keep(svc)
         return self
+
+    async def connect(self) -> Client:
+        """A connection of ``up`` itself (admin, when each role has its credentials)."""
+        return await connect(self.url, credentials=self.auth.credentials("admin")
+                             if self.auth else None)
+
+    def _env(self, role: str) -> dict[str, str]:
+        return self.auth.env(role) if self.auth else {}
 
     def _common(self) -> list[str]:
         """What every service is started with besides its own arguments."""
@@ -239,7 +262,7 @@ class Stack:
 
     async def wait_for_sentinel(self, timeout_s: float = 30.0) -> None:
         """Wait until a sentinel answers on the ping subject (it has caught up)."""
-        nc = await connect(self.url)
+        nc = await self.connect()
         deadline = time.monotonic() + timeout_s
         try:
             while True:
@@ -260,7 +283,7 @@ class Stack:
         name = f"sentinel-{len(self.sentinels) + 1}"
         svc = await self._launch(Service(name, ["sentinel", "--lease", str(self.lease_s),
                                                 *self._common(), *self.sentinel_args],
-                                         self.url, self.log_dir))
+                                         self.url, self.log_dir, self._env("sentinel")))
         self.sentinels.append(svc)
         return svc
 
@@ -270,7 +293,9 @@ class Stack:
                 "--concurrency",
                 str(self.concurrency), "--lease", str(self.lease_s), *self._common(),
                 *self.worker_args, *extra]
-        svc = await self._launch(Service(name, args, self.url, self.log_dir))
+        svc = await self._launch(Service(
+            name, args, self.url, self.log_dir,
+            before_start=self.auth.new_worker if self.auth else None))
         self.workers.append(svc)
         return svc
 
@@ -312,19 +337,20 @@ class Stack:
             log.warning("%s restarted (pid %d)", svc.name, svc.pid)
 
     async def _events_head(self) -> int:
-        nc = await connect(self.url)
+        nc = await self.connect()
         try:
-            from jetflow.adapters.bus import ensure_streams
+            from jetflow.adapters.bus import ensure_buckets, ensure_streams
 
             js = nc.jetstream()
             await ensure_streams(js)
+            await ensure_buckets(js)
             return (await js.stream_info(S.EVENTS_STREAM)).state.last_seq
         finally:
             await nc.close()
 
     async def wait_for_workers(self, count: int, after_seq: int, timeout_s: float) -> None:
         """Wait until ``count`` workers joined after stream sequence ``after_seq``."""
-        nc = await connect(self.url)
+        nc = await self.connect()
         tail = Tail(nc.jetstream(), S.EVENTS_STREAM, start_seq=after_seq + 1,
                     filter_subjects=[f"{S.PREFIX}.worker.*.joined"], idle_s=0.2)
         seen: set[str] = set()

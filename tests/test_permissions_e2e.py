@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,10 +19,12 @@ from nats.aio.client import Client as NATS
 from nats.js.api import StreamConfig
 
 from jetflow.adapters import bus
+from jetflow.adapters.auth import Credentials, CredentialsError
 from jetflow.adapters.credentials import contexts, ensure_users, worker_user
 from jetflow.adapters.nats_server import EmbeddedServer
 from jetflow.core import subjects as S
 from jetflow.core.roles import User, authorization_block
+from tests.test_projections_e2e import cli
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -128,7 +131,7 @@ FORBIDDEN: dict[str | None, list[str]] = {
                   "$O.JF_TEMPLATES.C.forged", "jf.wf.etl.registered"],
     "operator": [f"{JOB}.succeeded", f"{JOB}.cancelled", "$JS.API.STREAM.DELETE.JF_EVENTS"],
     "worker-w1": [f"{JOB}.queued", f"{JOB}.dead_lettered", f"{JOB}.retry_scheduled",
-                  f"{JOB}.cancelled", "jf.wf.wf1.started", "jf.hb.w2",
+                  f"{JOB}.submitted", "jf.wf.wf1.started", "jf.hb.w2",
                   "jf.worker.w2.joined", "jf.worker.w1.lost",
                   "$JS.API.STREAM.DELETE.JF_EVENTS", "$JS.API.STREAM.PURGE.JF_EVENTS",
                   "$JS.API.CONSUMER.DELETE.JF_SUBMIT.jf-sentinel-submit",
@@ -231,3 +234,33 @@ async def test_a_wrong_password_is_refused(secured: Secured) -> None:
     with pytest.raises(Exception, match="(?i)authoriz"):
         await nats.connect(secured.url, user="admin", password="guess",
                            allow_reconnect=False, max_reconnect_attempts=0)
+
+
+async def test_commands_take_credentials_and_never_show_the_secret(secured: Secured) -> None:
+    admin = secured.contexts["admin"]
+    code, out, err = await cli(secured.url, "--context", str(admin), "plugin", "list")
+    assert code == 0, err
+    secret = "wrong-" + secured.users["admin"].password[:6]
+    env = {**os.environ, "JETFLOW_USER": "admin", "JETFLOW_PASSWORD": secret}
+    code, out, err = await cli(secured.url, "plugin", "list", env=env)
+    assert code == 1 and "refused the connection (user admin)" in err, err
+    assert secret not in out + err
+    code, out, err = await cli(secured.url, "submit", "--help", env=env)
+    assert code == 0 and "--password" in out and secret not in out + err
+    code, out, err = await cli(secured.url, "--context", str(secured.data / "none.json"),
+                               "plugin", "list")
+    assert code == 1 and "context file" in err and "not found" in err
+
+
+async def test_the_client_connects_with_credentials(secured: Secured) -> None:
+    creds = Credentials(context=str(secured.contexts["worker-w1"])).with_context()
+    assert creds.url == secured.url
+    assert secured.users["worker-w1"].password not in repr(creds)
+    assert creds.describe() == "user worker-w1"
+    nc = await bus.connect(None, credentials=creds)
+    try:
+        assert nc.is_connected
+    finally:
+        await nc.close()
+    with pytest.raises(CredentialsError, match="nkey seed file /nope not found"):
+        Credentials(nkey="/nope").connect_options()

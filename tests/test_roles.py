@@ -24,8 +24,8 @@ def test_nats_wildcards_match_as_the_server_does() -> None:
     assert matches("jf.>", "jf.job.>")
 
 
-@pytest.mark.parametrize("event", ["queued", "retry_scheduled", "dead_lettered", "cancelled",
-                                   "submitted", "rejected", "skipped", "cancel_requested"])
+@pytest.mark.parametrize("event", ["queued", "retry_scheduled", "dead_lettered", "submitted",
+                                   "rejected", "skipped", "cancel_requested"])
 def test_only_the_sentinel_and_admin_append_decisions(event: str) -> None:
     allowed = {r for r in ROLES if may(r, f"{JOB}.{event}")}
     assert allowed == {"sentinel", "admin"}
@@ -53,7 +53,7 @@ def test_a_worker_acts_only_as_itself() -> None:
 
 @pytest.mark.parametrize("api", ["STREAM.DELETE.JF_EVENTS", "STREAM.PURGE.JF_EVENTS",
                                  "STREAM.UPDATE.JF_EVENTS", "STREAM.CREATE.X",
-                                 "CONSUMER.DELETE.JF_EVENTS.jf-projector",
+                                 "CONSUMER.DELETE.JF_SUBMIT.jf-sentinel-submit",
                                  "STREAM.MSG.DELETE.JF_EVENTS"])
 def test_no_role_but_admin_changes_or_deletes_streams(api: str) -> None:
     assert {r for r in ROLES if may(r, f"$JS.API.{api}")} == {"admin"}
@@ -87,3 +87,8 @@ def test_the_server_block_names_every_user_and_the_anonymous_role() -> None:
         authorization_block(users, anonymous="nobody")
     with pytest.raises(ValueError, match="unknown role"):
         roles.permissions("root")
+
+
+def test_only_the_services_delete_consumers_of_the_log() -> None:
+    allowed = {r for r in ROLES if may(r, "$JS.API.CONSUMER.DELETE.JF_EVENTS.jf-projector")}
+    assert allowed == {"sentinel", "projector", "admin"}

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import nats
 import nats.errors
@@ -33,6 +34,7 @@ from nats.js.api import (
     StreamInfo,
 )
 
+from jetflow.adapters.auth import Credentials
 from jetflow.adapters.natsclient import Client
 from jetflow.core import subjects as S
 from jetflow.core.codec import encode_event
@@ -111,22 +113,27 @@ FIRST_CONNECT_WAIT_S = 1.0  # a command fails about this fast when nothing liste
 
 
 async def connect(url: str | None = None, *, name: str = "jetflow",
-                  wait_s: float = FIRST_CONNECT_WAIT_S) -> Client:
+                  wait_s: float = FIRST_CONNECT_WAIT_S,
+                  credentials: Credentials | None = None) -> Client:
     """Connect, trying again for up to ``wait_s`` (a command fails fast; a service that may
     start before its server passes longer), reconnecting forever afterwards. The client is
-    nats-py's with raw subscriptions (:mod:`jetflow.adapters.natsclient`)."""
-    url = url or default_url()
+    nats-py's with raw subscriptions (:mod:`jetflow.adapters.natsclient`). Without
+    ``credentials``, those of the environment (see :mod:`jetflow.adapters.auth`)."""
+    creds = credentials if credentials is not None else Credentials.from_env()
+    url = url or os.environ.get("JETFLOW_NATS_URL") or creds.url or DEFAULT_URL
     check_url(url)
+    options = creds.connect_options()
     deadline = time.monotonic() + wait_s
     errors = _ErrorLog()
     said = False
     while True:
         nc = await _try_connect(url, name, errors, max(deadline - time.monotonic(),
-                                                       CONNECT_TIMEOUT_S))
+                                                       CONNECT_TIMEOUT_S), options)
         if nc is not None:
             return nc
         if _refusal(errors.last):  # a server answered and said no: no use waiting
-            raise BusError(f"NATS at {url} refused the connection: {errors.last}") from None
+            raise BusError(f"NATS at {url} refused the connection ({creds.describe()}): "
+                           f"{errors.last}") from None
         if time.monotonic() >= deadline:
             raise Unreachable(url, _unreachable_reason(errors.last))
         if not said and wait_s > FIRST_CONNECT_WAIT_S:  # a service: say why it is idle
@@ -150,8 +157,8 @@ def check_url(url: str) -> None:
                            "nats://HOST:PORT")
 
 
-async def _try_connect(url: str, name: str, errors: _ErrorLog,
-                       timeout_s: float) -> Client | None:
+async def _try_connect(url: str, name: str, errors: _ErrorLog, timeout_s: float,
+                       options: dict[str, Any]) -> Client | None:
     """One round of attempts (two per server), or None; the reason is in ``errors.last``."""
     nc = Client()
     errors.last = None  # this round's reason, not an earlier one's
@@ -163,6 +170,7 @@ async def _try_connect(url: str, name: str, errors: _ErrorLog,
             reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py says int; a float works
             max_reconnect_attempts=1, ping_interval=5, max_outstanding_pings=3,
             error_cb=errors.record, disconnected_cb=_log_disconnect, reconnected_cb=_log_reconnect,
+            **options,
         ), timeout=timeout_s)
     except (OSError, nats.errors.NoServersError, *TIMEOUTS) as exc:
         errors.last = errors.last or exc
@@ -324,6 +332,19 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1,
     for config in stream_configs(replicas=replicas, dedup_window_s=dedup_window_s):
         await _ensure_stream(js, config)
     await _retire_work_stream(js)
+
+
+BUCKETS = (S.SNAPSHOT_BUCKET, S.TEMPLATE_BUCKET, S.PLUGIN_BUCKET)
+
+
+async def ensure_buckets(js: JetStreamContext) -> None:
+    """Create jetflow's object stores if missing (done by ``jetflow up``, as admin: the
+    services it starts may read and write them, not create them)."""
+    for bucket in BUCKETS:
+        try:
+            await js.object_store(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            await js.create_object_store(bucket)
 
 
 async def _retire_work_stream(js: JetStreamContext) -> None:
@@ -577,11 +598,14 @@ async def messages_on(js: JetStreamContext, filters: list[str], start_seq: int =
     return msgs
 
 
+READ_CONSUMER_IDLE_S = 5.0  # a one-off read's consumer is gone this long after it
+
+
 async def _read_filtered(js: JetStreamContext, filters: list[str], start_seq: int,
                          stream: str) -> list[Msg]:
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                             opt_start_seq=max(1, start_seq), ack_policy=AckPolicy.NONE,
-                            inactive_threshold=10.0, mem_storage=True,
+                            inactive_threshold=READ_CONSUMER_IDLE_S, mem_storage=True,
                             **({"filter_subject": filters[0]} if len(filters) == 1
                                else {"filter_subjects": filters}))
     try:
@@ -599,8 +623,8 @@ async def _read_filtered(js: JetStreamContext, filters: list[str], start_seq: in
                 msgs.extend(await sub.fetch(min(256, total - len(msgs)), 5.0))
         finally:
             await sub.unsubscribe()
-    with contextlib.suppress(nats.js.errors.NotFoundError):
-        await js.delete_consumer(stream, info.name)
+    # not deleted: the server drops it once idle, and a reader needs no right to delete
+    # consumers (which would let it delete anyone's)
     return msgs
 
 

@@ -32,9 +32,11 @@ def worker_user(worker_id: str) -> str:
     return f"worker-{S.check_token(worker_id, 'worker id')}"
 
 
-def ensure_users(data_dir: Path, worker_ids: Iterable[str] = ()) -> list[User]:
+def ensure_users(data_dir: Path, worker_ids: Iterable[str] = (), *,
+                 forget: Iterable[str] = ()) -> list[User]:
     """The users stored under ``data_dir`` (made on first use): one per role, and one per
-    worker id in ``worker_ids`` (added when new; existing passwords are kept)."""
+    worker id in ``worker_ids`` (added when new; existing passwords are kept); the worker
+    ids in ``forget`` (workers that ended) are removed, with their context files."""
     path = data_dir / CREDENTIALS_FILE
     users: dict[str, User] = {}
     if path.exists():
@@ -42,6 +44,11 @@ def ensure_users(data_dir: Path, worker_ids: Iterable[str] = ()) -> list[User]:
             user = User(**entry)
             users[user.name] = user
     changed = not path.exists()
+    for gone in forget:
+        user_name = worker_user(gone)
+        if users.pop(user_name, None) is not None:
+            changed = True
+        (data_dir / CONTEXTS_DIR / f"{user_name}.json").unlink(missing_ok=True)
     wanted: list[tuple[str, str, str | None]] = [
         (role, role, None) for role in ROLES if role != "worker"]
     wanted += [(worker_user(w), "worker", w) for w in worker_ids]

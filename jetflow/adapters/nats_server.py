@@ -18,6 +18,7 @@ from types import TracebackType
 __all__ = ["EmbeddedServer", "find_binary", "default_config", "ServerError"]
 
 _READY = "Server is ready"
+_RELOADED = "Reloaded server configuration"
 _LISTEN = re.compile(r"Listening for client connections on [^\s]*:(\d+)")
 
 
@@ -153,6 +154,27 @@ class EmbeddedServer:
         tail = self._log_since(offset)[-2000:]
         await self.stop()
         raise ServerError(f"nats-server did not become ready; its log says:\n{tail}")
+
+    async def reload(self, extra: str, timeout_s: float = 10.0) -> None:
+        """Run with ``extra`` as the added configuration from now on (a new user): the file
+        rewritten, the running server told to reload it (SIGHUP), and waited for."""
+        self.extra = extra
+        self._write_config()
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return  # taken at the next start
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = self._log_since(offset)
+            if _RELOADED in text:
+                return
+            if "[ERR]" in text or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.02)
+        raise ServerError("nats-server did not reload its configuration; its log says:\n"
+                          f"{self._log_since(offset)[-2000:]}")
 
     def _log_since(self, offset: int) -> str:
         try:

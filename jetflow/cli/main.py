@@ -25,7 +25,7 @@ from jetflow.cli import (
     views,
     workflow,
 )
-from jetflow.cli.options import CommandError, common_options
+from jetflow.cli.options import CommandError, common_options, export_credentials
 from jetflow.cli.output import error
 from jetflow.core.subjects import InvalidToken
 from jetflow.projections.schema import ProjectionError
@@ -77,6 +77,7 @@ def _setup_tracing(a: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    export_credentials(args)
     if args.command in services.SERVICES:  # started by `jetflow up`: stopped if it dies
         from jetflow.adapters.runtime import STOP_WITH_PARENT_ENV, die_with_parent
 
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     # SIGPIPE stays ignored (Python's default): with SIG_DFL a service writing to the
     # socket of a nats-server that just died is killed without a word.
+    from jetflow.adapters.auth import CredentialsError
     from jetflow.adapters.client import JobError
     from jetflow.core.plugin import PluginError
     from jetflow.core.template import TemplateError
@@ -108,7 +110,8 @@ def _main(args: argparse.Namespace) -> int:
         sys.stderr.close()
         return 0
     except (BusError, JobError, ProjectionError, InvalidToken, ServerError,
-            CommandError, HandlerError, StartError, TemplateError, PluginError) as exc:
+            CommandError, HandlerError, StartError, TemplateError, PluginError,
+            CredentialsError) as exc:
         # no server, no such job, a projection file that cannot be used, a job id that
         # cannot be one, a port taken, --args that are no JSON object, a handler that
         # cannot be found, a service of `up` that cannot start

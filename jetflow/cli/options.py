@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,7 @@ def json_arg(text: str, flag: str, *, object_only: bool = True) -> Any:
 # -- option groups ----------------------------------------------------------------------------
 
 def common_options(p: argparse.ArgumentParser, *, nats_help: str | None = None,
-                   top: bool = False) -> None:
+                   top: bool = False, context_flag: bool = True) -> None:
     """The options every command takes. They may come before the command too (``jetflow
     --log-format json submit ...``): the top parser (``top``) holds the defaults, and a
     command's own parser sets only what is given after it."""
@@ -115,6 +116,7 @@ def common_options(p: argparse.ArgumentParser, *, nats_help: str | None = None,
     p.add_argument("--nats", default=default(None), metavar="URL",
                    help=nats_help or f"NATS server or cluster URL (env JETFLOW_NATS_URL, "
                                      f"default {DEFAULT_URL})")
+    credential_options(p, default, context_flag)
     p.add_argument("--log-level", default=default(os.environ.get("JETFLOW_LOG_LEVEL", "INFO")),
                    help="DEBUG, INFO, WARNING... (env JETFLOW_LOG_LEVEL)")
     p.add_argument("--log-format", choices=("text", "json"),
@@ -124,6 +126,52 @@ def common_options(p: argparse.ArgumentParser, *, nats_help: str | None = None,
     p.add_argument("--trace-console", action="store_true", default=default(False),
                    help="print spans to stderr (local debugging; also sets "
                         "OTEL_TRACES_EXPORTER for the processes this one starts)")
+
+
+# flag -> (Credentials field, what it is): each also from its JETFLOW_* variable
+CREDENTIAL_FLAGS = {
+    "--context": ("context", "a nats CLI context file (url, user/password, token, nkey, "
+                             "creds, ca/cert/key)"),
+    "--user": ("user", "NATS user name"),
+    "--password": ("password", "NATS password (prefer the environment variable: a flag "
+                               "shows in the process list)"),
+    "--token": ("token", "NATS token (prefer the environment variable)"),
+    "--nkey": ("nkey", "file holding an nkey seed"),
+    "--creds": ("creds", "a .creds file (JWT and nkey seed)"),
+    "--tls-ca": ("ca", "CA certificate file that signed the server's"),
+    "--tls-cert": ("cert", "client certificate file (TLS)"),
+    "--tls-key": ("key", "client key file (TLS)"),
+}
+
+
+def credential_options(p: argparse.ArgumentParser, default: Callable[[object], object],
+                       context_flag: bool = True) -> None:
+    """How to authenticate to NATS, the NATS way; no value is ever shown in ``--help``.
+    ``--nats-context`` is ``--context`` too, except where a command has a ``--context`` of
+    its own (``workflow start``)."""
+    from jetflow.adapters.auth import ENV
+
+    group = p.add_argument_group("credentials (flags win over the environment)")
+    for flag, (name, what) in CREDENTIAL_FLAGS.items():
+        flags = [flag] if flag != "--context" else \
+            (["--context", "--nats-context"] if context_flag else ["--nats-context"])
+        group.add_argument(*flags, dest=f"cred_{name}", default=default(None),
+                           metavar="FILE" if "file" in what else "VALUE",
+                           help=f"{what} (env {ENV[name]})")
+
+
+def export_credentials(a: argparse.Namespace) -> None:
+    """The credential flags given into the environment: every connection this process
+    makes, and the processes it starts, use them."""
+    from jetflow.adapters.auth import ENV
+
+    for name, var in ENV.items():
+        value = getattr(a, f"cred_{name}", None)
+        if value is not None:
+            os.environ[var] = str(Path(value).resolve()) if name in FILES else value
+
+
+FILES = {"context", "nkey", "creds", "ca", "cert", "key"}
 
 
 def data_option(p: argparse.ArgumentParser) -> None:

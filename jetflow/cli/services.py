@@ -66,7 +66,7 @@ async def cmd_worker(a: argparse.Namespace) -> int:
                     concurrency=a.concurrency, lease_s=a.lease, heartbeat_s=a.heartbeat,
                     grace_s=a.grace, prefetch=a.prefetch, memory_limit_mb=a.memory_limit,
                     wait_nats_s=a.wait_nats, plugins=a.plugins, data_dir=a.data,
-                    keep_envs=a.keep_envs)
+                    keep_envs=a.keep_envs, worker_id=a.id)
     with Signals() as caught:
         await caught.before(worker.start())
         await caught.wait()
@@ -246,6 +246,9 @@ def _add_worker(sub: Any) -> None:
     p.add_argument("--plugins", default="all", metavar="all|none|NAMES",
                    help="run jobs of deployed plugins: all (the default), none, or only "
                         "these (names separated by commas)")
+    p.add_argument("--id", default=os.environ.get("JETFLOW_WORKER_ID"), metavar="ID",
+                   help="this worker's id: the one its credentials are for, when each worker "
+                        "has its own (env JETFLOW_WORKER_ID; default host-pid-random)")
     p.add_argument("--keep-envs", type=positive_int, default=8,
                    help="plugin environments kept (least recently used go first) (8)")
     p.add_argument("--data", default=DEFAULT_DATA,

@@ -265,7 +265,7 @@ def add_commands(sub: Any) -> None:
                         description="Start a workflow; prints its id (with --wait, the "
                                     "outcome: exit 0 if it succeeded, 1 otherwise, 2 if "
                                     "rejected).")
-    common_options(p)
+    common_options(p, context_flag=False)  # --context is the workflow's here
     p.add_argument("target", metavar="NAME|FILE")
     p.add_argument("--version", type=positive_int, help="template version (default latest)")
     p.add_argument("--context", default="{}", metavar="JSON|@FILE|-",
