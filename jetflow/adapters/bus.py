@@ -132,10 +132,13 @@ async def connect(url: str | None = None, *, name: str = "jetflow",
         if nc is not None:
             return nc
         if _refusal(errors.last):  # a server answered and said no: no use waiting
-            raise BusError(f"NATS at {url} refused the connection ({creds.describe()}): "
-                           f"{errors.last}") from None
+            raise BusError(f"NATS at {url} refused the connection: {errors.last} (with "
+                           f"{creds.describe()})") from None
         if time.monotonic() >= deadline:
-            raise Unreachable(url, _unreachable_reason(errors.last))
+            reason = _unreachable_reason(errors.last)
+            if isinstance(errors.last, ConnectionResetError) and options:
+                reason += f" (it may have refused {creds.describe()})"
+            raise Unreachable(url, reason)
         if not said and wait_s > FIRST_CONNECT_WAIT_S:  # a service: say why it is idle
             log.warning("NATS at %s: %s; waiting up to %gs for it", url,
                         _unreachable_reason(errors.last), wait_s)
