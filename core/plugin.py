@@ -16,6 +16,7 @@ says whether a source is a new version, the one already deployed, or refused, an
 from __future__ import annotations
 
 import ast
+import gc
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -74,10 +75,23 @@ def source_sha256(source: bytes) -> str:
     return hashlib.sha256(source).hexdigest()
 
 
+def _parse(source: bytes, filename: str) -> ast.Module:
+    """``ast.parse`` with the garbage collector held off: on CPython 3.11 a finalizer that
+    runs in the middle of building the tree fails it with "AST constructor recursion depth
+    mismatch" (CPython gh-106905)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(source, filename)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def read_plugin(source: bytes, filename: str = "<plugin>") -> PluginMeta:
     """The plugin's constants and ``parse`` signature, from its syntax tree."""
     try:
-        tree = ast.parse(source, filename)
+        tree = _parse(source, filename)
     except SyntaxError as exc:
         raise PluginError(f"{filename}: not valid Python: line {exc.lineno}: {exc.msg}"
                           ) from None

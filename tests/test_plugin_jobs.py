@@ -19,11 +19,10 @@ import pytest_asyncio
 from bench.plugins import local_wheel
 from jetflow import Client, SubmissionRejected, connect
 from jetflow.adapters.bus import connect as bus_connect
-from jetflow.adapters.bus import messages_on
+from jetflow.adapters.bus import messages_on, stored_seq
 from jetflow.adapters.nats_server import EmbeddedServer
 from jetflow.adapters.plugins import PluginStore
 from jetflow.core.job import JobState
-from jetflow.core.metadata import parse_ack_reply
 from jetflow.up import Stack
 from jetflow.workers.worker import Worker
 from tests.test_projections_e2e import cli
@@ -309,7 +308,7 @@ async def test_requirements_run_in_an_environment_of_their_own(world: World) -> 
     # the sentinel offered the job only once its worker had said its environment is ready
     nc = await bus_connect(world.url)
     try:
-        ready = [(parse_ack_reply(m.reply).stream_seq, json.loads(m.data)["data"]["worker"])
+        ready = [(stored_seq(m), json.loads(m.data)["data"]["worker"])
                  for m in await messages_on(nc.jetstream(), ["jf.plugin.with_reqs.env_ready"])]
     finally:
         await nc.close()

@@ -273,7 +273,7 @@ def stream_configs(*, replicas: int = 1, dedup_window_s: float = 120.0) -> list[
         StreamConfig(name=S.SUBMIT_STREAM, subjects=S.SUBMIT_SUBJECTS,
                      retention=RetentionPolicy.WORK_QUEUE, storage=file, no_ack=True,
                      num_replicas=replicas, duplicate_window=dedup_window_s),
-        StreamConfig(name=S.LOGS_STREAM, subjects=S.LOGS_SUBJECTS,
+        StreamConfig(name=S.LOGS_STREAM, subjects=S.LOGS_SUBJECTS, allow_direct=True,
                      retention=RetentionPolicy.LIMITS, storage=file, num_replicas=replicas,
                      max_bytes=256 * 1024 * 1024, max_age=7 * 24 * 3600.0),
         StreamConfig(name=S.HEARTBEAT_STREAM, subjects=S.HEARTBEAT_SUBJECTS,
@@ -381,6 +381,9 @@ async def _ensure_stream(js: JetStreamContext, want: StreamConfig) -> None:
         await js.update_stream(have)
         log.warning("%s had no size limit: now %d bytes (the oldest events go first)",
                     want.name, want.max_bytes)
+    if want.allow_direct and not have.allow_direct:  # an older jetflow's: read by direct gets
+        have.allow_direct = True
+        await js.update_stream(have)
     if sorted(have.subjects or []) != sorted(want.subjects or []) \
             or have.retention != want.retention or bool(have.no_ack) != bool(want.no_ack):
         raise BusError(
@@ -586,49 +589,80 @@ async def job_messages_after(nc: NATS, job_id: str, seq: int,
     return found
 
 
-MAX_FILTERS = 256  # subject filters per reading consumer
+DIRECT_BATCH = 256  # messages per batched direct get
+DIRECT_HEADERS = ("Nats-Stream", "Nats-Sequence", "Nats-Time-Stamp", "Nats-Subject",
+                  "Nats-Num-Pending", "Nats-Last-Sequence")
 
 
 async def messages_on(js: JetStreamContext, filters: list[str], start_seq: int = 1,
                       stream: str = S.EVENTS_STREAM) -> list[Msg]:
     """Every message of ``stream`` (JF_EVENTS) on any of ``filters`` from ``start_seq``,
-    in stream order (a short-lived consumer per :data:`MAX_FILTERS` filters)."""
+    in stream order, by batched direct gets: a read creates nothing on the server (a
+    submitter may read, and may not create consumers). :func:`stored_seq` is a message's
+    stream sequence."""
     msgs: list[Msg] = []
-    for i in range(0, len(filters), MAX_FILTERS):
-        msgs.extend(await _read_filtered(js, filters[i:i + MAX_FILTERS], start_seq, stream))
-    if len(filters) > MAX_FILTERS:
-        msgs.sort(key=lambda m: parse_ack_reply(m.reply).stream_seq)
+    for subject_filter in dict.fromkeys(filters):
+        msgs.extend(await _direct_scan(js._nc, stream, subject_filter, start_seq))
+    if len(filters) > 1:
+        msgs.sort(key=stored_seq)
     return msgs
 
 
-READ_CONSUMER_IDLE_S = 5.0  # a one-off read's consumer is gone this long after it
+def stored_seq(msg: Msg) -> int:
+    """The stream sequence of a message read by :func:`messages_on` or a consumer."""
+    headers = msg.headers or {}
+    seq = headers.get("Nats-Sequence")
+    return int(seq) if seq is not None else parse_ack_reply(msg.reply).stream_seq
 
 
-async def _read_filtered(js: JetStreamContext, filters: list[str], start_seq: int,
-                         stream: str) -> list[Msg]:
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                            opt_start_seq=max(1, start_seq), ack_policy=AckPolicy.NONE,
-                            inactive_threshold=READ_CONSUMER_IDLE_S, mem_storage=True,
-                            **({"filter_subject": filters[0]} if len(filters) == 1
-                               else {"filter_subjects": filters}))
+async def _direct_scan(nc: NATS, stream: str, subject_filter: str,
+                       start_seq: int) -> list[Msg]:
+    """The messages on ``subject_filter`` from ``start_seq``: batched direct gets (each
+    answered by up to :data:`DIRECT_BATCH` messages, then an end-of-batch status)."""
+    found: list[Msg] = []
+    seq = max(1, start_seq)
+    while True:
+        batch, more = await _direct_batch(nc, stream, subject_filter, seq)
+        found.extend(batch)
+        if not more or not batch:
+            return found
+        seq = stored_seq(batch[-1]) + 1
+
+
+async def _direct_batch(nc: NATS, stream: str, subject_filter: str,
+                        seq: int) -> tuple[list[Msg], bool]:
+    """One batch from ``seq``, and whether more may follow."""
+    inbox = nc.new_inbox()
+    queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def on_msg(msg: Msg) -> None:
+        await queue.put(msg)
+
+    sub = await nc.subscribe(inbox, cb=on_msg)
+    request = json.dumps({"seq": seq, "next_by_subj": subject_filter,
+                          "batch": DIRECT_BATCH}).encode()
+    out: list[Msg] = []
     try:
-        info = await js.add_consumer(stream, config=config)
-    except nats.js.errors.NotFoundError:
-        raise no_stream(stream) from None
-    except NO_JETSTREAM as exc:
-        raise no_jetstream(exc) from None
-    total = info.num_pending or 0
-    msgs: list[Msg] = []
-    if total:
-        sub = await js.pull_subscribe_bind(info.name, stream)
-        try:
-            while len(msgs) < total:
-                msgs.extend(await sub.fetch(min(256, total - len(msgs)), 5.0))
-        finally:
-            await sub.unsubscribe()
-    # not deleted: the server drops it once idle, and a reader needs no right to delete
-    # consumers (which would let it delete anyone's)
-    return msgs
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", request, reply=inbox)
+        while True:
+            try:
+                msg = await asyncio.wait_for(queue.get(), 5.0)
+            except TimeoutError:
+                raise BusError(f"no answer reading {stream} ({subject_filter}): is "
+                               "JetStream on, and may these credentials read it?") from None
+            headers = msg.headers or {}
+            status = headers.get("Status")
+            if status == "204":  # end of batch
+                return out, int(headers.get("Nats-Num-Pending") or 0) > 0
+            if status == "404":
+                return out, False
+            if status:
+                raise BusError(f"reading {stream} ({subject_filter}) failed: {status} "
+                               f"{headers.get('Description', '')}")
+            out.append(Msg(nc, subject=headers.get("Nats-Subject", msg.subject), reply="",
+                           data=msg.data, headers=headers))
+    finally:
+        await sub.unsubscribe()
 
 
 async def event_at(nc: NATS, seq: int) -> tuple[int, str, bytes] | None:

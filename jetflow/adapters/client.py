@@ -30,11 +30,13 @@ from nats.aio.msg import Msg
 
 from jetflow.adapters import tracing
 from jetflow.adapters.bus import (
+    DIRECT_HEADERS,
     TIMEOUTS,
     BusError,
     Tail,
     last_job_event,
     messages_on,
+    stored_seq,
 )
 from jetflow.adapters.bus import connect as bus_connect
 from jetflow.adapters.natsclient import Client as RawClient
@@ -52,7 +54,6 @@ from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, Unreadable, decode_event, dumps, loads
 from jetflow.core.events import Event
 from jetflow.core.job import TERMINAL, JobState, fold_skipping
-from jetflow.core.metadata import parse_ack_reply
 from jetflow.core.submission import derive_job_id
 from jetflow.core.workflow_view import WorkflowView
 
@@ -351,8 +352,9 @@ class Client:
     async def history_with_headers(self, job_id: str) -> list[tuple[Event, dict[str, str]]]:
         """Every event of the job with the NATS headers it was stored with (trace
         context, correlation id, msg id), straight from the stream, in order."""
-        return [(event, dict(m.headers or {})) for m in await self._messages(job_id)
-                if isinstance(event := _read(m), Event)]
+        return [(event, {k: v for k, v in (m.headers or {}).items()
+                          if k not in DIRECT_HEADERS})
+                for m in await self._messages(job_id) if isinstance(event := _read(m), Event)]
 
     async def history_report(self, job_id: str) -> tuple[list[Event], list[Unreadable]]:
         """The job's events, and the messages on its subjects that are not events (a
@@ -538,7 +540,7 @@ def _submit_attributes(subject: str, msg_id: str, body: dict[str, Any]) -> dict[
 
 def _read(msg: Msg) -> Event | Unreadable:
     """The event a stored message holds, or why it holds none."""
-    seq = parse_ack_reply(msg.reply).stream_seq
+    seq = stored_seq(msg)
     try:
         return decode_event(msg.subject, msg.data, seq)
     except Exception as exc:  # noqa: BLE001 - whatever it is, it is not an event

@@ -18,11 +18,17 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.object_store import ObjectStore
 
-from jetflow.adapters.bus import BusError, Conflict, EventLog, Publisher, messages_on
+from jetflow.adapters.bus import (
+    BusError,
+    Conflict,
+    EventLog,
+    Publisher,
+    messages_on,
+    stored_seq,
+)
 from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event
 from jetflow.core.events import Event
-from jetflow.core.metadata import parse_ack_reply
 from jetflow.core.plugin import PluginError, PluginRegistry, read_plugin, source_sha256
 
 __all__ = ["PluginStore", "Deployed"]
@@ -44,7 +50,7 @@ class PluginStore:
         filter_ = S.entity_filter("plugin", name) if name else f"{S.PREFIX}.plugin.>"
         registry = PluginRegistry()
         for msg in await messages_on(self.js, [filter_]):
-            seq = parse_ack_reply(msg.reply).stream_seq
+            seq = stored_seq(msg)
             try:
                 registry.observe(decode_event(msg.subject, msg.data, seq))
             except CodecError:

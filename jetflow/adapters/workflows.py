@@ -15,12 +15,11 @@ import yaml
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from jetflow.adapters.bus import TIMEOUTS, last_event_on, messages_on
+from jetflow.adapters.bus import TIMEOUTS, last_event_on, messages_on, stored_seq
 from jetflow.adapters.templates import TemplateStore
 from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, dumps
 from jetflow.core.events import Event
-from jetflow.core.metadata import parse_ack_reply
 from jetflow.core.template import Template, TemplateError
 from jetflow.core.workflow import WF_TERMINAL, step_job_id
 from jetflow.core.workflow_view import WorkflowView, fold_workflow, template_of
@@ -98,7 +97,7 @@ def _events(msgs: list[Any]) -> list[Event]:
 
 
 def _seq(msg: Any) -> int:
-    return parse_ack_reply(msg.reply).stream_seq
+    return stored_seq(msg)
 
 
 async def wait_end(nc: NATS, workflow_id: str, timeout: float | None) -> str:
