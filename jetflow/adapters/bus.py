@@ -181,6 +181,8 @@ async def _try_connect(url: str, name: str, errors: _ErrorLog, timeout_s: float,
             await nc.close()
         return None
     except nats.errors.Error as exc:
+        with contextlib.suppress(Exception):
+            await nc.close()
         if "connect url" not in str(exc):
             raise
         raise BusError(f"{url!r} is not a NATS URL ({str(exc).removeprefix('nats: ')}); "
@@ -656,6 +658,10 @@ async def _direct_batch(nc: NATS, stream: str, subject_filter: str,
                 return out, int(headers.get("Nats-Num-Pending") or 0) > 0
             if status == "404":
                 return out, False
+            if status == "503":  # no responders: no JetStream, or no such stream
+                await require_stream(nc.jetstream(), stream)
+                raise BusError(f"stream {stream} does not answer direct gets (allow_direct "
+                               "is off: `jetflow up` or a jetflow service turns it on)")
             if status:
                 raise BusError(f"reading {stream} ({subject_filter}) failed: {status} "
                                f"{headers.get('Description', '')}")
