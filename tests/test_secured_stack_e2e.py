@@ -15,7 +15,7 @@ import nats
 import pytest
 import pytest_asyncio
 
-from jetflow.adapters.client import Client
+from jetflow.adapters.client import Client, connect
 from jetflow.adapters.plugins import PluginStore
 from jetflow.adapters.workflows import wait_end
 from jetflow.up import Stack
@@ -110,3 +110,25 @@ async def test_anonymous_submits_and_cannot_forge_an_outcome(stack: Stack,
     job = await admin.wait(job_id, timeout=30)
     assert job.state == "succeeded" and job.result != {"forged": True}
     assert [v for v in violations(stack) if "user:submitter" not in v] == []
+
+
+async def test_a_submitter_submits_waits_and_reads_creating_nothing(stack: Stack,
+                                                                   admin: Client) -> None:
+    before = len(violations(stack))
+    submitter = await connect(stack.url)  # anonymous: the submitter role
+    try:
+        job_id = await submitter.submit("echo", {"m": 2})
+        job = await submitter.wait(job_id, timeout=30)
+        assert job.state == "succeeded" and job.result == {"m": 2}
+        types = [e.type for e in await submitter.history(job_id)]
+        assert types[0] == "submitted" and types[-1] == "succeeded"
+    finally:
+        await submitter.close()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jetflow.cli", "--context",
+        str(stack.data_dir / "contexts" / "submitter.json"), "history", job_id,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert "succeeded" in out.decode()
+    assert violations(stack)[before:] == []  # nothing it did was refused

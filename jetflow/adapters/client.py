@@ -16,6 +16,7 @@ request carries its id) and raises :class:`SubmissionRejected` with the reason o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
@@ -105,11 +106,13 @@ async def connect(url: str | None = None) -> Client:
     return Client(await bus_connect(url, name="jetflow-client"))
 
 
+WAIT_POLL_S = 2.0  # how often a waiting client looks at the log without a wake-up
+
+
 class Client:
     def __init__(self, nc: NATS) -> None:
         self.nc = nc
         self.js = nc.jetstream()
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._template_store: TemplateStore | None = None
 
@@ -384,25 +387,39 @@ class Client:
 
     # -- waiting ------------------------------------------------------------------------
     async def wait(self, job_id: str, timeout: float | None = None) -> JobState:
-        """Wait until the job is terminal (succeeded, dead-lettered, rejected, cancelled)."""
-        await self.watch()
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(job_id, []).append(fut)
+        """Wait until the job is terminal (succeeded, dead-lettered, rejected, cancelled);
+        TimeoutError after ``timeout`` seconds. Woken by the job's events (a core
+        subscription), and decided by what the log stores (a direct get), with a poll now
+        and then for a message lost: it creates nothing on the server, so a submitter may."""
+        S.check_job_id(job_id)
+        moved = asyncio.Event()
+
+        async def on_event(_msg: Msg) -> None:
+            moved.set()
+
+        sub = await self.nc.subscribe(S.job_filter(job_id), cb=on_event)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         try:
-            last = await self.last_event(job_id)
-            if last is None or last.type not in TERMINAL:
-                await asyncio.wait_for(fut, timeout)
+            while True:
+                moved.clear()
+                last = await self.last_event(job_id)
+                if last is not None and last.type in TERMINAL:
+                    break
+                left = None if deadline is None else deadline - loop.time()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"job {job_id} did not end within {timeout:g}s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(moved.wait(), min(WAIT_POLL_S, left or WAIT_POLL_S))
         finally:
-            waiting = self._waiters.get(job_id, [])
-            if fut in waiting:
-                waiting.remove(fut)
-            if not waiting:
-                self._waiters.pop(job_id, None)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         return await self.status(job_id)
 
     async def watch(self) -> None:
-        """Start following terminal events (done by ``wait``; call it before submitting
-        many jobs to wait for them with ``wait_terminal``)."""
+        """Start following terminal events (call it before submitting many jobs to wait
+        for them with ``wait_terminal``; it reads through a consumer, which a submitter's
+        credentials do not allow: ``wait`` does not need it)."""
         if self._watcher is not None:
             return
         head = (await self.js.stream_info(S.EVENTS_STREAM)).state.last_seq
@@ -419,9 +436,6 @@ class Client:
                 if not isinstance(event, Event):  # a forged message ends no job
                     continue
                 self.terminal[event.id] = event
-                for fut in self._waiters.pop(event.id, []):
-                    if not fut.done():
-                        fut.set_result(None)
             if batch:
                 self._terminal_changed.set()
 
