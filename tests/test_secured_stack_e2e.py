@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from jetflow.adapters.client import Client, connect
 from jetflow.adapters.plugins import PluginStore
 from jetflow.adapters.workflows import wait_end
 from jetflow.up import Stack
+from tests.test_projections_e2e import cli
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -43,6 +43,12 @@ async def admin(stack: Stack) -> AsyncIterator[Client]:
         yield client
     finally:
         await client.close()
+
+
+async def cli_as(stack: Stack, role: str, *args: str) -> tuple[int, str, str]:
+    """A jetflow command run with ``role``'s context file."""
+    context = stack.data_dir / "contexts" / f"{role}.json"
+    return await cli(stack.url, "--context", str(context), *args)
 
 
 def violations(stack: Stack) -> list[str]:
@@ -75,12 +81,8 @@ async def test_an_operator_cancels_with_its_context(stack: Stack, admin: Client)
         if (await admin.status(job_id)).state == "running":
             break
         await asyncio.sleep(0.05)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "jetflow.cli", "--context",
-        str(stack.data_dir / "contexts" / "operator.json"), "cancel", job_id,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
+    code, _out, err = await cli_as(stack, "operator", "cancel", job_id)
+    assert code == 0, err
     assert (await admin.wait(job_id, timeout=30)).state == "cancelled"
 
 
@@ -124,11 +126,7 @@ async def test_a_submitter_submits_waits_and_reads_creating_nothing(stack: Stack
         assert types[0] == "submitted" and types[-1] == "succeeded"
     finally:
         await submitter.close()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "jetflow.cli", "--context",
-        str(stack.data_dir / "contexts" / "submitter.json"), "history", job_id,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
-    assert "succeeded" in out.decode()
+    code, out, err = await cli_as(stack, "submitter", "history", job_id)
+    assert code == 0, err
+    assert "succeeded" in out
     assert violations(stack)[before:] == []  # nothing it did was refused

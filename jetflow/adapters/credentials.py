@@ -20,7 +20,8 @@ from pathlib import Path
 from jetflow.core import subjects as S
 from jetflow.core.roles import ROLES, User
 
-__all__ = ["CREDENTIALS_FILE", "CONTEXTS_DIR", "contexts", "ensure_users", "worker_user"]
+__all__ = ["CREDENTIALS_FILE", "CONTEXTS_DIR", "contexts", "ensure_users", "stored_users",
+           "worker_user"]
 
 CREDENTIALS_FILE = "credentials.json"
 CONTEXTS_DIR = "contexts"
@@ -38,11 +39,7 @@ def ensure_users(data_dir: Path, worker_ids: Iterable[str] = (), *,
     worker id in ``worker_ids`` (added when new; existing passwords are kept); the worker
     ids in ``forget`` (workers that ended) are removed, with their context files."""
     path = data_dir / CREDENTIALS_FILE
-    users: dict[str, User] = {}
-    if path.exists():
-        for entry in json.loads(path.read_text())["users"]:
-            user = User(**entry)
-            users[user.name] = user
+    users = {user.name: user for user in stored_users(data_dir)}
     changed = not path.exists()
     for gone in forget:
         user_name = worker_user(gone)
@@ -60,6 +57,14 @@ def ensure_users(data_dir: Path, worker_ids: Iterable[str] = (), *,
         _write_private(path, json.dumps({"users": [asdict(u) for u in users.values()]},
                                         indent=2))
     return list(users.values())
+
+
+def stored_users(data_dir: Path) -> list[User]:
+    """The users stored under ``data_dir`` (none before the first :func:`ensure_users`)."""
+    path = data_dir / CREDENTIALS_FILE
+    if not path.exists():
+        return []
+    return [User(**entry) for entry in json.loads(path.read_text())["users"]]
 
 
 def contexts(data_dir: Path, url: str, users: Iterable[User]) -> dict[str, Path]:

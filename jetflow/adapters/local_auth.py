@@ -5,7 +5,6 @@ server by a configuration reload), each service connecting with its own context 
 
 from __future__ import annotations
 
-import json
 import secrets
 from pathlib import Path
 from typing import Protocol
@@ -13,9 +12,9 @@ from typing import Protocol
 from jetflow.adapters.auth import ENV, Credentials
 from jetflow.adapters.credentials import (
     CONTEXTS_DIR,
-    CREDENTIALS_FILE,
     contexts,
     ensure_users,
+    stored_users,
 )
 from jetflow.adapters.nats_server import EmbeddedServer
 from jetflow.core.roles import User, authorization_block
@@ -38,7 +37,8 @@ class LocalAuth:
 
     def prepare(self) -> None:
         """Before the server starts: the users (workers of an earlier run forgotten)."""
-        self.users = ensure_users(self.data_dir, forget=self._stored_workers())
+        earlier = [u.worker_id for u in stored_users(self.data_dir) if u.worker_id]
+        self.users = ensure_users(self.data_dir, forget=earlier)
         self.server.extra = authorization_block(self.users)
 
     def started(self) -> None:
@@ -67,11 +67,3 @@ class LocalAuth:
 
     def _context(self, name: str) -> Path:
         return self.data_dir / CONTEXTS_DIR / f"{name}.json"
-
-    def _stored_workers(self) -> list[str]:
-        path = self.data_dir / CREDENTIALS_FILE
-        if not path.exists():
-            return []
-        return [str(u["worker_id"]) for u in json.loads(path.read_text())["users"]
-                if u.get("worker_id")]
-

@@ -144,6 +144,9 @@ CREDENTIAL_FLAGS = {
 }
 
 
+FILES = {"context", "nkey", "creds", "ca", "cert", "key"}  # made absolute when exported
+
+
 def credential_options(p: argparse.ArgumentParser, default: Callable[[object], object],
                        context_flag: bool = True) -> None:
     """How to authenticate to NATS, the NATS way; no value is ever shown in ``--help``.
@@ -169,9 +172,6 @@ def export_credentials(a: argparse.Namespace) -> None:
         value = getattr(a, f"cred_{name}", None)
         if value is not None:
             os.environ[var] = str(Path(value).resolve()) if name in FILES else value
-
-
-FILES = {"context", "nkey", "creds", "ca", "cert", "key"}
 
 
 def data_option(p: argparse.ArgumentParser) -> None:
