@@ -41,6 +41,7 @@ JOB_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "queued": {"attempt": _INT},
     "started": {"attempt": _INT, "worker": _STR, "lease_s": _NUM},
     "progress": {"attempt": _INT},
+    "handed_back": {"attempt": _INT, "worker": _STR},
     "succeeded": {"attempt": _INT, "worker": _STR},
     "failed": {"attempt": _INT, "error_type": _STR, "message": _STR, "retryable": _BOOL},
     "retry_scheduled": {"attempt": _INT, "not_before": _NUM},

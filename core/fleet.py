@@ -201,7 +201,7 @@ class Fleet:
                 heapq.heappush(self._timers, (job.submitted_at + limit, job.job_id))
 
     def _update_scheduler(self, old: JobState, new: JobState, event: Event) -> None:
-        if new.state == "queued" and event.type in ("queued", "submitted"):
+        if new.state == "queued" and event.type in ("queued", "submitted", "handed_back"):
             self.sched.add_ready(ReadyJob(new.job_id, new.queue, _route(new), new.priority,
                                           event.seq))
         elif new.state == "running" and event.type == "started":

@@ -38,6 +38,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     # from running: handed back by a draining worker; from dead_lettered: re-driven
     "queued": frozenset({"submitted", "retry_wait", "dead_lettered", "running"}),
     "started": frozenset({"queued"}),
+    # a draining worker gives its running attempt back (v3; before, the worker appended a
+    # ``queued`` with ``handback``, still read as it was)
+    "handed_back": frozenset({"running"}),
     "progress": frozenset({"running"}),
     "succeeded": frozenset({"running"}),
     "failed": frozenset({"running"}),
@@ -234,6 +237,13 @@ def _progress(s: Fields, e: Event) -> None:
     _same_attempt(s, e)
 
 
+def _handed_back(s: Fields, e: Event) -> None:
+    """Queued again for the next attempt, which does not use up the budget."""
+    _same_attempt(s, e)
+    s.update(state="queued", worker=None, not_before=None, finished_at=None,
+             max_attempts=s["max_attempts"] + 1)
+
+
 def _succeeded(s: Fields, e: Event) -> None:
     _same_attempt(s, e)
     s.update(state="succeeded", result=e.data.get("result"), finished_at=e.at)
@@ -249,6 +259,8 @@ NOT_RETRYABLE_TIMEOUTS = frozenset({"queue", "deadline"})
 
 
 def _timed_out(s: Fields, e: Event) -> None:
+    if e.data.get("worker") is not None:  # a worker's own run: the holder's
+        _same_attempt(s, e)
     kind = e.data.get("kind", "run")
     error = {"error_type": "timeout", "kind": kind, "message": e.data["reason"],
              "retryable": kind not in NOT_RETRYABLE_TIMEOUTS}
@@ -276,10 +288,17 @@ def _skipped(s: Fields, e: Event) -> None:
 
 
 def _same_attempt(s: Fields, e: Event) -> None:
+    """An event of the running attempt, from the worker that holds its claim (one that
+    names no worker is from a log older than that check)."""
     if e.data["attempt"] != s["attempt"]:
         raise IllegalTransition(s["state"], e.type,
                                 f"{e.type} for attempt {e.data['attempt']}, "
                                 f"running {s['attempt']}")
+    worker = e.data.get("worker")
+    if worker is not None and worker != s["worker"]:
+        raise IllegalTransition(s["state"], e.type,
+                                f"{e.type} from worker {worker}, which does not hold the "
+                                f"claim (worker {s['worker']} does)")
 
 
 _MUTATORS: dict[str, Mutator] = {
@@ -288,6 +307,7 @@ _MUTATORS: dict[str, Mutator] = {
     "queued": _queued,
     "started": _started,
     "progress": _progress,
+    "handed_back": _handed_back,
     "succeeded": _succeeded,
     "failed": _failed,
     "timed_out": _timed_out,

@@ -11,15 +11,16 @@ role may append only the events it owns, told apart by the subject's last token
 - ``operator`` is a submitter that may also cancel and retry (``jf.ctl.>``).
 - ``worker`` (one identity per worker id) receives its own offers and appends what a
   worker owns: a claim (``started``), ``progress``, ``succeeded``, ``failed``, a
-  ``timed_out`` of its own run, the ``cancelled`` of a run it stopped, its own lifecycle
-  and heartbeats, logs, and the environments it built.
+  ``timed_out`` of its own run, ``handed_back`` (a draining worker's run given back), its
+  own lifecycle and heartbeats, logs, and the environments it built.
 - ``sentinel`` appends the decisions (queued, retries, dead letters, cancellations,
   workflow events, lost workers) and offers work.
 - ``projector`` reads the whole log through its own durable consumer.
 - ``admin`` may do anything: streams, plugin deploys, template registration.
 
-Which worker holds a job's claim is not in a subject: the services check that (a
-``succeeded`` from a worker that does not hold the claim is refused and recorded).
+Which worker holds a job's claim is not in a subject: the services check that, by the
+signature each worker puts on its events (:mod:`jetflow.core.origin`) and by the state
+machine (an outcome from a worker that does not hold the claim is refused and recorded).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ __all__ = ["ROLES", "Permissions", "User", "authorization_block", "matches", "pe
 ROLES = ("submitter", "operator", "worker", "sentinel", "projector", "admin")
 
 # The events each role may append, by kind (the subject's last token).
-# a worker records ``cancelled`` when it stops a running job it was asked to cancel
-WORKER_JOB_EVENTS = ("started", "progress", "succeeded", "failed", "timed_out", "cancelled")
+# a worker stopping a run it was asked to cancel records it ``failed``: the sentinel then
+# decides ``cancelled``
+WORKER_JOB_EVENTS = ("started", "progress", "succeeded", "failed", "timed_out", "handed_back")
 WORKER_SELF_EVENTS = ("joined", "left")
 WORKER_PLUGIN_EVENTS = ("env_ready", "env_failed")
 SENTINEL_JOB_EVENTS = ("submitted", "rejected", "queued", "retry_scheduled", "timed_out",

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 from jetflow.core import subjects as S
 from jetflow.core.job import TERMINAL
+from jetflow.core.origin import Origin
 from jetflow.projections.store import Store
 from jetflow.projections.views import JobView, Raw, WorkerView, fold_batch
 
@@ -55,8 +56,10 @@ class Applier:
     """Applies batches of :class:`Raw` past the file's checkpoint. Worker views are few
     and all kept in memory; job views go through a :class:`JobCache`."""
 
-    def __init__(self, store: Store, *, cache_size: int = 50_000) -> None:
+    def __init__(self, store: Store, *, cache_size: int = 50_000,
+                 origin: Origin | None = None) -> None:
         self.store = store
+        self.origin = origin  # checks who wrote a worker's events (see core.origin)
         self.jobs = JobCache(cache_size)
         self.last_seq, self.last_at = store.checkpoint()
         self.workers: dict[str, WorkerView] = store.load_workers_all()
@@ -70,7 +73,7 @@ class Applier:
         if not batch:
             return
         self._loaded = self.store.load_jobs(self._uncached(batch))
-        rows = fold_batch(batch, self._job, self.workers.get, self.last_at)
+        rows = fold_batch(batch, self._job, self.workers.get, self.last_at, self.origin)
         self._loaded = {}
         try:
             self.store.write(rows)

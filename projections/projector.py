@@ -16,6 +16,7 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
+from jetflow.adapters.auth import local_origin
 from jetflow.adapters.bus import FIRST_CONNECT_WAIT_S, connect, ensure_streams
 from jetflow.adapters.reader import StreamReader
 from jetflow.adapters.runtime import cancel_and_wait, supervise
@@ -87,7 +88,7 @@ class Projector:
             await self.nc.publish(msg.reply, dumps(self.where()))
 
     async def _run(self) -> None:
-        applier = Applier(self.store)
+        applier = Applier(self.store, origin=local_origin())
         reader = StreamReader(self.nc, S.EVENTS_STREAM, start_seq=applier.last_seq + 1,
                               batch=self.batch, idle_s=self.idle_s, linger_s=self.linger_s)
         log.info("projecting from seq %d into %s", reader.next_seq, self.db_path)

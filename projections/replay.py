@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nats.aio.client import Client
 
+from jetflow.adapters.auth import local_origin
 from jetflow.core import subjects as S
 from jetflow.projections.applier import Applier
 from jetflow.projections.fetcher import Bounds, FetchError, fetch
@@ -58,7 +59,7 @@ async def rebuild(nc: Client, db_path: Path, *, to_seq: int | None = None,
     started = time.perf_counter()
     complete = False
     try:
-        applier = Applier(store)
+        applier = Applier(store, origin=local_origin())
         events = await _replay(nc, applier, bounds, batch, progress)
         last = applier.last_seq
         store.mark_snapshot(True)

@@ -17,6 +17,7 @@ from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
 from jetflow.core.job import Fields, JobState, as_fields, from_fields, try_step
 from jetflow.core.metadata import Stored, header_value
+from jetflow.core.origin import SIG_HEADER, Origin
 from jetflow.core.subjects import HDR_TRACEPARENT
 
 __all__ = [
@@ -132,18 +133,24 @@ class BatchRows:
 
 
 def fold_batch(messages: list[Raw], jobs: JobLookup, workers: WorkerLookup,
-               last_at: float | None = None) -> BatchRows:
+               last_at: float | None = None, origin: Origin | None = None) -> BatchRows:
     """Apply ``messages`` in order; ``jobs``/``workers`` give a view as it was before the
-    batch (None if unknown); ``last_at`` is the latest event time before the batch."""
-    fold = _Fold(jobs, workers, BatchRows(last_at=last_at))
+    batch (None if unknown); ``last_at`` is the latest event time before the batch. With
+    ``origin``, a worker's event not signed by whom it names is an error row."""
+    fold = _Fold(jobs, workers, BatchRows(last_at=last_at), origin or _UNCHECKED)
     for raw in messages:
         fold.add(raw)
     fold.credit_workers()
     return fold.rows
 
 
+_UNCHECKED = Origin(None)
+
+
 class _Fold:
-    def __init__(self, jobs: JobLookup, workers: WorkerLookup, rows: BatchRows) -> None:
+    def __init__(self, jobs: JobLookup, workers: WorkerLookup, rows: BatchRows,
+                 origin: Origin) -> None:
+        self.origin = origin
         self.load_job = jobs
         self.load_worker = workers
         self.rows = rows
@@ -160,6 +167,12 @@ class _Fold:
             self._error(raw, exc.code, exc.message)
             return
         kind = event.kind
+        if self.origin.checks(event):
+            why = self.origin.refusal(event, raw.subject, raw.data,
+                                      header_value(raw.headers, SIG_HEADER))
+            if why is not None:
+                self._error(raw, "origin_refused", why)
+                return
         problem = (self._job(event, raw) if kind == "job" else self._worker(event)
                    if kind == "worker" else self._workflow(event) if kind == "wf" else None)
         if problem:
@@ -190,7 +203,7 @@ class _Fold:
         if type_ in ("submitted", "skipped") and event.data.get("workflow"):
             view.workflow_id = str(event.data["workflow"])
             view.step = str(event.data.get("step") or "")
-        if type_ == "queued":
+        if type_ == "queued" or type_ == "handed_back":
             view.queued_at = event.at
         elif type_ == "submitted" or type_ == "rejected":
             view.trace_id = trace_id_of(header_value(raw.headers, HDR_TRACEPARENT))

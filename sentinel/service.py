@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from nats.aio.msg import Msg
 
+from jetflow.adapters.auth import Credentials
 from jetflow.adapters.bus import (
     FIRST_CONNECT_WAIT_S,
     TIMEOUTS,
@@ -42,7 +43,8 @@ from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
 from jetflow.core.fleet import Append, Dispatch, Fleet
-from jetflow.core.metadata import Stored, ack_numbers, headers_of
+from jetflow.core.metadata import Stored, ack_numbers, header_value, headers_of
+from jetflow.core.origin import SIG_HEADER, Origin, Signer, sentinel_key
 from jetflow.core.retry import RetryPolicy
 from jetflow.core.submission import differing_fields, submission_fingerprint
 from jetflow.core.template import TemplateError
@@ -102,7 +104,10 @@ class Sentinel:
         self.nc = await connect(self.url, name="jetflow-sentinel", wait_s=self.wait_nats_s)
         self.js = self.nc.jetstream()
         await ensure_streams(self.js)
-        self.log = EventLog(Publisher(self.nc))
+        secret = Credentials.from_env().secret_bytes()
+        self.origin = Origin(secret)  # who wrote the events a worker may append
+        self.log = EventLog(Publisher(self.nc),
+                            signer=Signer(sentinel_key(secret)) if secret else None)
         info = await self.js.stream_info(S.SUBMIT_STREAM)
         self.intake = Intake(info.created.isoformat() if info.created else "0")
         self.templates = TemplateStore(self.nc)
@@ -190,12 +195,28 @@ class Sentinel:
                 log.warning("ignoring malformed event at seq %d on %s: %s", seq, msg.subject,
                             exc.message)
                 continue
+            if self._forged(event, msg):
+                continue
             if (event.type == "submitted" or event.kind == "wf") and msg.headers:
                 headers = headers_of(msg.headers)
                 correlation_id = (headers.get(S.HDR_CORRELATION_ID)
                                   or event.get("correlation_id") or event.id)
                 self.trace[event.id] = Intake.trace_headers(headers, correlation_id)
             self._observe(event)
+
+    def _forged(self, event: Event, msg: Stored) -> bool:
+        """An event a worker may append that its signature says someone else wrote: not
+        applied (the job's next append expects it), and logged."""
+        if not self.origin.checks(event):
+            return False
+        why = self.origin.refusal(event, msg.subject, msg.data,
+                                  header_value(msg.headers, SIG_HEADER))
+        if why is None:
+            return False
+        self.fleet.stored_on_job(event.id, event.seq)
+        log.warning("refused %s of job %s at seq %d: %s", event.type, event.id, event.seq,
+                    why)
+        return True
 
     def _observe(self, event: Event, duplicate: bool = False) -> None:
         why = self.fleet.observe(event)

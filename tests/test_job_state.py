@@ -36,6 +36,7 @@ TARGET: dict[str, str | None] = {
     "queued": "queued",
     "started": "running",
     "progress": None,
+    "handed_back": "queued",
     "succeeded": "succeeded",
     "failed": "failed",
     "timed_out": "timed_out",
@@ -48,9 +49,9 @@ TARGET: dict[str, str | None] = {
 
 # the attempt an event must carry, given the job's current attempt
 NEXT_ATTEMPT = {"queued", "started", "retry_scheduled"}
-SAME_ATTEMPT = {"progress", "succeeded", "failed", "timed_out"}
+SAME_ATTEMPT = {"progress", "succeeded", "failed", "timed_out", "handed_back"}
 # the events whose attempt apply() checks (retry_scheduled and timed_out are not checked)
-CHECKED_ATTEMPT = {"queued", "started", "progress", "succeeded", "failed"}
+CHECKED_ATTEMPT = {"queued", "started", "progress", "succeeded", "failed", "handed_back"}
 
 
 def data_for(type_: str, attempt: int, worker: str = "w1") -> dict[str, Any]:
@@ -62,6 +63,7 @@ def data_for(type_: str, attempt: int, worker: str = "w1") -> dict[str, Any]:
         "queued": {"attempt": attempt},
         "started": {"attempt": attempt, "worker": worker, "lease_s": 15.0},
         "progress": {"attempt": attempt, "pct": 50},
+        "handed_back": {"attempt": attempt, "worker": worker, "reason": "draining"},
         "succeeded": {"attempt": attempt, "worker": worker, "result": {"ok": True}},
         "failed": {"attempt": attempt, "error_type": "ValueError", "message": "boom",
                    "retryable": True},
@@ -519,3 +521,38 @@ def test_redrive_sets_a_new_budget() -> None:
                               {"attempt": dead.attempt + 1, "max_attempts": dead.attempt + 2},
                               seq=dead.last_seq + 1))
     assert again.state == "queued" and again.max_attempts == dead.attempt + 2
+
+
+@pytest.mark.parametrize("type_", ["progress", "succeeded", "failed", "handed_back"])
+def test_an_outcome_from_a_worker_that_does_not_hold_the_claim_is_refused(type_: str) -> None:
+    running = state_in("running")
+    assert running.worker == "w1"
+    forged = Event("job", JOB, type_, 2.0, {**data_for(type_, running.attempt, "w2"),
+                                             "worker": "w2"}, seq=running.last_seq + 1)
+    with pytest.raises(IllegalTransition, match="worker w2, which does not hold the claim"):
+        apply(running, forged)
+    own = Event("job", JOB, type_, 2.0, {**data_for(type_, running.attempt), "worker": "w1"},
+                seq=running.last_seq + 1)
+    assert apply(running, own).events == running.events + 1
+
+
+def test_a_worker_s_run_timeout_must_be_the_holder_s_and_the_sentinel_s_need_not() -> None:
+    running = state_in("running")
+    mine = {"attempt": running.attempt, "reason": "run over 1s", "kind": "run"}
+    with pytest.raises(IllegalTransition, match="does not hold the claim"):
+        apply(running, Event("job", JOB, "timed_out", 2.0, {**mine, "worker": "w2"}))
+    assert apply(running, Event("job", JOB, "timed_out", 2.0,
+                                {**mine, "worker": "w1"})).state == "timed_out"
+    assert apply(running, Event("job", JOB, "timed_out", 2.0,
+                                {**mine, "kind": "lease"})).state == "timed_out"
+
+
+def test_a_hand_back_queues_the_next_attempt_without_using_the_budget() -> None:
+    running = state_in("running")
+    back = apply(running, Event("job", JOB, "handed_back", 2.0,
+                                {"attempt": running.attempt, "worker": "w1"}, seq=90))
+    assert (back.state, back.worker, back.attempt) == ("queued", None, running.attempt)
+    assert back.max_attempts == running.max_attempts + 1
+    again = apply(back, Event("job", JOB, "started", 3.0, {
+        "attempt": running.attempt + 1, "worker": "w2", "lease_s": 15.0}, seq=91))
+    assert again.worker == "w2"

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
-from jetflow.adapters.bus import Conflict, EventLog, job_messages_after
+from jetflow.adapters.bus import Conflict, EventLog, messages_on, stored_seq
 from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
 from jetflow.core.job import TRANSITIONS
+from jetflow.core.origin import SIG_HEADER, WORKER_SIGNED, sign
 from jetflow.core.plugin import PluginError
 from jetflow.workers.context import PermanentError
 from jetflow.workers.envs import Environments
@@ -289,7 +291,8 @@ class Attempt:
         while self._progress_next is not None and self.outcome is None:
             value, self._progress_next = self._progress_next, None
             self._progress_n += 1
-            event = self._event("progress", attempt=self.number, done=value.get("done"),
+            event = self._event("progress", attempt=self.number, worker=self.deps.worker_id,
+                                done=value.get("done"),
                                 total=value.get("total"))
             try:
                 ack = await self.deps.log.append(
@@ -332,17 +335,23 @@ class Attempt:
 
     async def _benign_head(self, mine: Event) -> int | None:
         """The latest sequence on the job if nothing recorded since our claim stops us from
-        recording: a progress line, a cancel request (the outcome stands), or a message the
-        state machine would not apply to a running job (one published by hand). RECORDED
-        when ``mine`` is there already: an earlier try went through but its ack was lost,
-        and the server forgot its msg id (restarted) so the next try conflicted."""
+        recording: a progress line, a cancel request (the outcome stands), a message the
+        state machine would not apply to a running job (one published by hand), or one
+        that cannot count: another worker's outcome (it does not hold the claim) or one in
+        this worker's name that this worker did not sign. RECORDED when ``mine`` is there
+        already: an earlier try went through but its ack was lost, and the server forgot
+        its msg id (restarted) so the next try conflicted."""
         head = self.started_seq
         if head is None:
             return None
-        for seq, subject, data in await job_messages_after(self.deps.nc, self.job_id, head):
+        for msg in await messages_on(self.deps.nc.jetstream(), [S.job_filter(self.job_id)],
+                                     head + 1):
+            seq = stored_seq(msg)
             try:
-                event = decode_event(subject, data, seq)
+                event = decode_event(msg.subject, msg.data, seq)
             except CodecError:
+                event = None
+            if event is not None and not self._counts(event, msg):
                 event = None
             if event is not None and _same_outcome(event, mine):
                 return RECORDED
@@ -352,12 +361,25 @@ class Attempt:
             head = seq
         return head
 
+    def _counts(self, event: Event, msg: Msg) -> bool:
+        """Whether the services would apply ``event`` as far as its author goes: not one
+        naming another worker (the state machine refuses a non-holder's outcome), not
+        one naming this worker unless signed with its key."""
+        if event.type not in WORKER_SIGNED or event.data.get("worker") is None:
+            return True
+        if event.data["worker"] != self.deps.worker_id:
+            return event.type == "started"  # a later claim (after a lease takeover)
+        signer = self.deps.log.signer
+        given = (msg.headers or {}).get(SIG_HEADER)
+        return signer is None or given == sign(signer.key, msg.subject, msg.data)
+
     def _outcome_event(self, outcome: Outcome) -> Event:
-        if outcome.kind == "cancel":
-            return self._event("cancelled", attempt=self.number, reason=self.cancel_reason,
-                               worker=self.deps.worker_id)
+        if outcome.kind == "cancel":  # the sentinel records it cancelled, seeing this
+            return self._event("failed", attempt=self.number, worker=self.deps.worker_id,
+                               error_type="Cancelled", message=self.cancel_reason,
+                               retryable=False)
         if outcome.kind == "handback":
-            return self._event("queued", attempt=self.number + 1, handback=True,
+            return self._event("handed_back", attempt=self.number,
                                worker=self.deps.worker_id, reason="worker draining")
         return self._event(outcome.kind, **_outcome_data(outcome, self.number,
                                                           self.deps.worker_id))

@@ -26,6 +26,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
+from jetflow.adapters.auth import Credentials
 from jetflow.adapters.bus import (
     FIRST_CONNECT_WAIT_S,
     EventLog,
@@ -39,6 +40,7 @@ from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
 from jetflow.core.fleet import default_heartbeat_s
+from jetflow.core.origin import Signer
 from jetflow.core.plugin import NAME_RE, PLUGIN_ROUTE, PluginError, plugin_route
 from jetflow.workers.attempt import PLUGIN_REF, Attempt, Deps
 from jetflow.workers.envs import Environments
@@ -149,7 +151,10 @@ class Worker:
                                 wait_s=self.wait_nats_s)
         self.js = self.nc.jetstream()
         await ensure_streams(self.js)
-        self.log = EventLog(Publisher(self.nc))
+        # signed with this worker's own key, when it has one (see core.origin)
+        key = Credentials.from_env().key_bytes()
+        self.log = EventLog(Publisher(self.nc),
+                            signer=Signer(key, public=True) if key else None)
         self.deps = Deps(self.nc, self.log, self.pool, self.worker_id, self.lease_s,
                          self.handlers,
                          PluginCache(self.nc, self.data_dir / "plugins") if self.plugins
@@ -182,6 +187,8 @@ class Worker:
             "concurrency": self.concurrency, "prefetch": self.prefetch,
             "host": socket.gethostname(), "pid": os.getpid(), "lease_s": self.lease_s,
             "heartbeat_s": self.heartbeat_s})
+        if self.log.signer is not None:  # what readers check this worker's events against
+            event.data["key"] = self.log.signer.public_hex
         self._joined = True  # before: stored but unacknowledged is joined too
         await self.log.append(event, msg_id=f"worker:{self.worker_id}:joined:{event.at}")
 

@@ -20,15 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Credentials", "CredentialsError", "ENV"]
+from jetflow.core.origin import Origin
+
+__all__ = ["Credentials", "CredentialsError", "ENV", "local_origin"]
 
 # field -> environment variable
 ENV = {"context": "JETFLOW_CONTEXT", "user": "JETFLOW_USER", "password": "JETFLOW_PASSWORD",
        "token": "JETFLOW_TOKEN", "nkey": "JETFLOW_NKEY", "creds": "JETFLOW_CREDS",
-       "ca": "JETFLOW_TLS_CA", "cert": "JETFLOW_TLS_CERT", "key": "JETFLOW_TLS_KEY"}
+       "ca": "JETFLOW_TLS_CA", "cert": "JETFLOW_TLS_CERT", "key": "JETFLOW_TLS_KEY",
+       # not NATS credentials: the keys of the origin check (jetflow.core.origin)
+       "origin_secret": "JETFLOW_ORIGIN_SECRET", "signing_key": "JETFLOW_SIGNING_KEY"}
 # the nats CLI context's keys for the same
 CONTEXT_KEYS = {"user": "user", "password": "password", "token": "token", "nkey": "nkey",
-                "creds": "creds", "ca": "ca", "cert": "cert", "key": "key"}
+                "creds": "creds", "ca": "ca", "cert": "cert", "key": "key",
+                "origin_secret": "jetflow_origin_secret", "signing_key": "jetflow_signing_key"}
 
 
 class CredentialsError(ValueError):
@@ -49,6 +54,9 @@ class Credentials:
     cert: str | None = None
     key: str | None = None
     url: str | None = None  # a context's server URL, used when none is given
+    # hex: the sentinel's and projector's secret, a worker's own key (core.origin)
+    origin_secret: str | None = field(default=None, repr=False)
+    signing_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **flags: str | None
@@ -105,6 +113,14 @@ class Credentials:
             opts["tls"] = self.tls_context()
         return opts
 
+    def secret_bytes(self) -> bytes | None:
+        """The origin secret (sentinel, projector), or None: nothing is checked."""
+        return _hex(self.origin_secret, "origin secret")
+
+    def key_bytes(self) -> bytes | None:
+        """A worker's signing key, or None: its events are not signed."""
+        return _hex(self.signing_key, "signing key")
+
     def tls_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(
             cafile=_existing(self.ca, "TLS CA") if self.ca else None)
@@ -112,6 +128,20 @@ class Credentials:
             ctx.load_cert_chain(_existing(self.cert, "TLS certificate"),
                                 _existing(self.key, "TLS key") if self.key else None)
         return ctx
+
+
+def local_origin() -> Origin:
+    """The origin check of this process's credentials (none without an origin secret)."""
+    return Origin(Credentials.from_env().secret_bytes())
+
+
+def _hex(value: str | None, what: str) -> bytes | None:
+    if not value:
+        return None
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise CredentialsError(f"the {what} is not hexadecimal") from None
 
 
 def _existing(path: str | None, what: str) -> str:

@@ -40,6 +40,7 @@ from jetflow.core import subjects as S
 from jetflow.core.codec import encode_event
 from jetflow.core.events import Event
 from jetflow.core.metadata import parse_ack_reply, status_of
+from jetflow.core.origin import Signer
 
 __all__ = [
     "DEFAULT_URL",
@@ -507,6 +508,7 @@ class EventLog:
 
     publisher: Publisher
     timeout_s: float = 10.0
+    signer: Signer | None = None  # each append signed by it (see core.origin)
 
     async def send(self, event: Event, *, expected_seq: int | None = None,
                    msg_id: str | None = None,
@@ -518,7 +520,10 @@ class EventLog:
             hdrs[S.HDR_EXPECTED_SUBJECT_SEQ] = str(expected_seq)
             hdrs[S.HDR_EXPECTED_SUBJECT] = S.entity_filter(event.kind, event.id)
         subject = S.event_subject(event.kind, event.id, event.type)
-        fut = await self.publisher.publish(subject, encode_event(event), hdrs)
+        body = encode_event(event)
+        if self.signer is not None:
+            hdrs.update(self.signer.headers(subject, body))
+        fut = await self.publisher.publish(subject, body, hdrs)
         return Pending(fut, event)
 
     async def settle(self, pending: Pending) -> Ack:

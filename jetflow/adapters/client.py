@@ -43,6 +43,7 @@ from jetflow.adapters.bus import connect as bus_connect
 from jetflow.adapters.natsclient import Client as RawClient
 from jetflow.adapters.pipeline import NoResponders, Pipeline
 from jetflow.adapters.runtime import cancel_and_wait
+from jetflow.adapters.signatures import AnnouncedKeys
 from jetflow.adapters.templates import Registered, TemplateStore
 from jetflow.adapters.workflows import (
     list_workflows,
@@ -115,6 +116,7 @@ class Client:
         self.js = nc.jetstream()
         self._watcher: asyncio.Task[None] | None = None
         self._template_store: TemplateStore | None = None
+        self._keys = AnnouncedKeys(nc)  # the workers' announced keys (origin checks)
 
     async def close(self) -> None:
         if self._watcher:
@@ -378,8 +380,12 @@ class Client:
 
     async def status(self, job_id: str) -> JobState:
         """The job's state folded from its history (state 'new' if it has no events), as
-        the projector folds it: an event that may not happen is left out."""
-        return fold_skipping(await self.history(job_id), job_id)[0]
+        the projector folds it: an event that may not happen is left out, and so is a
+        worker's event that the worker it names did not sign (``AnnouncedKeys``)."""
+        stored = [(event, m) for m in await self._messages(job_id)
+                  if isinstance(event := _read(m), Event)]
+        forged = await self._keys.unsigned(stored)
+        return fold_skipping([e for e, _ in stored if e.seq not in forged], job_id)[0]
 
     async def last_event(self, job_id: str) -> Event | None:
         found = await last_job_event(self.nc, S.check_job_id(job_id))
@@ -405,7 +411,9 @@ class Client:
                 moved.clear()
                 last = await self.last_event(job_id)
                 if last is not None and last.type in TERMINAL:
-                    break
+                    state = await self.status(job_id)
+                    if state.terminal:  # not when that last event is a forgery
+                        return state
                 left = None if deadline is None else deadline - loop.time()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"job {job_id} did not end within {timeout:g}s")
@@ -414,7 +422,6 @@ class Client:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        return await self.status(job_id)
 
     async def watch(self) -> None:
         """Start following terminal events (call it before submitting many jobs to wait
