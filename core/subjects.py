@@ -60,6 +60,8 @@ CONTROL_RETRY = f"{PREFIX}.ctl.retry"  # {"job_id", "attempts"?} -> a dead lette
 SENTINEL_PING = f"{PREFIX}.ctl.sentinel.ping"  # answered by a sentinel that is ready
 # answered by every projector: {"db", "host", "pid", "seq"} (where its file is)
 PROJECTOR_WHERE = f"{PREFIX}.ctl.projector.where"
+# answered by a secured `jetflow up` (admin only): a new worker identity of its own
+LOCAL_WORKER = f"{PREFIX}.up.worker"
 
 # -- consumers -----------------------------------------------------------------------
 SENTINEL_SUBMIT_CONSUMER = "jf-sentinel-submit"

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -16,12 +17,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, Protocol
 
+from nats.aio.msg import Msg
+
 from jetflow.adapters.bus import Tail, connect
 from jetflow.adapters.local_auth import LocalAuth
+from jetflow.adapters.local_stacks import register, unregister
 from jetflow.adapters.nats_server import EmbeddedServer, ServerError
 from jetflow.adapters.natsclient import Client
 from jetflow.adapters.runtime import STOP_WITH_PARENT_ENV
 from jetflow.core import subjects as S
+from jetflow.core.codec import dumps, loads
 from jetflow.core.retry import RetryPolicy, compute_backoff
 
 __all__ = ["Stack", "Service", "StartError", "restart_delay", "exit_description"]
@@ -176,12 +181,16 @@ class Stack:
                  worker_args: list[str] | None = None,
                  sentinel_args: list[str] | None = None, restart: bool = False,
                  log_level: str | None = None, log_format: str | None = None,
-                 auth: bool = False) -> None:
+                 auth: bool = False, tls: bool = False) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.server = None if nats_url else EmbeddedServer(self.data_dir, port=port,
                                                            durable=durable)
         # each service with its own credentials on the embedded server (see local_auth)
-        self.auth = LocalAuth(self.data_dir, self.server) if auth and self.server else None
+        if tls and not (auth and self.server):
+            raise StartError("--tls is for the server `jetflow up` starts, with credentials: "
+                             "drop --insecure (or --nats)")
+        self.auth = LocalAuth(self.data_dir, self.server, tls=tls) \
+            if auth and self.server else None
         self._url = nats_url
         self.n_workers = workers
         self.handlers = handlers
@@ -198,6 +207,8 @@ class Stack:
         self.log_format = log_format
         self._starting = False
         self._keepers: list[asyncio.Task[None]] = []
+        self._entry: Path | None = None  # this stack in the local registry (local_stacks)
+        self._minter: Client | None = None  # answers S.LOCAL_WORKER
 
     @property
     def url(self) -> str:
@@ -218,6 +229,7 @@ class Stack:
             await self.server.start()
             if self.auth:
                 self.auth.started()
+                await self._serve_local()
         head = await self._events_head()
         self._starting = True
         await self.add_sentinel()
@@ -237,6 +249,27 @@ class Stack:
             for svc in kept:
                 self._keep(svc)
         return self
+
+    async def _serve_local(self) -> None:
+        """Be found by the commands run on this machine, and give a worker started by
+        hand (``jetflow worker`` beside ``jetflow up``) an identity of its own."""
+        self._entry = register(self.url, self.data_dir)
+        self._minter = await self.connect()
+        await self._minter.subscribe(S.LOCAL_WORKER, cb=self._mint_worker)
+
+    async def _mint_worker(self, msg: Msg) -> None:
+        assert self.auth is not None
+        try:
+            asked = loads(msg.data).get("id") if msg.data else None
+            worker_id = S.check_token(asked, "worker id") if asked else \
+                f"worker-{secrets.token_hex(4)}"
+            user = await self.auth.add_worker(worker_id)
+            reply: dict[str, object] = {"worker_id": worker_id,
+                                        "context": str(self.auth.context_of(user))}
+        except Exception as exc:  # noqa: BLE001 - said to the asker
+            reply = {"error": str(exc)}
+        if msg.reply:
+            await msg.respond(dumps(reply))
 
     async def connect(self) -> Client:
         """A connection of ``up`` itself (admin, when each role has its credentials)."""
@@ -373,6 +406,12 @@ class Stack:
         return [*self.workers, *self.sentinels, *([self.projector] if self.projector else [])]
 
     async def stop(self) -> None:
+        unregister(self._entry)
+        self._entry = None
+        if self._minter is not None:
+            with contextlib.suppress(Exception):
+                await self._minter.close()
+            self._minter = None
         keepers, self._keepers = self._keepers, []
         for task in keepers:
             task.cancel()

@@ -14,12 +14,11 @@ import pytest
 
 from jetflow import Client
 from jetflow import connect as client_connect
-from jetflow.adapters.bus import Tail, connect, ensure_streams
+from jetflow.adapters.bus import connect, ensure_streams, messages_on, stored_seq
 from jetflow.adapters.nats_server import EmbeddedServer
 from jetflow.core import subjects as S
 from jetflow.core.codec import decode_event
 from jetflow.core.events import Event
-from jetflow.core.metadata import parse_ack_reply
 from jetflow.up import Stack
 
 
@@ -68,23 +67,17 @@ def _dump_logs_on_failure(stack: Stack) -> None:
 
 
 async def read_log(url: str, subjects: list[str] | None = None) -> list[Event]:
-    """Every decodable event in JF_EVENTS (optionally filtered), in stream order."""
+    """Every decodable event in JF_EVENTS (optionally filtered), in stream order, by direct
+    gets (no consumer: an anonymous submitter of a secured stack may read so)."""
     nc = await connect(url)
-    js = nc.jetstream()
-    head = (await js.stream_info(S.EVENTS_STREAM)).state.last_seq
-    tail = Tail(js, S.EVENTS_STREAM, filter_subjects=subjects, idle_s=0.3)
-    events: list[Event] = []
     try:
-        async for batch in tail.batches():
-            for m in batch:
-                seq = parse_ack_reply(m.reply).stream_seq
-                with contextlib.suppress(ValueError):  # forged events are not history
-                    events.append(decode_event(m.subject, m.data, seq))
-            if tail.next_seq > head or (not batch and tail.caught_up):
-                break
+        msgs = await messages_on(nc.jetstream(), subjects or [f"{S.PREFIX}.>"])
     finally:
-        await tail.close()
         await nc.close()
+    events: list[Event] = []
+    for m in msgs:
+        with contextlib.suppress(ValueError):  # forged events are not history
+            events.append(decode_event(m.subject, m.data, stored_seq(m)))
     return events
 
 

@@ -64,6 +64,8 @@ __all__ = [
     "Publisher",
     "PublishError",
     "Unreachable",
+    "Refused",
+    "last_violation",
     "Tail",
     "TIMEOUTS",
     "job_messages_after",
@@ -133,8 +135,8 @@ async def connect(url: str | None = None, *, name: str = "jetflow",
         if nc is not None:
             return nc
         if _refusal(errors.last):  # a server answered and said no: no use waiting
-            raise BusError(f"NATS at {url} refused the connection: {errors.last} (with "
-                           f"{creds.describe()})") from None
+            raise Refused(f"NATS at {url} refused the connection: {errors.last} (with "
+                          f"{creds.describe()})") from None
         if time.monotonic() >= deadline:
             reason = _unreachable_reason(errors.last)
             if isinstance(errors.last, ConnectionResetError) and options:
@@ -202,6 +204,10 @@ def _refusal(exc: BaseException | None) -> bool:
                             nats.errors.SecureConnFailedError)) or type(exc) is nats.errors.Error
 
 
+class Refused(BusError):
+    """The server answered and refused these credentials."""
+
+
 class Unreachable(BusError):
     """No NATS server answered at ``url``; ``reason`` says why, in words."""
 
@@ -222,6 +228,18 @@ class _ErrorLog:
     async def record(self, exc: Exception) -> None:
         self.last = exc
         log.debug("nats: %s", exc)
+        if "permissions violation" in str(exc).lower():
+            global _violation  # noqa: PLW0603 - what a command that timed out is told
+            _violation = str(exc).removeprefix("nats: ")
+
+
+_violation: str | None = None
+
+
+def last_violation() -> str | None:
+    """The latest permissions violation the server reported to this process (a refused
+    publish is only reported, asynchronously: the request it was then times out)."""
+    return _violation
 
 
 def _unreachable_reason(exc: BaseException | None) -> str:

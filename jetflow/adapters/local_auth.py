@@ -17,6 +17,7 @@ from jetflow.adapters.credentials import (
     stored_users,
 )
 from jetflow.adapters.nats_server import EmbeddedServer
+from jetflow.adapters.tls import ensure_tls
 from jetflow.core.roles import User, authorization_block
 
 __all__ = ["LocalAuth"]
@@ -30,8 +31,9 @@ class _Started(Protocol):
 class LocalAuth:
     """Per-role users on ``server`` (anonymous connections: submitters)."""
 
-    def __init__(self, data_dir: Path, server: EmbeddedServer) -> None:
+    def __init__(self, data_dir: Path, server: EmbeddedServer, *, tls: bool = False) -> None:
         self.data_dir, self.server = data_dir, server
+        self.tls = ensure_tls(data_dir) if tls else None  # served, and trusted by contexts
         self.users: list[User] = []
         self.workers: dict[str, str] = {}  # service name -> its current worker id
 
@@ -39,11 +41,20 @@ class LocalAuth:
         """Before the server starts: the users (workers of an earlier run forgotten)."""
         earlier = [u.worker_id for u in stored_users(self.data_dir) if u.worker_id]
         self.users = ensure_users(self.data_dir, forget=earlier)
-        self.server.extra = authorization_block(self.users)
+        self.server.extra = self._conf()
+
+    def _conf(self) -> str:
+        """The server configuration of the users (and the certificate, with TLS)."""
+        return authorization_block(self.users) + (self.tls.server_block() if self.tls
+                                                  else "")
+
+    def _contexts(self, users: list[User]) -> None:
+        contexts(self.data_dir, self.server.url, users,
+                 {"ca": str(self.tls.ca)} if self.tls else None)
 
     def started(self) -> None:
         """Once the server listens (its port known): the context files."""
-        contexts(self.data_dir, self.server.url, self.users)
+        self._contexts(self.users)
 
     def credentials(self, role: str) -> Credentials:
         return Credentials(context=str(self._context(role))).with_context()
@@ -57,13 +68,22 @@ class LocalAuth:
         process's removed), the server reloaded to know it, the service's environment."""
         old = self.workers.get(svc.name)
         worker_id = f"{svc.name}-{secrets.token_hex(4)}"
-        self.users = ensure_users(self.data_dir, [worker_id],
-                                  forget=[old] if old else [])
-        await self.server.reload(authorization_block(self.users))
-        user = next(u for u in self.users if u.worker_id == worker_id)
-        contexts(self.data_dir, self.server.url, [user])
+        user_name = await self.add_worker(worker_id, forget=old)
         self.workers[svc.name] = worker_id
-        svc.env.update({**self.env(user.name), "JETFLOW_WORKER_ID": worker_id})
+        svc.env.update({**self.env(user_name), "JETFLOW_WORKER_ID": worker_id})
+
+    async def add_worker(self, worker_id: str, forget: str | None = None) -> str:
+        """A user of its own for worker ``worker_id`` (``forget``'s removed), known to the
+        running server, with its context file; the user's name."""
+        self.users = ensure_users(self.data_dir, [worker_id],
+                                  forget=[forget] if forget else [])
+        await self.server.reload(self._conf())
+        user = next(u for u in self.users if u.worker_id == worker_id)
+        self._contexts([user])
+        return user.name
+
+    def context_of(self, user_name: str) -> Path:
+        return self._context(user_name)
 
     def _context(self, name: str) -> Path:
         return self.data_dir / CONTEXTS_DIR / f"{name}.json"

@@ -25,6 +25,7 @@ from jetflow.cli import (
     views,
     workflow,
 )
+from jetflow.cli.local import find_credentials
 from jetflow.cli.options import CommandError, common_options, export_credentials
 from jetflow.cli.output import error
 from jetflow.core.subjects import InvalidToken
@@ -40,6 +41,7 @@ GROUPS = (services, submit, workflow, plugin, control, views, history, logs, rep
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="jetflow", description="Event-sourced job processing on NATS JetStream.",
+        allow_abbrev=False,  # `up --tls` is no abbreviation of --tls-ca
         epilog="Run `jetflow up` to start everything locally, then `jetflow submit echo "
                "--args '{\"x\":1}' --wait`.")
     common_options(root, top=True)
@@ -63,6 +65,9 @@ def _setup_logging(a: argparse.Namespace) -> None:
 
     install_logging(a.log_level, a.log_format, service=f"jetflow-{a.command}")
     logging.getLogger("nats").setLevel(logging.CRITICAL)
+    # nats-py's protocol says so to asyncio on every TLS connection that closes
+    logging.getLogger("asyncio").addFilter(
+        lambda record: "eof_received() has no effect" not in record.getMessage())
 
 
 def _setup_tracing(a: argparse.Namespace) -> None:
@@ -78,6 +83,10 @@ def _setup_tracing(a: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     export_credentials(args)
+    try:
+        find_credentials(args)  # those of a secured `jetflow up` on this machine
+    except Exception as exc:  # noqa: BLE001 - one line, as every failure
+        return error(args, f"cannot use the local stack's credentials: {exc}")
     if args.command in services.SERVICES:  # started by `jetflow up`: stopped if it dies
         from jetflow.adapters.runtime import STOP_WITH_PARENT_ENV, die_with_parent
 
@@ -117,7 +126,7 @@ def _main(args: argparse.Namespace) -> int:
         # cannot be found, a service of `up` that cannot start
         return error(args, str(exc))
     except TimeoutError as exc:
-        return error(args, f"timed out: {exc}" if str(exc) else "timed out")
+        return error(args, _timed_out(exc))
     except nats.errors.Error as exc:  # what no command foresaw: still one line
         return error(args, f"NATS said {type(exc).__name__}: {exc}")
     except Interrupted as exc:  # stopped while it was starting: nothing half done is left
@@ -125,6 +134,20 @@ def _main(args: argparse.Namespace) -> int:
         return 128 + exc.signal
     except KeyboardInterrupt:
         return 130
+
+
+def _timed_out(exc: TimeoutError) -> str:
+    """Why a command timed out: a refused publish when the server reported one."""
+    from jetflow.adapters.auth import Credentials
+    from jetflow.adapters.bus import last_violation
+
+    refused = last_violation()
+    if refused:
+        return (f"refused by the server: {refused} (with "
+                f"{Credentials.from_env().describe()}): this needs another role's "
+                "credentials, e.g. --context <data>/contexts/admin.json on the machine of "
+                "`jetflow up`")
+    return f"timed out: {exc}" if str(exc) else "timed out"
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from jetflow.adapters.bus import BusError, connect, default_url
+from jetflow.adapters.bus import BusError, Refused, connect, default_url
 from jetflow.cli.options import DEFAULT_DATA, PROJECTION_FILE
 from jetflow.core import subjects as S
 from jetflow.projections.schema import ProjectionError
@@ -50,6 +50,8 @@ async def ask_projector(url: str | None) -> dict[str, Any] | None:
     projector, an answer that is no object)."""
     try:
         nc = await connect(url, name="jetflow-read", wait_s=ASK_WAIT_S)
+    except Refused:
+        raise  # wrong credentials: say so, not that nothing was found
     except (BusError, OSError):
         return None
     try:

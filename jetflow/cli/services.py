@@ -94,7 +94,7 @@ async def cmd_up(a: argparse.Namespace) -> int:
     stack = Stack(data_dir=Path(a.data), port=port, nats_url=url, workers=a.workers,
                   handlers=a.handlers, concurrency=a.concurrency, durable=a.durable,
                   lease_s=a.lease, restart=True, log_level=a.log_level,
-                  log_format=a.log_format)
+                  log_format=a.log_format, auth=not a.insecure, tls=a.tls)
     try:
         # (SIGHUP too: the services have sessions of their own, so a closed terminal
         # reaches `up` alone)
@@ -141,6 +141,16 @@ def _print_up_banner(a: argparse.Namespace, url: str, *, started: bool, source: 
               f"it unless given --nats {url}", flush=True)
     print(f"  submit: jetflow submit echo --args '{{\"x\": 1}}' --nats {url} --wait",
           flush=True)
+    if started and not a.insecure:
+        contexts = Path(a.data).resolve() / "contexts"
+        print(f"  credentials: every service has its own role; contexts in {contexts}/ "
+              f"(nats --context {contexts}/admin.json ...); commands run on this machine "
+              "find them, anonymous clients may only submit and read"
+              + ("; TLS with the CA in " + str(contexts.parent / "tls" / "ca.pem")
+                 if a.tls else ""), flush=True)
+    elif started:
+        print("  --insecure: no credentials, anyone who reaches the server may do "
+              "anything (local experiments only)", flush=True)
 
 
 def up_server(port: int | None, nats: str | None,
@@ -213,6 +223,14 @@ def _add_up(sub: Any) -> None:
     p.add_argument("--durable", action="store_true",
                    help="fsync every write (sync_interval: always): survives power loss, "
                         "slower")
+    p.add_argument("--insecure", action="store_true",
+                   help="for local experiments only: no credentials and no roles, so any "
+                        "client may append any event (by default each service gets its "
+                        "own role, written under <data>/contexts/, and anonymous clients "
+                        "may only submit and read)")
+    p.add_argument("--tls", action="store_true",
+                   help="serve TLS only, with a local CA and server certificate made under "
+                        "<data>/tls/ (the contexts carry the CA)")
     p.set_defaults(run=cmd_up)
 
 

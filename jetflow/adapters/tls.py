@@ -1,0 +1,90 @@
+"""``jetflow up --tls``: a local certificate authority and a server certificate signed by
+it, made once under ``<data>/tls/`` (``ca.pem``, ``server.pem``, ``server-key.pem``; the
+keys 0600), for 127.0.0.1, ::1, localhost and this host's name. Clients trust ``ca.pem``
+(every context file names it as ``ca``); to serve other names, replace the files with
+certificates of your own, keeping their names."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = ["TlsFiles", "ensure_tls", "TLS_DIR"]
+
+TLS_DIR = "tls"
+VALID_DAYS = 825  # what browsers and most clients accept for a server certificate
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+    def server_block(self) -> str:
+        """The nats-server ``tls`` configuration serving this certificate."""
+        return (f"tls {{\n  cert_file: {str(self.cert)!r}\n  key_file: {str(self.key)!r}\n"
+                "  timeout: 5\n}\n").replace("'", '"')
+
+
+def ensure_tls(data_dir: Path) -> TlsFiles:
+    """The CA and server certificate under ``<data>/tls/``, made if missing."""
+    directory = data_dir / TLS_DIR
+    files = TlsFiles(directory / "ca.pem", directory / "server.pem",
+                     directory / "server-key.pem")
+    if all(p.is_file() for p in (files.ca, files.cert, files.key)):
+        return files
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "jetflow local CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                       crl_sign=True, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False,
+                                       decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName("localhost"),
+                                     x509.DNSName(socket.gethostname()),
+                                     x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                     x509.IPAddress(ipaddress.ip_address("::1"))]
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    _write(files.key, key.private_bytes(serialization.Encoding.PEM,
+                                        serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()))
+    _write(files.cert, cert.public_bytes(serialization.Encoding.PEM))
+    _write(files.ca, ca.public_bytes(serialization.Encoding.PEM))
+    return files
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
