@@ -20,10 +20,11 @@ demo: $(STAMP)
 test: $(STAMP)  ## the whole suite, on both cores (pytest-xdist); one file: make test T=tests/x.py
 	$(BIN)/python -m pytest -q -n 2 $(T)
 
-bench: $(STAMP)  ## ~12 minutes: prints tables, writes bench/results/{system,workflows,plugins}-*.json
+bench: $(STAMP)  ## ~12 minutes: prints tables, writes bench/results/{system,workflows,plugins,security}-*.json
 	$(BIN)/python -m bench.system
 	$(BIN)/python -m bench.workflows
 	$(BIN)/python -m bench.plugins
+	$(BIN)/python -m bench.security
 
 bench-more: $(STAMP)  ## the older, narrower benchmarks: raw vs Stack, durability, replay
 	$(BIN)/python -m bench.throughput

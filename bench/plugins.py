@@ -43,7 +43,6 @@ import pyarrow.parquet as pq
 
 from bench.system import jetflow_up, say, write_results
 from bench.throughput import machine_info
-from jetflow import connect
 from jetflow.adapters.plugins import PluginStore
 
 __all__ = ["main"]
@@ -119,7 +118,7 @@ def _rss_of_workers(up_pid: int) -> float:
 async def through_jetflow(csv: Path, workdir: Path) -> dict[str, Any]:
     up = await jetflow_up(workdir, 2, handlers=None)
     try:
-        client = await connect(up.url)
+        client = await up.client("admin")
         try:
             await PluginStore(client.nc).deploy(PLUGIN, by="bench")
             peak = 0.0
@@ -179,7 +178,7 @@ async def deploy_to_first_job(workdir: Path) -> dict[str, Any]:
     (workdir / "reqs").mkdir()
     up = await jetflow_up(workdir / "reqs", 2, handlers=None)
     try:
-        client = await connect(up.url)
+        client = await up.client("admin")
         try:
             t0 = time.time()  # the events' clock (one machine)
             await PluginStore(client.nc).deploy(plugin, by="bench")

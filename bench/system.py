@@ -44,7 +44,8 @@ from typing import Any
 import orjson
 
 from bench.throughput import Options, bench_raw, latency_summary, machine_info
-from jetflow import connect
+from jetflow import Client, connect
+from jetflow.adapters.auth import Credentials
 from jetflow.adapters.bus import connect as bus_connect
 from jetflow.adapters.nats_server import EmbeddedServer
 from jetflow.adapters.natsclient import Client as RawClient
@@ -84,6 +85,21 @@ class Up:
     url: str
     data: Path
 
+    async def client(self, role: str = "submitter") -> Client:
+        """A client as a user of this stack connects: anonymous (the submitter role),
+        or with ``<data>/contexts/<role>.json`` (admin: deploys, registrations); over TLS
+        when the stack serves it, trusting its CA."""
+        context = self.data / "contexts" / f"{role}.json"
+        if role != "submitter" and context.exists():
+            return await connect(self.url, context=context)
+        ca = self.data / "tls" / "ca.pem"
+        return await (connect(self.url, ca=str(ca)) if ca.exists() else connect(self.url))
+
+    async def raw(self) -> RawClient:
+        ca = self.data / "tls" / "ca.pem"
+        return await bus_connect(self.url, credentials=Credentials(
+            ca=str(ca) if ca.exists() else None))
+
     async def stop(self) -> None:
         if self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -112,21 +128,23 @@ class Up:
         return out
 
 
-async def jetflow_up(workdir: Path, workers: int, handlers: str | None = "echo") -> Up:
-    """``jetflow up --workers N --handlers H`` (``handlers=None``: up's default set)."""
+async def jetflow_up(workdir: Path, workers: int, handlers: str | None = "echo",
+                     flags: tuple[str, ...] = ()) -> Up:
+    """``jetflow up --workers N --handlers H [flags]`` (``handlers=None``: up's default
+    set)."""
     port = free_port()
     data = workdir / f"up-{workers}-{port}"
     log = (workdir / f"up-{workers}-{port}.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "jetflow.cli", "up", "--port", str(port), "--data", str(data),
-        "--workers", str(workers), *(["--handlers", handlers] if handlers else []),
+        "--workers", str(workers), *(["--handlers", handlers] if handlers else []), *flags,
         stdout=log, stderr=log,
         stdin=asyncio.subprocess.DEVNULL)
     up = Up(proc, f"nats://127.0.0.1:{port}", data)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            client = await connect(up.url)
+            client = await up.client()
             try:
                 await client.submit("echo", {"probe": 1}, reply_timeout_s=3)
                 return up
@@ -185,7 +203,7 @@ def job(run: str, i: int) -> dict[str, Any]:
 # -- the measurements -------------------------------------------------------------------------
 
 async def burst_pub(up: Up, n: int, run: str) -> dict[str, Any]:
-    nc = await bus_connect(up.url)
+    nc = await up.raw()
     try:
         async with Collector(nc, run) as seen:
             start = time.time()
@@ -203,8 +221,8 @@ async def burst_pub(up: Up, n: int, run: str) -> dict[str, Any]:
 
 
 async def burst_many(up: Up, n: int, run: str) -> dict[str, Any]:
-    client = await connect(up.url)
-    nc = await bus_connect(up.url)
+    client = await up.client()
+    nc = await up.raw()
     try:
         async with Collector(nc, run) as seen:
             start = time.time()
@@ -220,8 +238,8 @@ async def burst_many(up: Up, n: int, run: str) -> dict[str, Any]:
 
 
 async def paced(up: Up, n: int, rate: float, run: str) -> dict[str, Any]:
-    client = await connect(up.url)
-    nc = await bus_connect(up.url)
+    client = await up.client()
+    nc = await up.raw()
     started: dict[int, float] = {}
     try:
         async with Collector(nc, run) as seen:
@@ -242,7 +260,7 @@ async def paced(up: Up, n: int, rate: float, run: str) -> dict[str, Any]:
 
 
 async def submit_many_rate(up: Up, n: int, run: str) -> dict[str, Any]:
-    client = await connect(up.url)
+    client = await up.client()
     try:
         jobs = [{"handler": "echo", "args": job(run, i), "queue": "nobody"} for i in range(n)]
         start = time.perf_counter()

@@ -32,7 +32,7 @@ from typing import Any
 
 from bench.system import jetflow_up, say, write_results
 from bench.throughput import latency_summary, machine_info
-from jetflow import Client, connect
+from jetflow import Client
 
 __all__ = ["main"]
 
@@ -114,7 +114,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     report: dict[str, Any] = {"machine": machine_info(), "args": vars(args)}
     up = await jetflow_up(workdir, 2, handlers=None)
     try:
-        client = await connect(up.url)
+        client = await up.client("admin")
         try:
             say(f"fan-out/fan-in of {args.width + 2} steps")
             report["fan"] = await fan(client, args.width)

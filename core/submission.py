@@ -27,10 +27,12 @@ __all__ = [
     "WorkflowStart",
     "parse_workflow_start",
     "MAX_SUBMISSION_BYTES",
+    "MAX_ARGS_DEPTH",
     "JOB_ID_RE",
 ]
 
 MAX_SUBMISSION_BYTES = 256 * 1024
+MAX_ARGS_DEPTH = 32  # nesting of a job's args or a workflow's context
 HANDLER_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
 MAX_ATTEMPTS_LIMIT = 100
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
@@ -143,6 +145,7 @@ def parse_workflow_start(raw: bytes, queue: str, *,
     if workflow_id is not None and job_id_problem(workflow_id):
         raise CodecError("bad_workflow_id", (job_id_problem(workflow_id) or "").replace(
             "job id", "workflow id"))
+    _check_depth(body.get("context"), "context")
     return WorkflowStart(queue, name, version, body.get("context"), workflow_id,
                          _correlation_id(body))
 
@@ -169,7 +172,20 @@ def _args(body: dict[str, Any]) -> dict[str, Any]:
         return {}
     if not isinstance(args, dict):
         raise CodecError("bad_field", f"'args' must be a JSON object, got {type(args).__name__}")
+    _check_depth(args, "args")
     return args
+
+
+def _check_depth(value: Any, what: str, limit: int = MAX_ARGS_DEPTH) -> None:
+    """Refuse a value nested deeper than ``limit`` (handlers walk what they are given)."""
+    level: list[Any] = [value]
+    for depth in range(limit + 1):
+        level = [child for v in level if isinstance(v, dict | list)
+                 for child in (v.values() if isinstance(v, dict) else v)]
+        if not level:
+            return
+        if depth == limit - 1 and any(isinstance(v, dict | list) for v in level):
+            raise CodecError("too_deep", f"{what!r} is nested deeper than {limit} levels")
 
 
 def _int_field(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:

@@ -20,10 +20,11 @@ from typing import Any
 from jetflow.core.codec import dumps
 
 __all__ = ["Template", "StepSpec", "TemplateError", "parse_template", "canonical",
-           "digest", "STEP_TYPES", "MAX_STEPS", "unknown_handlers"]
+           "digest", "STEP_TYPES", "MAX_STEPS", "MAX_TEMPLATE_BYTES", "unknown_handlers"]
 
 STEP_TYPES = ("standard", "decision", "convergence", "batch", "batch_worker")
 MAX_STEPS = 10_000
+MAX_TEMPLATE_BYTES = 4 << 20  # a template's stored form
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 HANDLER_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
 _TOP = {"name", "version", "description", "queue", "fail_fast", "steps"}
@@ -98,8 +99,12 @@ def parse_template(doc: Any) -> Template:
     fail_fast = doc.get("fail_fast", False)
     if not isinstance(fail_fast, bool):
         raise TemplateError(f"{name}: 'fail_fast' must be true or false")
-    return Template(name, steps, str(doc.get("version", "")), str(doc.get("description", "")),
-                    queue, fail_fast)
+    template = Template(name, steps, str(doc.get("version", "")),
+                        str(doc.get("description", "")), queue, fail_fast)
+    size = len(dumps(canonical(template)))
+    if size > MAX_TEMPLATE_BYTES:
+        raise TemplateError(f"{name}: {size:,} bytes stored, more than {MAX_TEMPLATE_BYTES:,}")
+    return template
 
 
 def _step(template: str, i: int, doc: Any) -> StepSpec:

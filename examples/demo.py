@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from jetflow import Client, connect
+from jetflow.adapters.bus import last_violation
 from jetflow.cli.render import job_lines
 from jetflow.cli.workflow import draw
 from jetflow.core import subjects as S
@@ -75,7 +76,19 @@ async def submit_raw(client: Client) -> list[str]:
     bad = await client.nc.request(S.submit_subject("default"), b'{"handler": "echo", ', 10)
     say(f"    nats req jf.submit.default '{{\"handler\": \"echo\", ' -> {bad.data.decode()}")
     bad_id = json.loads(bad.data)["job_id"]
+    await forge(client, raw_id)
     return [raw_id, req_id, bad_id]
+
+
+async def forge(client: Client, job_id: str) -> None:
+    """What an anonymous client may not do: append a worker's event to the log."""
+    subject = f"{S.PREFIX}.job.{job_id}.succeeded"
+    try:
+        await client.js.publish(subject, b'{"forged": true}', timeout=2)
+        say(f"    nats pub {subject} '{{\"forged\": true}}' -> STORED (an insecure stack)")
+    except Exception:  # noqa: BLE001 - the server drops it and says so
+        say(f"    nats pub {subject} '{{\"forged\": true}}' -> refused by nats-server: "
+            f"{last_violation() or 'no acknowledgement'}")
 
 
 async def show(client: Client, job_ids: list[str]) -> dict[str, str]:
@@ -181,23 +194,29 @@ async def show_plugin_job(client: Client, job_id: str) -> bool:
 async def main() -> int:
     shutil.rmtree(DATA, ignore_errors=True)
     say("jetflow demo: starting nats-server, a sentinel, two workers and the projector...")
-    stack = Stack(data_dir=DATA, port=0, workers=2)  # echo, sleep, fail, the workflow steps
+    # as `jetflow up` starts it: each service with its own role, anonymous = submitter
+    stack = Stack(data_dir=DATA, port=0, workers=2, auth=True)
     async with stack:
         pids = ", ".join(f"{s.name}={s.pid}" for s in stack.services())
         say(f"  up: NATS at {stack.url}; processes: {pids}")
-        client = await connect(stack.url)
+        say(f"  credentials: one per role, contexts in {stack.data_dir / 'contexts'}/")
+        assert stack.auth is not None
+        # the user who ran `up` is the admin (deploys, registrations); `nats pub` anonymous
+        client = await connect(stack.url, credentials=stack.auth.credentials("admin"))
+        anonymous = await connect(stack.url)
         try:
             ids = await submit_python(client)
             workflows = await start_workflows(client)
             plugin_job = await start_plugin_job(client)
             ids.append(submit_cli(stack.url))
-            ids += await submit_raw(client)
+            ids += await submit_raw(anonymous)
             states = await show(client, ids)
             workflows_ok = await show_workflows(client, workflows)
             plugin_ok = await show_plugin_job(client, plugin_job)
             await show_projection(client, stack.data_dir / "projections.sqlite")
         finally:
             await client.close()
+            await anonymous.close()
     leftovers = [s.name for s in stack.services() if s.running]
     say(f"\n[6] Shut down cleanly; processes still running: {leftovers or 'none'}")
     expected = ["succeeded", "succeeded", "dead_lettered", "succeeded", "succeeded",

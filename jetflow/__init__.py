@@ -25,6 +25,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from jetflow.adapters.auth import Credentials
     from jetflow.adapters.client import (
         Client,
         JobError,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Client",
+    "Credentials",
     "JobContext",
     "JobError",
     "JobState",
@@ -62,6 +64,7 @@ __all__ = [
 
 _HOME = {
     "Client": "jetflow.adapters.client",
+    "Credentials": "jetflow.adapters.auth",
     "JobError": "jetflow.adapters.client",
     "NoSentinel": "jetflow.adapters.client",
     "SubmissionRejected": "jetflow.adapters.client",

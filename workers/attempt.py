@@ -51,6 +51,16 @@ RECORDED = -1
 LINES_PER_S = 2000  # an attempt's log lines: at most this many a second (a burst of 4x)...
 MAX_LINES = 100_000  # ... and in all...
 MAX_LOG_BYTES = 32 << 20  # ... and bytes: beyond, lines are dropped and counted
+MAX_LINE_BYTES = 16 * 1024  # one line: beyond, it is cut and says so
+
+
+def clip_line(line: str, limit: int = MAX_LINE_BYTES) -> str:
+    """``line`` cut to about ``limit`` bytes of UTF-8, saying how long it was."""
+    raw = line.encode()
+    if len(raw) <= limit:
+        return line
+    kept = raw[:limit].decode(errors="ignore")
+    return f"{kept}... [jetflow: line cut, {len(raw):,} bytes]"
 
 
 class LineBudget:
@@ -265,6 +275,7 @@ class Attempt:
             if stream == OUTPUT_STREAM and self._receiver is not None:
                 self._receiver.on_output(loads(line))
                 return
+            line = clip_line(line)
             if not self._lines.take(len(line)):
                 return  # over the attempt's cap: counted, said once the attempt ends
             asyncio.ensure_future(nc.publish(subject, line.encode(),

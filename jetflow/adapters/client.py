@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -30,6 +32,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from jetflow.adapters import tracing
+from jetflow.adapters.auth import Credentials
 from jetflow.adapters.bus import (
     DIRECT_HEADERS,
     TIMEOUTS,
@@ -103,8 +106,19 @@ class SubmitTimeout(TimeoutError):
     """No sentinel answered in time (the submission is stored and will be processed)."""
 
 
-async def connect(url: str | None = None) -> Client:
-    return Client(await bus_connect(url, name="jetflow-client"))
+async def connect(url: str | None = None, *, credentials: Credentials | None = None,
+                  context: str | Path | None = None, **given: str) -> Client:
+    """A client of the jetflow at ``url``. Credentials the NATS way: ``credentials``, or
+    a nats CLI ``context`` file and/or fields of :class:`Credentials` (``user``,
+    ``password``, ``token``, ``nkey``, ``creds``, ``ca``, ``cert``, ``key``) over the
+    environment's (``JETFLOW_CONTEXT``, ``JETFLOW_USER``...)."""
+    if credentials is None and (context is not None or given):
+        unknown = set(given) - {f.name for f in dataclasses.fields(Credentials)}
+        if unknown:
+            raise TypeError(f"connect() got unknown credentials {sorted(unknown)}")
+        credentials = Credentials.from_env(
+            os.environ, **given, context=str(context) if context is not None else None)
+    return Client(await bus_connect(url, name="jetflow-client", credentials=credentials))
 
 
 WAIT_POLL_S = 2.0  # how often a waiting client looks at the log without a wake-up
