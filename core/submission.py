@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jetflow.core.codec import CodecError, loads
-from jetflow.core.subjects import JOB_ID_RE, job_id_problem
+from jetflow.core.subjects import HDR_MSG_ID, JOB_ID_RE, job_id_problem
 
 __all__ = [
     "Submission",
@@ -23,6 +23,7 @@ __all__ = [
     "check_handler_known",
     "derive_job_id",
     "submission_fingerprint",
+    "header_problem",
     "differing_fields",
     "WorkflowStart",
     "parse_workflow_start",
@@ -260,6 +261,18 @@ def _base32(ten: bytes) -> str:
     padding), ~10x faster: the standard library's is pure Python on 3.11."""
     n = int.from_bytes(ten, "big")
     return "".join(_B32[(n >> shift) & 31] for shift in range(75, -1, -5))
+
+
+def header_problem(headers: Mapping[str, str]) -> str | None:
+    """Why a submission's headers cannot be taken, or None. JetStream's own (``Nats-...``:
+    expectations, rollups, TTLs) would change whether and how JF_SUBMIT stores it, so that
+    a request could wait for an answer that never comes; of them a submission carries only
+    ``Nats-Msg-Id`` (its idempotency key)."""
+    foreign = sorted(k for k in headers if k.lower().startswith("nats-") and k != HDR_MSG_ID)
+    if not foreign:
+        return None
+    return (f"header(s) {', '.join(foreign)} are not for submissions: of JetStream's "
+            f"headers a submission takes only {HDR_MSG_ID}")
 
 
 def submission_fingerprint(subject: str, msg_id: str | None, raw: bytes) -> str:

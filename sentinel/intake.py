@@ -20,6 +20,7 @@ from jetflow.core.submission import (
     WorkflowStart,
     check_handler_known,
     derive_job_id,
+    header_problem,
     parse_submission,
     parse_workflow_start,
     submission_fingerprint,
@@ -74,6 +75,9 @@ class Intake:
         msg_id = raw.headers.get(S.HDR_MSG_ID) or None
         derived = derive_job_id(msg_id, self.stream_epoch, raw.stream_seq)
         fingerprint = submission_fingerprint(raw.subject, msg_id, raw.data)
+        problem = header_problem(raw.headers)
+        if problem:  # refused at once when requested (the sentinel's _on_request): no fp
+            return self._rejected(raw, derived, "", CodecError("bad_header", problem), now)
         try:
             start = parse_workflow_start(raw.data, S.queue_of_submit_subject(raw.subject)
                                          or "", max_bytes=self.max_bytes)

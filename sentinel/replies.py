@@ -24,6 +24,9 @@ class ReplyBook:
         self._waiting: OrderedDict[str, deque[tuple[str, float]]] = OrderedDict()
         # fingerprint -> (answer, when, may be given again: a submission with a msg id)
         self._answers: OrderedDict[str, tuple[bytes, float, bool]] = OrderedDict()
+        # the events answered already, by sequence: a sentinel sees its own appends twice
+        # (when appended, and read back from the log), and must answer each once
+        self._answered: OrderedDict[int, float] = OrderedDict()
 
     def expect(self, fingerprint: str, inbox: str) -> bytes | None:
         """Remember an inbox; return the answer at once if the event was seen already."""
@@ -51,10 +54,18 @@ class ReplyBook:
                 return True
         return False
 
-    def answer(self, fingerprint: str, body: bytes, *, everyone: bool = False) -> list[str]:
+    def answer(self, fingerprint: str, body: bytes, *, everyone: bool = False,
+               seq: int | None = None) -> list[str]:
         """The inboxes to answer: the oldest waiting one, or with ``everyone`` (a submission
         with a Nats-Msg-Id, whose repeats are the same submission) all of them. The answer
-        is also kept a while, for a request still on its way."""
+        is also kept a while, for a request still on its way. The event at ``seq`` is
+        answered once: seen again, it answers nobody (another waiting request of the same
+        body is another submission's)."""
+        if seq is not None:
+            if seq in self._answered:
+                return []
+            self._answered[seq] = time.monotonic()
+            self._expire()
         waiting = self._waiting.get(fingerprint)
         if everyone or not waiting:
             self._answers[fingerprint] = (body, time.monotonic(), everyone)
@@ -75,6 +86,8 @@ class ReplyBook:
             self._answers.popitem(last=False)
         while self._waiting and next(iter(self._waiting.values()))[0][1] < cutoff:
             self._waiting.popitem(last=False)
+        while self._answered and next(iter(self._answered.values())) < cutoff:
+            self._answered.popitem(last=False)
 
     @staticmethod
     def body_for(event: Event, duplicate: bool = False,

@@ -46,7 +46,11 @@ from jetflow.core.fleet import Append, Dispatch, Fleet
 from jetflow.core.metadata import Stored, ack_numbers, header_value, headers_of
 from jetflow.core.origin import SIG_HEADER, Origin, Signer, sentinel_key
 from jetflow.core.retry import RetryPolicy
-from jetflow.core.submission import differing_fields, submission_fingerprint
+from jetflow.core.submission import (
+    differing_fields,
+    header_problem,
+    submission_fingerprint,
+)
 from jetflow.core.template import TemplateError
 from jetflow.sentinel.control import Control
 from jetflow.sentinel.intake import Decision, Intake, RawSubmission
@@ -437,6 +441,11 @@ class Sentinel:
         if not reply:
             return
         msg = _Request(subject.decode(), reply.decode(), data, headers_of(headers))
+        problem = header_problem(msg.headers)
+        if problem:  # JF_SUBMIT may not store it: say so now (a stored copy is rejected)
+            asyncio.ensure_future(self.nc.publish(msg.reply, dumps(
+                {"error": problem, "code": "bad_header"})))
+            return
         msg_id = msg.headers.get(S.HDR_MSG_ID)
         fingerprint = submission_fingerprint(msg.subject, msg_id, msg.data)
         body = self.replies.expect(fingerprint, msg.reply)
@@ -529,7 +538,8 @@ class Sentinel:
         if not fingerprint:
             return
         body = ReplyBook.body_for(event, duplicate)
-        for inbox in self.replies.answer(fingerprint, body, everyone=bool(event.get("msg_id"))):
+        for inbox in self.replies.answer(fingerprint, body, everyone=bool(event.get("msg_id")),
+                                         seq=event.seq or None):
             asyncio.ensure_future(self.nc.publish(inbox, body))
 
     # -- time and heartbeats ----------------------------------------------------------------

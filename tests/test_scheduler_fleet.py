@@ -937,6 +937,17 @@ def test_several_requests_for_one_submission_are_answered_in_order() -> None:
     assert book.answer("other", b"{}") == ["_INBOX.3"]
 
 
+def test_an_event_seen_twice_is_answered_once() -> None:
+    """A sentinel sees its append and then reads it back: the second sight must not answer
+    another request of the same body (another submission, with its own job id)."""
+    book = ReplyBook()
+    book.expect("fp", "_INBOX.1")
+    assert book.answer("fp", b'{"job_id":"j1"}', seq=7) == ["_INBOX.1"]
+    assert book.answer("fp", b'{"job_id":"j1"}', seq=7) == []  # read back: nobody
+    assert book.expect("fp", "_INBOX.2") is None  # its own answer is still to come
+    assert book.answer("fp", b'{"job_id":"j2"}', seq=8) == ["_INBOX.2"]
+
+
 def test_repeats_of_a_msg_id_submission_all_get_the_answer() -> None:
     book = ReplyBook()
     book.expect("fp", "_INBOX.gave-up")  # a request the client re-asked

@@ -361,14 +361,17 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1,
 BUCKETS = (S.SNAPSHOT_BUCKET, S.TEMPLATE_BUCKET, S.PLUGIN_BUCKET)
 
 
-async def ensure_buckets(js: JetStreamContext) -> None:
-    """Create jetflow's object stores if missing (done by ``jetflow up``, as admin: the
-    services it starts may read and write them, not create them)."""
+async def ensure_buckets(js: JetStreamContext, *, replicas: int = 1) -> None:
+    """Create jetflow's object stores if missing (done by ``jetflow up`` and ``jetflow
+    init``, as admin: the services may read and write them, not create them)."""
+    from nats.js.api import ObjectStoreConfig
+
     for bucket in BUCKETS:
         try:
             await js.object_store(bucket)
         except nats.js.errors.BucketNotFoundError:
-            await js.create_object_store(bucket)
+            await js.create_object_store(bucket, ObjectStoreConfig(bucket=bucket,
+                                                                   replicas=replicas))
 
 
 async def _retire_work_stream(js: JetStreamContext) -> None:

@@ -26,7 +26,7 @@ from jetflow.core.origin import worker_key
 from jetflow.core.roles import ROLES, User
 
 __all__ = ["CREDENTIALS_FILE", "CONTEXTS_DIR", "contexts", "ensure_users", "origin_secret",
-           "stored_users", "worker_user"]
+           "stored_users", "worker_user", "write_private"]
 
 CREDENTIALS_FILE = "credentials.json"
 CONTEXTS_DIR = "contexts"
@@ -61,7 +61,7 @@ def ensure_users(data_dir: Path, worker_ids: Iterable[str] = (), *,
             users[name] = User(name, secrets.token_urlsafe(PASSWORD_BYTES), role, worker_id)
             changed = True
     if changed:
-        _write_private(path, json.dumps({"origin_secret": secret,
+        write_private(path, json.dumps({"origin_secret": secret,
                                          "users": [asdict(u) for u in users.values()]},
                                         indent=2))
     return list(users.values())
@@ -104,12 +104,12 @@ def contexts(data_dir: Path, url: str, users: Iterable[User],
             doc["jetflow_origin_secret"] = secret.hex()
         elif user.worker_id:
             doc["jetflow_signing_key"] = worker_key(secret, user.worker_id).hex()
-        _write_private(path, json.dumps(doc, indent=2))
+        write_private(path, json.dumps(doc, indent=2))
         out[user.name] = path
     return out
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """``text`` into ``path``, readable by its owner only, replaced atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -31,7 +31,7 @@ MINT_WAIT_S = 10.0
 def find_credentials(a: argparse.Namespace) -> None:
     """Set ``JETFLOW_CONTEXT`` (and a worker's ``--id``) from the local stack serving the
     command's server, if it gave no credentials of its own."""
-    if a.command == "up" or any(os.environ.get(var) for var in ENV.values()):
+    if a.command in ("up", "credentials") or any(os.environ.get(var) for var in ENV.values()):
         return
     data = find(a.nats or default_url())
     if data is None:

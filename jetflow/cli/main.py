@@ -14,6 +14,7 @@ from jetflow.adapters.bus import BusError
 from jetflow.adapters.nats_server import ServerError
 from jetflow.adapters.runtime import Interrupted
 from jetflow.cli import (
+    cluster,
     control,
     history,
     logs,
@@ -35,7 +36,7 @@ __all__ = ["main", "parser"]
 
 TRACED_COMMANDS = ("sentinel", "worker", "submit")  # the ones that make spans
 GROUPS = (services, submit, workflow, plugin, control, views, history, logs, replay,
-          trace)
+          trace, cluster)
 
 
 def parser() -> argparse.ArgumentParser:
