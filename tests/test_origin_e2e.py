@@ -159,3 +159,32 @@ async def test_each_service_context_holds_only_its_own_key(stack: Stack) -> None
     for role in ("submitter", "operator"):
         creds = Credentials(context=str(contexts / f"{role}.json")).with_context()
         assert not creds.secret_bytes() and not creds.key_bytes()
+
+
+async def test_a_zombie_with_valid_credentials_cannot_complete_a_lost_lease(
+        tmp_path: Path) -> None:
+    """Its lease taken over while it was frozen, a worker with its own valid credentials
+    and signing key records its late outcome: the job keeps the new holder's result."""
+    import signal
+
+    from tests.test_faults import FAST
+
+    async with Stack(data_dir=tmp_path / "zombie", port=0, workers=1, concurrency=1,
+                     lease_s=1.5, sentinel_args=FAST, projector=False, auth=True) as st:
+        client = Client(await st.connect())
+        try:
+            zombie = st.workers[0]
+            job_id = await client.submit("sleep", {"seconds": 2.5}, job_id="zombie-secured")
+            await running_on(client, job_id)
+            zombie.signal(signal.SIGSTOP)  # no heartbeats; its child sleeps on
+            await st.add_worker()
+            job = await client.wait(job_id, timeout=30)
+            assert job.state == "succeeded" and job.attempt == 2
+            zombie.signal(signal.SIGCONT)
+            await asyncio.sleep(4.0)  # it wakes, its child is done, it tries to record
+            history = await client.history(job_id)
+            assert [e.type for e in history].count("succeeded") == 1
+            assert (await client.status(job_id)).attempt == 2
+            assert "lost the lease" in zombie.log_path.read_text()
+        finally:
+            await client.close()

@@ -146,6 +146,25 @@ FORBIDDEN: dict[str | None, list[str]] = {
 }
 
 
+# The list of forbidden actions, tried by every role that does not own one: a
+# forged outcome and decision, a workflow event, another worker's heartbeat, deleting or
+# purging a stream, deleting a consumer, deploying a plugin, registering a template,
+# cancelling. (A claim as another worker is a `started` a worker may append: the origin
+# check refuses it, tests/test_origin_e2e.py.)
+EVERY_ROLE_TRIES = [f"{JOB}.succeeded", f"{JOB}.queued", "jf.wf.wf1.succeeded", "jf.hb.w2",
+                    "$JS.API.STREAM.DELETE.JF_EVENTS", "$JS.API.STREAM.PURGE.JF_EVENTS",
+                    "$JS.API.STREAM.PURGE.JF_SUBMIT", "$JS.API.STREAM.MSG.DELETE.JF_EVENTS",
+                    "$JS.API.STREAM.UPDATE.JF_EVENTS",
+                    "$JS.API.CONSUMER.DELETE.JF_SUBMIT.jf-sentinel-submit",
+                    "$O.JF_PLUGINS.C.forged", "jf.plugin.p.deployed",
+                    "$O.JF_TEMPLATES.C.forged", "jf.wf.etl.registered", "jf.ctl.cancel"]
+OWNS = {"operator": {"jf.ctl.cancel"}, "worker-w1": {f"{JOB}.succeeded"},
+        "sentinel": {f"{JOB}.queued", "jf.wf.wf1.succeeded"}}
+for _role, _tried in FORBIDDEN.items():
+    _tried += [s for s in EVERY_ROLE_TRIES
+               if s not in OWNS.get(_role or "", set()) and s not in _tried]
+
+
 @pytest.mark.parametrize("role", list(FORBIDDEN), ids=lambda r: r or "anonymous")
 async def test_each_role_is_refused_what_it_does_not_own(secured: Secured,
                                                          role: str | None) -> None:
