@@ -50,7 +50,8 @@ SENTINEL_WF_EVENTS = ("started", "step_failed", "cancel_requested", "succeeded",
 
 JS = "$JS.API"
 INBOX = "_INBOX.>"
-READ_STREAMS = (S.EVENTS_STREAM, S.LOGS_STREAM)
+# the streams a reader reads by direct gets (the templates: to draw a workflow's steps)
+READ_STREAMS = (S.EVENTS_STREAM, S.LOGS_STREAM, f"OBJ_{S.TEMPLATE_BUCKET}")
 
 
 @dataclass(frozen=True)

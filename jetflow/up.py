@@ -25,6 +25,7 @@ from jetflow.adapters.local_stacks import register, unregister
 from jetflow.adapters.nats_server import EmbeddedServer, ServerError
 from jetflow.adapters.natsclient import Client
 from jetflow.adapters.runtime import STOP_WITH_PARENT_ENV
+from jetflow.adapters.tls import TlsFiles
 from jetflow.core import subjects as S
 from jetflow.core.codec import dumps, loads
 from jetflow.core.retry import RetryPolicy, compute_backoff
@@ -181,7 +182,7 @@ class Stack:
                  worker_args: list[str] | None = None,
                  sentinel_args: list[str] | None = None, restart: bool = False,
                  log_level: str | None = None, log_format: str | None = None,
-                 auth: bool = False, tls: bool = False) -> None:
+                 auth: bool = False, tls: bool | TlsFiles = False) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.server = None if nats_url else EmbeddedServer(self.data_dir, port=port,
                                                            durable=durable)

@@ -130,3 +130,22 @@ async def test_a_submitter_submits_waits_and_reads_creating_nothing(stack: Stack
     assert code == 0, err
     assert "succeeded" in out
     assert violations(stack)[before:] == []  # nothing it did was refused
+
+
+async def test_a_submitter_starts_waits_for_and_reads_a_workflow(stack: Stack,
+                                                                admin: Client) -> None:
+    """The workflow read path (its events, each step's, and the template the view is
+    drawn from, by direct gets) creates nothing, so a submitter may take it."""
+    await admin.register_workflow(ROOT / "examples" / "workflows" / "linear.yaml")
+    before = len(violations(stack))
+    submitter = await connect(stack.url)
+    try:
+        workflow_id = await submitter.start_workflow("linear", {"even_number": 6})
+        view = await submitter.wait_workflow(workflow_id, timeout=60)
+        assert view.state == "succeeded" and view.result == 69
+        assert "linear" in [t["name"] for t in await submitter.templates()]
+    finally:
+        await submitter.close()
+    code, out, err = await cli_as(stack, "submitter", "workflow", "show", workflow_id)
+    assert code == 0 and "succeeded" in out, err
+    assert violations(stack)[before:] == []

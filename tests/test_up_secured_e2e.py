@@ -192,3 +192,24 @@ async def test_up_tls_connects_everything_over_tls(tmp_path: Path) -> None:
     assert not (tmp_path / "state" / "stacks").exists() or \
         not list((tmp_path / "state" / "stacks").glob("*.json"))
     assert os.environ.get("JETFLOW_CONTEXT") is None
+
+
+async def test_up_tls_serves_a_certificate_of_ones_own(tmp_path: Path) -> None:
+    from jetflow.adapters.tls import ensure_tls
+
+    mine = ensure_tls(tmp_path / "mine")  # made elsewhere: what an admin would bring
+    other = ensure_tls(tmp_path / "other")
+    code, _, err = await cli("nats://127.0.0.1:1", "up", "--tls", "--tls-server-cert",
+                             str(mine.cert), "--tls-server-key", str(other.key),
+                             "--tls-server-ca", str(mine.ca), env=jetflow_env())
+    assert code == 1 and "is not the key of" in err and err.count("\n") == 1, err
+    up = await start_up(tmp_path, "--tls", "--tls-server-cert", str(mine.cert),
+                        "--tls-server-key", str(mine.key), "--tls-server-ca", str(mine.ca))
+    try:
+        assert not (up.data / "tls").exists() and str(mine.ca) in up.banner
+        assert json.loads((up.data / "contexts" / "admin.json").read_text())["ca"] == \
+            str(mine.ca)
+        code, out, err = await up.run("submit", "echo", "--args", '{"mine": 1}', "--wait")
+        assert code == 0 and '"mine": 1' in out, err
+    finally:
+        await stop_up(up)

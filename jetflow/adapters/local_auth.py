@@ -17,7 +17,7 @@ from jetflow.adapters.credentials import (
     stored_users,
 )
 from jetflow.adapters.nats_server import EmbeddedServer
-from jetflow.adapters.tls import ensure_tls
+from jetflow.adapters.tls import TlsFiles, ensure_tls
 from jetflow.core.roles import User, authorization_block
 
 __all__ = ["LocalAuth"]
@@ -31,9 +31,11 @@ class _Started(Protocol):
 class LocalAuth:
     """Per-role users on ``server`` (anonymous connections: submitters)."""
 
-    def __init__(self, data_dir: Path, server: EmbeddedServer, *, tls: bool = False) -> None:
+    def __init__(self, data_dir: Path, server: EmbeddedServer, *,
+                 tls: bool | TlsFiles = False) -> None:
         self.data_dir, self.server = data_dir, server
-        self.tls = ensure_tls(data_dir) if tls else None  # served, and trusted by contexts
+        # served, and trusted by the contexts: given, or made under <data>/tls/
+        self.tls = tls if isinstance(tls, TlsFiles) else ensure_tls(data_dir) if tls else None
         self.users: list[User] = []
         self.workers: dict[str, str] = {}  # service name -> its current worker id
 

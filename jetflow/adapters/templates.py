@@ -26,6 +26,7 @@ from jetflow.adapters.bus import (
     last_event_on,
     messages_on,
 )
+from jetflow.adapters.objects import read_object
 from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, loads
 from jetflow.core.events import Event
@@ -88,11 +89,11 @@ class TemplateStore:
         """The stored template; :class:`TemplateError` if there is none."""
         key = (name, version)
         if key not in self._cache:
-            try:
-                found = await (await self._bucket()).get(f"{name}/{version}")
-            except nats.js.errors.NotFoundError:
-                raise TemplateError(f"no template {name} v{version} is stored") from None
-            self._cache[key] = parse_template(loads(found.data or b"{}"))
+            # by direct gets: a submitter reading a workflow may not create a consumer
+            found = await read_object(self.js, S.TEMPLATE_BUCKET, f"{name}/{version}")
+            if found is None:
+                raise TemplateError(f"no template {name} v{version} is stored")
+            self._cache[key] = parse_template(loads(found or b"{}"))
         return self._cache[key]
 
     async def names(self) -> list[dict[str, Any]]:

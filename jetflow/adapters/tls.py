@@ -2,7 +2,8 @@
 it, made once under ``<data>/tls/`` (``ca.pem``, ``server.pem``, ``server-key.pem``; the
 keys 0600), for 127.0.0.1, ::1, localhost and this host's name. Clients trust ``ca.pem``
 (every context file names it as ``ca``); to serve other names, replace the files with
-certificates of your own, keeping their names."""
+certificates of your own, keeping their names, or give ``up`` yours
+(``--tls-server-cert``, ``--tls-server-key``, ``--tls-server-ca``): :func:`given_tls`."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["TlsFiles", "ensure_tls", "TLS_DIR"]
+__all__ = ["TlsFiles", "TlsError", "ensure_tls", "given_tls", "TLS_DIR"]
 
 TLS_DIR = "tls"
 VALID_DAYS = 825  # what browsers and most clients accept for a server certificate
@@ -34,6 +35,35 @@ class TlsFiles:
         """The nats-server ``tls`` configuration serving this certificate."""
         return (f"tls {{\n  cert_file: {str(self.cert)!r}\n  key_file: {str(self.key)!r}\n"
                 "  timeout: 5\n}\n").replace("'", '"')
+
+
+class TlsError(ValueError):
+    """Certificate files that cannot be served."""
+
+
+def given_tls(ca: str | None, cert: str | None, key: str | None) -> TlsFiles | None:
+    """A certificate of one's own to serve (None when none is given): all three files, each
+    readable, and the certificate and key a pair."""
+    if not (ca or cert or key):
+        return None
+    if not (ca and cert and key):
+        raise TlsError("a certificate of your own takes all three: --tls-server-cert, "
+                       "--tls-server-key and --tls-server-ca (the CA clients trust)")
+    files = TlsFiles(Path(ca).resolve(), Path(cert).resolve(), Path(key).resolve())
+    for path, what in ((files.ca, "CA"), (files.cert, "server certificate"),
+                       (files.key, "server key")):
+        if not os.access(path, os.R_OK) or not path.is_file():
+            raise TlsError(f"{what} {path}: not a readable file")
+    try:
+        private = serialization.load_pem_private_key(files.key.read_bytes(), None)
+        public = x509.load_pem_x509_certificate(files.cert.read_bytes()).public_key()
+        x509.load_pem_x509_certificate(files.ca.read_bytes())
+    except (ValueError, TypeError) as exc:
+        raise TlsError(f"cannot read the certificate files as PEM: {exc}") from None
+    same = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    if private.public_key().public_bytes(*same) != public.public_bytes(*same):
+        raise TlsError(f"the server key {files.key} is not the key of {files.cert}")
+    return files
 
 
 def ensure_tls(data_dir: Path) -> TlsFiles:

@@ -16,6 +16,7 @@ from jetflow.adapters.runtime import Signals
 from jetflow.cli.options import (
     DEFAULT_DATA,
     PROJECTION_FILE,
+    CommandError,
     common_options,
     csv,
     data_option,
@@ -27,6 +28,7 @@ from jetflow.cli.options import (
 from jetflow.up import DEFAULT_HANDLERS
 
 if TYPE_CHECKING:
+    from jetflow.adapters.tls import TlsFiles
     from jetflow.core.retry import RetryPolicy
     from jetflow.up import Stack
 
@@ -91,10 +93,11 @@ async def cmd_up(a: argparse.Namespace) -> int:
 
     env_url = os.environ.get("JETFLOW_NATS_URL")
     port, url, source = up_server(a.port, a.nats, env_url)
+    tls = _up_tls(a)
     stack = Stack(data_dir=Path(a.data), port=port, nats_url=url, workers=a.workers,
                   handlers=a.handlers, concurrency=a.concurrency, durable=a.durable,
                   lease_s=a.lease, restart=True, log_level=a.log_level,
-                  log_format=a.log_format, auth=not a.insecure, tls=a.tls)
+                  log_format=a.log_format, auth=not a.insecure, tls=tls)
     try:
         # (SIGHUP too: the services have sessions of their own, so a closed terminal
         # reaches `up` alone)
@@ -146,11 +149,30 @@ def _print_up_banner(a: argparse.Namespace, url: str, *, started: bool, source: 
         print(f"  credentials: every service has its own role; contexts in {contexts}/ "
               f"(nats --context {contexts}/admin.json ...); commands run on this machine "
               "find them, anonymous clients may only submit and read"
-              + ("; TLS with the CA in " + str(contexts.parent / "tls" / "ca.pem")
-                 if a.tls else ""), flush=True)
+              + ("; TLS with the CA in " + str(_up_tls_ca(a)) if a.tls else ""),
+              flush=True)
     elif started:
         print("  --insecure: no credentials, anyone who reaches the server may do "
               "anything (local experiments only)", flush=True)
+
+
+def _up_tls(a: argparse.Namespace) -> bool | TlsFiles:
+    """``--tls``: the server's certificate given (all three files), else one made."""
+    from jetflow.adapters.tls import TlsError, given_tls
+
+    try:
+        given = given_tls(a.tls_server_ca, a.tls_server_cert, a.tls_server_key)
+    except TlsError as exc:
+        raise CommandError(str(exc)) from None
+    if given is not None:
+        a.tls = True
+        return given
+    return bool(a.tls)
+
+
+def _up_tls_ca(a: argparse.Namespace) -> Path:
+    return Path(a.tls_server_ca).resolve() if a.tls_server_ca else \
+        Path(a.data).resolve() / "tls" / "ca.pem"
 
 
 def up_server(port: int | None, nats: str | None,
@@ -231,6 +253,11 @@ def _add_up(sub: Any) -> None:
     p.add_argument("--tls", action="store_true",
                    help="serve TLS only, with a local CA and server certificate made under "
                         "<data>/tls/ (the contexts carry the CA)")
+    p.add_argument("--tls-server-cert", metavar="FILE",
+                   help="with --tls: serve this certificate (PEM) instead of making one")
+    p.add_argument("--tls-server-key", metavar="FILE", help="... its private key (PEM)")
+    p.add_argument("--tls-server-ca", metavar="FILE",
+                   help="... and the CA that signed it, which the contexts trust")
     p.set_defaults(run=cmd_up)
 
 
