@@ -52,7 +52,7 @@ def sentinel_key(secret: bytes) -> bytes:
 
 def sign(key: bytes, subject: str, body: bytes) -> str:
     """The ``Jf-Sig`` value of ``body`` appended on ``subject``."""
-    return hmac.new(key, _signed(subject, body), hashlib.sha256).hexdigest()
+    return hmac.digest(key, _signed(subject, body), "sha256").hex()  # (the C fast path)
 
 
 def _signed(subject: str, body: bytes) -> bytes:
