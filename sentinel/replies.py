@@ -17,6 +17,10 @@ from jetflow.core.events import Event
 
 __all__ = ["ReplyBook"]
 
+# At most this many answers (and answered events) are kept, however busy the minute: an
+# answer is kept for a request whose event came first, which is milliseconds behind it.
+MAX_KEPT = 20_000
+
 
 class ReplyBook:
     def __init__(self, ttl_s: float = 60.0) -> None:
@@ -68,7 +72,9 @@ class ReplyBook:
             self._expire()
         waiting = self._waiting.get(fingerprint)
         if everyone or not waiting:
-            self._answers[fingerprint] = (body, time.monotonic(), everyone)
+            # a copy of its own size: orjson's bytes keep a 4 KiB buffer, and a minute of
+            # answers at thousands a second would hold hundreds of MB
+            self._answers[fingerprint] = (bytes(memoryview(body)), time.monotonic(), everyone)
             self._expire()
         if not waiting:
             return []
@@ -82,11 +88,13 @@ class ReplyBook:
 
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.ttl_s  # both books are oldest first
-        while self._answers and next(iter(self._answers.values()))[1] < cutoff:
+        while self._answers and (next(iter(self._answers.values()))[1] < cutoff
+                                 or len(self._answers) > MAX_KEPT):
             self._answers.popitem(last=False)
         while self._waiting and next(iter(self._waiting.values()))[0][1] < cutoff:
             self._waiting.popitem(last=False)
-        while self._answered and next(iter(self._answered.values())) < cutoff:
+        while self._answered and (next(iter(self._answered.values())) < cutoff
+                                  or len(self._answered) > MAX_KEPT):
             self._answered.popitem(last=False)
 
     @staticmethod

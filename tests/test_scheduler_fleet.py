@@ -1000,3 +1000,20 @@ def test_a_draining_worker_gets_nothing_new_and_its_unclaimed_offers_go_elsewher
     w.fleet.heartbeat(other, 10.3, 10.3, frozenset({"j1"}))
     w.start("j1", other, 10.3)
     assert w.fleet.dispatch(10.4) == []  # the draining one has a free slot: not offered
+
+
+def test_kept_answers_hold_their_own_size_not_the_encoders_buffer() -> None:
+    """A minute of answers is kept: each must cost its size (orjson's bytes hold 4 KiB)."""
+    import tracemalloc
+
+    book = ReplyBook()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(2000):
+            book.answer(f"fp{i}", ReplyBook.body_for(Event("job", f"j{i}", "submitted", 1.0,
+                                                           {})), seq=i + 1)
+        per_answer = (tracemalloc.get_traced_memory()[0] - before) / 2000
+    finally:
+        tracemalloc.stop()
+    assert per_answer < 1024, per_answer
