@@ -31,14 +31,20 @@ from nacl.signing import SigningKey, VerifyKey
 
 from jetflow.core.events import Event
 
-__all__ = ["SIG_HEADER", "ED_HEADER", "WORKER_SIGNED", "Origin", "Signer", "sign", "verify",
-           "worker_key", "sentinel_key"]
+__all__ = ["SIG_HEADER", "ED_HEADER", "WORKER_SIGNED", "Origin", "Signer", "needs_signature",
+           "sign", "verify", "worker_key", "sentinel_key"]
 
 SIG_HEADER = "Jf-Sig"
 ED_HEADER = "Jf-Sig-Ed25519"
 # the job events a worker may append (its permissions), each signed by its author
 WORKER_SIGNED = frozenset({"started", "progress", "succeeded", "failed", "timed_out",
                            "handed_back"})
+
+
+def needs_signature(event: Event) -> bool:
+    """Whether ``event`` is one whose author is checked: a worker's kind of job event (the
+    rest are told apart by their subjects, which the server's permissions guard)."""
+    return event.kind == "job" and event.type in WORKER_SIGNED
 
 
 def worker_key(secret: bytes, worker_id: str) -> bytes:
@@ -104,9 +110,8 @@ class Origin:
         return self.secret is not None
 
     def checks(self, event: Event) -> bool:
-        """Whether ``event`` needs a signature."""
-        return self.secret is not None and event.kind == "job" and \
-            event.type in WORKER_SIGNED
+        """Whether ``event`` is checked (a secret, and it needs a signature)."""
+        return self.secret is not None and needs_signature(event)
 
     def refusal(self, event: Event, subject: str, body: bytes,
                 given: str | None) -> str | None:

@@ -40,7 +40,7 @@ from jetflow.core import subjects as S
 from jetflow.core.codec import encode_event
 from jetflow.core.events import Event
 from jetflow.core.metadata import parse_ack_reply, status_of
-from jetflow.core.origin import Signer
+from jetflow.core.origin import Signer, needs_signature
 
 __all__ = [
     "DEFAULT_URL",
@@ -529,7 +529,7 @@ class EventLog:
 
     publisher: Publisher
     timeout_s: float = 10.0
-    signer: Signer | None = None  # each append signed by it (see core.origin)
+    signer: Signer | None = None  # signs what the origin check checks (core.origin)
 
     async def send(self, event: Event, *, expected_seq: int | None = None,
                    msg_id: str | None = None,
@@ -542,7 +542,7 @@ class EventLog:
             hdrs[S.HDR_EXPECTED_SUBJECT] = S.entity_filter(event.kind, event.id)
         subject = S.event_subject(event.kind, event.id, event.type)
         body = encode_event(event)
-        if self.signer is not None:
+        if self.signer is not None and needs_signature(event):
             hdrs.update(self.signer.headers(subject, body))
         fut = await self.publisher.publish(subject, body, hdrs)
         return Pending(fut, event)
