@@ -256,11 +256,15 @@ def derive_job_id(msg_id: str | None, stream_epoch: str, seq: int) -> str:
 _B32 = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648's alphabet, lower case
 
 
+_B32_PAIRS = tuple(a + b for a in _B32 for b in _B32)  # two letters for each 10 bits
+_PAIR_SHIFTS = tuple(range(70, -1, -10))
+
+
 def _base32(ten: bytes) -> str:
     """``base64.b32encode(ten).decode().lower()`` for 10 bytes (80 bits: 16 letters, no
-    padding), ~10x faster: the standard library's is pure Python on 3.11."""
+    padding), much faster: the standard library's is pure Python on 3.11."""
     n = int.from_bytes(ten, "big")
-    return "".join(_B32[(n >> shift) & 31] for shift in range(75, -1, -5))
+    return "".join([_B32_PAIRS[(n >> shift) & 1023] for shift in _PAIR_SHIFTS])
 
 
 def header_problem(headers: Mapping[str, str]) -> str | None:

@@ -388,3 +388,12 @@ def test_every_stream_subject_is_under_the_prefix() -> None:
                                    {"cap_s": "10"}])
 def test_bad_retry_settings_are_rejected(retry: Any) -> None:
     assert code_of({"handler": "echo", "retry": retry}) == "bad_field"
+
+
+@given(st.binary(min_size=10, max_size=10))
+def test_the_job_id_letters_are_rfc_4648_base32(ten: bytes) -> None:
+    import base64
+
+    from jetflow.core.submission import _base32
+
+    assert _base32(ten) == base64.b32encode(ten).decode().lower()
