@@ -85,3 +85,13 @@ def test_a_long_log_line_is_cut_and_says_how_long_it_was() -> None:
     cut = clip_line("é" * MAX_LINE_BYTES)  # 2 bytes each: never half a character
     assert cut.endswith(f"[jetflow: line cut, {2 * MAX_LINE_BYTES:,} bytes]")
     assert len(cut.encode()) < MAX_LINE_BYTES + 64
+
+
+def test_of_jetstream_s_headers_a_submission_takes_only_its_msg_id() -> None:
+    from jetflow.core.submission import header_problem
+
+    assert header_problem({}) is None
+    assert header_problem({"Nats-Msg-Id": "o-1", "traceparent": "x", "X-Any": "y"}) is None
+    for name in ("Nats-Expected-Stream", "Nats-Rollup", "nats-ttl", "NATS-Expected-Last-Msg-Id"):
+        problem = header_problem({"Nats-Msg-Id": "o-1", name: "v"})
+        assert problem is not None and name in problem and "Nats-Msg-Id" in problem
