@@ -20,7 +20,7 @@ demo: $(STAMP)
 test: $(STAMP)  ## the whole suite, on both cores (pytest-xdist); one file: make test T=tests/x.py
 	$(BIN)/python -m pytest -q -n 2 $(T)
 
-bench: $(STAMP)  ## ~12 minutes: prints tables, writes bench/results/{system,workflows,plugins,security}-*.json
+bench: $(STAMP)  ## 4-12 minutes (by the day's machine): prints tables, writes bench/results/{system,workflows,plugins,security}-*.json
 	$(BIN)/python -m bench.system
 	$(BIN)/python -m bench.workflows
 	$(BIN)/python -m bench.plugins
