@@ -68,7 +68,12 @@ def loads(raw: bytes | str) -> Any:
     except orjson.JSONDecodeError as exc:
         raise CodecError("invalid_json", f"body is not valid JSON: {exc}") from None
     tagged = _BIGINT_MARK in raw if isinstance(raw, bytes) else BIGINT_KEY in raw
-    return revive_bigints(value) if tagged else value
+    if not tagged:
+        return value
+    try:
+        return revive_bigints(value)
+    except RecursionError:  # orjson reads 1,024 levels, Python recurses ~1,000
+        raise CodecError("too_deep", "body is nested too deep to read") from None
 
 
 def _tag_bigints(value: Any) -> Any:

@@ -48,6 +48,15 @@ def chatty(args: dict[str, Any], ctx: JobContext) -> int:
     return int(args.get("lines", 3))
 
 
+def long_lines(args: dict[str, Any], ctx: JobContext) -> str:
+    """One line of ``stdout`` bytes on stdout and one of ``stderr`` bytes on stderr."""
+    import sys
+
+    print("o" * int(args.get("stdout", 0)), flush=True)
+    print("e" * int(args.get("stderr", 0)), file=sys.stderr, flush=True)
+    return "done"
+
+
 def trace_env(args: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     """What a plugin sees of its trace, after doing some work in a span of its own.
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ from jetflow.core.submission import (
 )
 
 __all__ = ["Intake", "RawSubmission", "Decision"]
+
+log = logging.getLogger("jetflow.sentinel")
 
 KEEP_BODY_BYTES = 4096  # how much of a rejected body the `rejected` event keeps
 
@@ -89,6 +92,11 @@ class Intake:
                 check_handler_known(sub, known_handlers)
         except CodecError as exc:
             return self._rejected(raw, derived, fingerprint, exc, now)
+        except Exception as exc:  # noqa: BLE001 - one submission must not stop the intake
+            log.exception("submission at %s seq %d could not be read", raw.subject,
+                          raw.stream_seq)
+            return self._rejected(raw, derived, fingerprint, CodecError(
+                "unreadable", f"the sentinel could not read it ({type(exc).__name__})"), now)
         job_id = sub.job_id or derived
         correlation_id = (sub.correlation_id or raw.headers.get(S.HDR_CORRELATION_ID)
                           or job_id)

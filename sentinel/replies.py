@@ -20,6 +20,7 @@ __all__ = ["ReplyBook"]
 # At most this many answers (and answered events) are kept, however busy the minute: an
 # answer is kept for a request whose event came first, which is milliseconds behind it.
 MAX_KEPT = 20_000
+EARLY_ANSWER_S = 2.0  # how long a request may trail its own event (a body without msg id)
 
 
 class ReplyBook:
@@ -36,9 +37,13 @@ class ReplyBook:
         """Remember an inbox; return the answer at once if the event was seen already."""
         known = self._answers.get(fingerprint)
         if known is not None:
-            if not known[2]:
-                del self._answers[fingerprint]
-            return known[0]
+            if known[2]:
+                return known[0]
+            del self._answers[fingerprint]
+            # a body without a msg id, answered before its request came: only a request
+            # that was on its way is its own (later, the same body is another submission)
+            if time.monotonic() - known[1] <= EARLY_ANSWER_S:
+                return known[0]
         self._waiting.setdefault(fingerprint, deque()).append((inbox, time.monotonic()))
         return None
 
@@ -59,19 +64,20 @@ class ReplyBook:
         return False
 
     def answer(self, fingerprint: str, body: bytes, *, everyone: bool = False,
-               seq: int | None = None) -> list[str]:
+               seq: int | None = None, keep: bool = True) -> list[str]:
         """The inboxes to answer: the oldest waiting one, or with ``everyone`` (a submission
         with a Nats-Msg-Id, whose repeats are the same submission) all of them. The answer
         is also kept a while, for a request still on its way. The event at ``seq`` is
         answered once: seen again, it answers nobody (another waiting request of the same
-        body is another submission's)."""
+        body is another submission's). ``keep`` false (a sentinel catching up with the log,
+        before it takes requests): nobody is on the way, nothing is kept."""
         if seq is not None:
             if seq in self._answered:
                 return []
             self._answered[seq] = time.monotonic()
             self._expire()
         waiting = self._waiting.get(fingerprint)
-        if everyone or not waiting:
+        if keep and (everyone or not waiting):
             # a copy of its own size: orjson's bytes keep a 4 KiB buffer, and a minute of
             # answers at thousands a second would hold hundreds of MB
             self._answers[fingerprint] = (bytes(memoryview(body)), time.monotonic(), everyone)

@@ -79,6 +79,7 @@ class Sentinel:
         self.fleet = Fleet(policy=self.policy, lease_s=lease_s,
                            queue_policies=self.queue_policies)
         self.replies = ReplyBook()
+        self._taking_requests = False  # (catching up with the log, nobody waits yet)
         self.trace: dict[str, dict[str, str]] = {}  # job id -> trace/correlation headers
         self.spans = SentinelSpans()
         self._wake = asyncio.Event()
@@ -128,6 +129,7 @@ class Sentinel:
             await self.snapshots.save(self.fleet)
         await self.nc.subscribe_raw(S.SUBMIT_WILDCARD, self._on_request,
                                     queue=S.SENTINEL_REPLY_GROUP)
+        self._taking_requests = True
         await self.nc.subscribe(S.SENTINEL_PING, queue=S.SENTINEL_REPLY_GROUP,
                                 cb=self._on_ping)
         for subject in (S.CONTROL_CANCEL, S.CONTROL_RETRY, S.CONTROL_WF_CANCEL):
@@ -538,8 +540,10 @@ class Sentinel:
         if not fingerprint:
             return
         body = ReplyBook.body_for(event, duplicate)
-        for inbox in self.replies.answer(fingerprint, body, everyone=bool(event.get("msg_id")),
-                                         seq=event.seq or None):
+        everyone = bool(event.get("msg_id"))
+        for inbox in self.replies.answer(fingerprint, body, everyone=everyone,
+                                         seq=event.seq or None,
+                                         keep=everyone or self._taking_requests):
             asyncio.ensure_future(self.nc.publish(inbox, body))
 
     # -- time and heartbeats ----------------------------------------------------------------

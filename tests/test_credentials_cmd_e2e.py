@@ -5,6 +5,7 @@ authorization block, every service runs with its own context, and the roles hold
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import stat
@@ -49,7 +50,10 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
     code, out, err = await credentials(str(creds), "--url", "nats://127.0.0.1:1",
                                        "--worker", "w1", "--worker", "w2")
     assert code == 0, err
-    assert "authorization.conf" in out and "password" not in out
+    assert "authorization.conf" in out
+    stored = json.loads((creds / "credentials.json").read_text())
+    secrets = [u["password"] for u in stored["users"]] + [stored["origin_secret"]]
+    assert not [x for x in secrets if x in out + err]  # no secret is printed
     # as the README says: next to the server's configuration, included by a relative path
     (tmp_path / "srv").mkdir()
     shutil.copy(creds / "authorization.conf", tmp_path / "srv" / "authorization.conf")

@@ -25,7 +25,8 @@ from tests.conftest import StackFactory, wait_until
 
 FAST_RETRY = ["--retry", "0.3,2,2"]
 CRASHY = ("echo,sleep,fail,crash=examples.handlers:segfault,bye=examples.handlers:hard_exit,"
-          "hog=examples.handlers:hog,once=examples.handlers:fail_once")
+          "hog=examples.handlers:hog,once=examples.handlers:fail_once,"
+          "long=examples.handlers:long_lines")
 
 
 def types(events: list[Event]) -> list[str]:
@@ -294,3 +295,24 @@ async def test_messages_published_by_hand_on_a_job_do_not_stick_it(
         job = await client.wait(job_id, timeout=30)
         assert (job.state, job.attempt) == ("succeeded", 1)  # nothing cost an attempt
         assert "timed_out" not in types(await client.history(job_id))
+
+
+async def test_a_line_longer_than_any_limit_is_cut_and_the_job_goes_on(
+        make_stack: StackFactory, client: Client) -> None:
+    """A 100 KiB stdout line is cut to 16 KiB saying so; a 17 MiB stderr line (over the
+    child pipe reader's limit) is dropped saying so; the job still succeeds."""
+    import json
+
+    from tests.conftest import url_of
+    from tests.test_projections_e2e import cli
+
+    await make_stack(workers=1, handlers=CRASHY)
+    job_id = await client.submit("long", {"stdout": 100_000, "stderr": 17 << 20})
+    job = await client.wait(job_id, timeout=60)
+    assert job.state == "succeeded" and job.result == "done"
+    code, out, err = await cli(url_of(client), "logs", job_id, "--json")
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines() if line.strip()]
+    texts = [str(entry.get("line", entry)) for entry in lines]
+    assert any("[jetflow: line cut, 100,000 bytes]" in t for t in texts), texts[:3]
+    assert any("over the 16 MiB limit was dropped" in t for t in texts), [t[:80] for t in texts]

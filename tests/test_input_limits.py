@@ -95,3 +95,10 @@ def test_of_jetstream_s_headers_a_submission_takes_only_its_msg_id() -> None:
     for name in ("Nats-Expected-Stream", "Nats-Rollup", "nats-ttl", "NATS-Expected-Last-Msg-Id"):
         problem = header_problem({"Nats-Msg-Id": "o-1", name: "v"})
         assert problem is not None and name in problem and "Nats-Msg-Id" in problem
+
+
+def test_a_body_the_codec_would_recurse_through_too_deep_is_refused_not_crashed() -> None:
+    body = b'{"handler":"echo","x":"$bigint","args":{"a":' + b"[" * 1000 + b"]" * 1000 + b"}}"
+    with pytest.raises(CodecError) as err:
+        parse_submission(body, "default")
+    assert err.value.code == "too_deep"

@@ -948,6 +948,29 @@ def test_an_event_seen_twice_is_answered_once() -> None:
     assert book.answer("fp", b'{"job_id":"j2"}', seq=8) == ["_INBOX.2"]
 
 
+def test_an_early_answer_is_only_for_a_request_on_its_way() -> None:
+    """Without a msg id, an answer that came before its request is given within a moment;
+    later, the same body is another submission (a plain publish, another sentinel's
+    append) and must wait for its own event."""
+    from unittest import mock
+
+    from jetflow.sentinel import replies
+
+    book = ReplyBook()
+    with mock.patch.object(replies.time, "monotonic", return_value=100.0):
+        book.answer("fp", b'{"job_id":"j1"}', seq=1)
+    with mock.patch.object(replies.time, "monotonic", return_value=100.5):
+        assert book.expect("fp", "_INBOX.on-its-way") == b'{"job_id":"j1"}'
+    with mock.patch.object(replies.time, "monotonic", return_value=200.0):
+        book.answer("fp", b'{"job_id":"j2"}', seq=2)
+    with mock.patch.object(replies.time, "monotonic", return_value=200.0 + 5):
+        assert book.expect("fp", "_INBOX.later") is None
+    with mock.patch.object(replies.time, "monotonic", return_value=200.0 + 6):
+        assert book.answer("fp", b'{"job_id":"j3"}', seq=3) == ["_INBOX.later"]
+    book.answer("fp2", b'{"job_id":"j4"}', seq=4, keep=False)  # catching up: nothing kept
+    assert book.expect("fp2", "_INBOX.new") is None
+
+
 def test_repeats_of_a_msg_id_submission_all_get_the_answer() -> None:
     book = ReplyBook()
     book.expect("fp", "_INBOX.gave-up")  # a request the client re-asked

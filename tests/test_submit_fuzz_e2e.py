@@ -108,6 +108,9 @@ ADVERSARIAL = [
     b'{"handler": "echo", "args": {"big": 123456789012345678901234567890}}',
     orjson.dumps({"handler": "echo", "args": {"x": _nested(MAX_ARGS_DEPTH + 5)}}),
     b'{"handler": "echo", "args": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    # a "$bigint" makes the codec walk the body: 1,000 levels must not crash it
+    b'{"handler": "echo", "x": "$bigint", "args": {"a": ' + b"[" * 1000 + b"]" * 1000 + b"}}",
+    b'{"handler": "echo", "args": {"n": {"$bigint": "' + b"9" * 5000 + b'"}}}',
     orjson.dumps({"handler": "echo", "args": {"pad": "x" * (MAX_SUBMISSION_BYTES + 10)}}),
     orjson.dumps({"handler": "echo", "job_id": "jf.job.x.succeeded"}),
     orjson.dumps({"workflow": "no-such-template"}),

@@ -20,6 +20,7 @@ import nats
 import pytest
 import pytest_asyncio
 
+from jetflow.adapters.bus import messages_on
 from jetflow.adapters.client import connect
 from tests.test_projections_e2e import cli
 from tests.test_up_and_connect import free_port, jetflow_env
@@ -158,9 +159,12 @@ async def test_without_the_contexts_a_command_is_a_submitter(up: Up, tmp_path: P
     assert code == 1 and "refused" in err and "user admin" in err and "wrong" not in err, err
     nc = await nats.connect(up.url, error_cb=_quiet)
     try:
-        await nc.publish("jf.job.anything.succeeded", b"{}")
+        with pytest.raises(nats.errors.Error):  # refused: no PubAck ever comes
+            await nc.jetstream().publish("jf.job.anything.succeeded", b"{}", timeout=2)
         with pytest.raises(nats.errors.Error):
             await nc.jetstream().delete_stream("JF_EVENTS")
+        assert await messages_on(nc.jetstream(), ["jf.job.anything.>"]) == []
+        assert (await nc.jetstream().stream_info("JF_EVENTS")).config.name == "JF_EVENTS"
     finally:
         await nc.close()
 

@@ -105,7 +105,10 @@ class Child:
         the worker's log)."""
         assert self.proc.stderr
         while True:
-            line = await self.proc.stderr.readline()
+            try:
+                line = await self.proc.stderr.readline()
+            except ValueError:  # a line over the reader's limit: dropped by it, said here
+                line = b"[jetflow: a stderr line over the 16 MiB limit was dropped]\n"
             if not line:
                 return
             text = line.decode(errors="replace").rstrip("\n")

@@ -134,8 +134,8 @@ async def connect(url: str | None = None, *, name: str = "jetflow",
                                                        CONNECT_TIMEOUT_S), options)
         if nc is not None:
             return nc
-        if _refusal(errors.last):  # a server answered and said no: no use waiting
-            raise Refused(f"NATS at {url} refused the connection: {errors.last} (with "
+        if errors.refusal is not None:  # a server answered and said no: no use waiting
+            raise Refused(f"NATS at {url} refused the connection: {errors.refusal} (with "
                           f"{creds.describe()})") from None
         if time.monotonic() >= deadline:
             reason = _unreachable_reason(errors.last)
@@ -224,9 +224,12 @@ class _ErrorLog:
 
     def __init__(self) -> None:
         self.last: BaseException | None = None
+        self.refusal: BaseException | None = None  # the latest refusal among them
 
     async def record(self, exc: Exception) -> None:
         self.last = exc
+        if _refusal(exc):  # (the server may close before the next try reads its -ERR)
+            self.refusal = exc
         log.debug("nats: %s", exc)
         if "permissions violation" in str(exc).lower():
             global _violation  # noqa: PLW0603 - what a command that timed out is told

@@ -59,7 +59,8 @@ def register(url: str, data_dir: Path) -> Path | None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"url": url, "data": str(data_dir), "pid": os.getpid()}, f)
+            json.dump({"url": url, "data": str(data_dir), "pid": os.getpid(),
+                       "started": _started(os.getpid())}, f)
         os.replace(tmp, path)
     except OSError:
         return None
@@ -87,9 +88,21 @@ def find(url: str) -> Path | None:
         pid, data = int(entry["pid"]), Path(entry["data"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not _alive(pid):
+    # the same process, not another that got its pid since (it would be handed the
+    # admin's password)
+    if not _alive(pid) or entry.get("started") != _started(pid):
         return None
     return data
+
+
+def _started(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (None where /proc has no
+    such field): a pid and this are one process for the life of the machine."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _alive(pid: int) -> bool:

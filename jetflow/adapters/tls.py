@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -33,8 +35,9 @@ class TlsFiles:
 
     def server_block(self) -> str:
         """The nats-server ``tls`` configuration serving this certificate."""
-        return (f"tls {{\n  cert_file: {str(self.cert)!r}\n  key_file: {str(self.key)!r}\n"
-                "  timeout: 5\n}\n").replace("'", '"')
+        # (JSON strings are the configuration format's strings: any path, quoted right)
+        return (f"tls {{\n  cert_file: {json.dumps(str(self.cert))}\n"
+                f"  key_file: {json.dumps(str(self.key))}\n  timeout: 5\n}}\n")
 
 
 class TlsError(ValueError):
@@ -58,7 +61,7 @@ def given_tls(ca: str | None, cert: str | None, key: str | None) -> TlsFiles | N
         private = serialization.load_pem_private_key(files.key.read_bytes(), None)
         public = x509.load_pem_x509_certificate(files.cert.read_bytes()).public_key()
         x509.load_pem_x509_certificate(files.ca.read_bytes())
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise TlsError(f"cannot read the certificate files as PEM: {exc}") from None
     same = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     if private.public_key().public_bytes(*same) != public.public_bytes(*same):
