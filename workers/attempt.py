@@ -56,6 +56,8 @@ MAX_LINE_BYTES = 16 * 1024  # one line: beyond, it is cut and says so
 
 def clip_line(line: str, limit: int = MAX_LINE_BYTES) -> str:
     """``line`` cut to about ``limit`` bytes of UTF-8, saying how long it was."""
+    if 4 * len(line) <= limit:  # (at most 4 bytes a character: the usual line, unencoded)
+        return line
     raw = line.encode()
     if len(raw) <= limit:
         return line

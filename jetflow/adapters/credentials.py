@@ -109,11 +109,13 @@ def contexts(data_dir: Path, url: str, users: Iterable[User],
     return out
 
 
-def write_private(path: Path, text: str) -> None:
-    """``text`` into ``path``, readable by its owner only, replaced atomically."""
+def write_private(path: Path, content: str | bytes) -> None:
+    """``content`` into ``path`` (text ended by a newline, bytes as they are), readable by
+    its owner only, replaced atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = content if isinstance(content, bytes) else (content + "\n").encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)

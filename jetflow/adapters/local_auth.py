@@ -59,11 +59,11 @@ class LocalAuth:
         self._contexts(self.users)
 
     def credentials(self, role: str) -> Credentials:
-        return Credentials(context=str(self._context(role))).with_context()
+        return Credentials(context=str(self.context_of(role))).with_context()
 
     def env(self, role: str) -> dict[str, str]:
         """A service's environment: its context, and no other credentials."""
-        return {**{var: "" for var in ENV.values()}, ENV["context"]: str(self._context(role))}
+        return {**{var: "" for var in ENV.values()}, ENV["context"]: str(self.context_of(role))}
 
     async def new_worker(self, svc: _Started) -> None:
         """Before a worker process starts: a new worker id with its own user (the previous
@@ -84,8 +84,6 @@ class LocalAuth:
         self._contexts([user])
         return user.name
 
-    def context_of(self, user_name: str) -> Path:
-        return self._context(user_name)
-
-    def _context(self, name: str) -> Path:
+    def context_of(self, name: str) -> Path:
+        """The context file of user (or role) ``name``."""
         return self.data_dir / CONTEXTS_DIR / f"{name}.json"

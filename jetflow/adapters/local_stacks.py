@@ -17,6 +17,8 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from jetflow.adapters.credentials import write_private
+
 __all__ = ["STATE_ENV", "state_dir", "register", "unregister", "find"]
 
 STATE_ENV = "JETFLOW_STATE_DIR"
@@ -55,13 +57,8 @@ def register(url: str, data_dir: Path) -> Path | None:
         return None
     path = _entry(port)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"url": url, "data": str(data_dir), "pid": os.getpid(),
-                       "started": _started(os.getpid())}, f)
-        os.replace(tmp, path)
+        write_private(path, json.dumps({"url": url, "data": str(data_dir),
+                                        "pid": os.getpid(), "started": _started(os.getpid())}))
     except OSError:
         return None
     return path

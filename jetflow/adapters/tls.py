@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from jetflow.adapters.credentials import write_private
+
 __all__ = ["TlsFiles", "TlsError", "ensure_tls", "given_tls", "TLS_DIR"]
 
 TLS_DIR = "tls"
@@ -107,17 +109,9 @@ def ensure_tls(data_dir: Path) -> TlsFiles:
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
-    _write(files.key, key.private_bytes(serialization.Encoding.PEM,
-                                        serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()))
-    _write(files.cert, cert.public_bytes(serialization.Encoding.PEM))
-    _write(files.ca, ca.public_bytes(serialization.Encoding.PEM))
+    write_private(files.key, key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    write_private(files.cert, cert.public_bytes(serialization.Encoding.PEM))
+    write_private(files.ca, ca.public_bytes(serialization.Encoding.PEM))
     return files
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

@@ -28,7 +28,6 @@ async def cmd_credentials(a: argparse.Namespace) -> int:
     from jetflow.core.roles import authorization_block
 
     out = Path(a.dir).resolve()
-    out.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         workers = [S.check_token(w, "worker id") for w in a.worker]
         check_url(a.url)
@@ -36,6 +35,7 @@ async def cmd_credentials(a: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     if a.tls_ca and not Path(a.tls_ca).is_file():
         raise CommandError(f"--tls-ca {a.tls_ca}: no such file")
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
     users = ensure_users(out, workers)
     tls = {"ca": str(Path(a.tls_ca).resolve())} if a.tls_ca else None
     written = contexts(out, a.url, users, tls)
