@@ -28,6 +28,7 @@ from jetflow.adapters.runtime import STOP_WITH_PARENT_ENV
 from jetflow.adapters.tls import TlsFiles
 from jetflow.core import subjects as S
 from jetflow.core.codec import dumps, loads
+from jetflow.core.fleet import DEFAULT_CONCURRENCY
 from jetflow.core.retry import RetryPolicy, compute_backoff
 
 __all__ = ["Stack", "Service", "StartError", "restart_delay", "exit_description"]
@@ -177,7 +178,8 @@ class Service:
 
 class Stack:
     def __init__(self, *, data_dir: Path, port: int = 4222, nats_url: str | None = None,
-                 workers: int = 2, handlers: str = DEFAULT_HANDLERS, concurrency: int = 4,
+                 workers: int = 2, handlers: str = DEFAULT_HANDLERS,
+                 concurrency: int = DEFAULT_CONCURRENCY,
                  durable: bool = False, lease_s: float = 15.0, projector: bool = True,
                  worker_args: list[str] | None = None,
                  sentinel_args: list[str] | None = None, restart: bool = False,

@@ -39,7 +39,7 @@ from jetflow.adapters.runtime import cancel_and_wait, supervise
 from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
-from jetflow.core.fleet import default_heartbeat_s
+from jetflow.core.fleet import DEFAULT_CONCURRENCY, default_heartbeat_s
 from jetflow.core.origin import Signer
 from jetflow.core.plugin import NAME_RE, PLUGIN_ROUTE, PluginError, plugin_route
 from jetflow.workers.attempt import PLUGIN_REF, Attempt, Deps
@@ -90,7 +90,8 @@ def parse_plugins(value: str) -> frozenset[str] | None:
 
 class Worker:
     def __init__(self, url: str | None = None, *, handlers: str | dict[str, str] = "echo",
-                 queues: tuple[str, ...] = ("default",), concurrency: int = 4,
+                 queues: tuple[str, ...] = ("default",),
+                 concurrency: int = DEFAULT_CONCURRENCY,
                  heartbeat_s: float | None = None, lease_s: float = 15.0, grace_s: float = 30.0,
                  prefetch: int | None = None, memory_limit_mb: int | None = None,
                  worker_id: str | None = None,

@@ -25,6 +25,7 @@ from jetflow.cli.options import (
     seconds,
     seconds_or_zero,
 )
+from jetflow.core.fleet import DEFAULT_CONCURRENCY
 from jetflow.up import DEFAULT_HANDLERS
 
 if TYPE_CHECKING:
@@ -239,8 +240,9 @@ def _add_up(sub: Any) -> None:
     p.add_argument("--handlers", default=DEFAULT_HANDLERS,
                    help=f"handlers of each worker ({DEFAULT_HANDLERS}: the built-ins and the "
                         "example workflows' steps)")
-    p.add_argument("--concurrency", type=positive_int, default=4,
-                   help="jobs at once per worker (4)")
+    p.add_argument("--concurrency", type=positive_int, default=DEFAULT_CONCURRENCY,
+                   help=f"jobs at once per worker: its child processes "
+                        f"({DEFAULT_CONCURRENCY})")
     p.add_argument("--lease", type=seconds, default=15.0, help="worker lease in seconds (15)")
     p.add_argument("--durable", action="store_true",
                    help="fsync every write (sync_interval: always): survives power loss, "
@@ -287,7 +289,8 @@ def _add_worker(sub: Any) -> None:
     p.add_argument("--handlers", default=DEFAULT_HANDLERS,
                    help="handlers: built-in names, name=module:function, or @module (every "
                         f"one of its HANDLERS), comma-separated ({DEFAULT_HANDLERS})")
-    p.add_argument("--concurrency", type=positive_int, default=4, help="jobs at once (4)")
+    p.add_argument("--concurrency", type=positive_int, default=DEFAULT_CONCURRENCY,
+                   help=f"jobs at once: child processes ({DEFAULT_CONCURRENCY})")
     p.add_argument("--plugins", default="all", metavar="all|none|NAMES",
                    help="run jobs of deployed plugins: all (the default), none, or only "
                         "these (names separated by commas)")
