@@ -319,7 +319,7 @@ class Sentinel:
         for d in dispatches:
             by_worker.setdefault(d.worker_id, []).append(_offer(d, self._work_headers(d)))
         for worker_id, offers in by_worker.items():
-            await self.nc.publish(S.work_subject(worker_id), b"[" + b",".join(offers) + b"]")
+            self.nc.publish_now(S.work_subject(worker_id), b"[" + b",".join(offers) + b"]")
 
     def _work_headers(self, d: Dispatch) -> dict[str, str]:
         msg_id = f"work:{d.job.job_id}:{d.job.attempt + 1}:{d.worker_id}:{d.seq}"
@@ -445,14 +445,13 @@ class Sentinel:
         msg = _Request(subject.decode(), reply.decode(), data, headers_of(headers))
         problem = header_problem(msg.headers)
         if problem:  # JF_SUBMIT may not store it: say so now (a stored copy is rejected)
-            asyncio.ensure_future(self.nc.publish(msg.reply, dumps(
-                {"error": problem, "code": "bad_header"})))
+            self.nc.publish_now(msg.reply, dumps({"error": problem, "code": "bad_header"}))
             return
         msg_id = msg.headers.get(S.HDR_MSG_ID)
         fingerprint = submission_fingerprint(msg.subject, msg_id, msg.data)
         body = self.replies.expect(fingerprint, msg.reply)
         if body is not None:
-            asyncio.ensure_future(self.nc.publish(msg.reply, body))
+            self.nc.publish_now(msg.reply, body)
         elif msg_id:  # looked at again in a second (see _answer_if_deduplicated)
             self._unanswered.append((time.monotonic() + 1.0, fingerprint, msg))
 
@@ -544,7 +543,7 @@ class Sentinel:
         for inbox in self.replies.answer(fingerprint, body, everyone=everyone,
                                          seq=event.seq or None,
                                          keep=everyone or self._taking_requests):
-            asyncio.ensure_future(self.nc.publish(inbox, body))
+            self.nc.publish_now(inbox, body)
 
     # -- time and heartbeats ----------------------------------------------------------------
     async def _tick_loop(self) -> None:

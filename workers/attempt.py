@@ -19,10 +19,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from jetflow.adapters.bus import Conflict, EventLog, messages_on, stored_seq
+from jetflow.adapters.natsclient import Client
 from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
@@ -94,7 +94,7 @@ PLUGIN_REF = "jetflow.workers.plugin_run:run_plugin"  # (the child runs a plugin
 class Deps:
     """What an attempt needs from its worker."""
 
-    nc: NATS
+    nc: Client
     log: EventLog
     pool: ChildPool
     worker_id: str
@@ -280,8 +280,10 @@ class Attempt:
             line = clip_line(line)
             if not self._lines.take(len(line)):
                 return  # over the attempt's cap: counted, said once the attempt ends
-            asyncio.ensure_future(nc.publish(subject, line.encode(),
-                                             headers={"Jf-Stream": stream, **tags}))
+            try:
+                nc.publish_now(subject, line.encode(), headers={"Jf-Stream": stream, **tags})
+            except Exception as exc:  # noqa: BLE001 - a line is not worth the attempt
+                log.debug("job %s: a log line was not sent: %s", self.job_id, exc)
         tags = {S.HDR_CORRELATION_ID: str(self.work.get("correlation_id") or self.job_id)}
         return sink
 

@@ -453,7 +453,8 @@ class Publisher:
 
     def __init__(self, nc: NATS, *, max_in_flight: int = 4096) -> None:
         self.nc = nc
-        self._window = asyncio.Semaphore(max_in_flight)
+        self._max_in_flight = max_in_flight
+        self._room: asyncio.Event | None = None  # set when a full window has room again
         self._futures: dict[str, asyncio.Future[Ack]] = {}
         self._prefix = ""
         self._counter = 0
@@ -469,15 +470,22 @@ class Publisher:
                       headers: dict[str, str]) -> asyncio.Future[Ack]:
         if not self._prefix:
             await self._start()
-        await self._window.acquire()
+        while len(self._futures) >= self._max_in_flight:
+            if self._room is None:
+                self._room = asyncio.Event()
+            self._room.clear()
+            await self._room.wait()
         self._counter += 1
         token = str(self._counter)
         fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(lambda _f: self._done(token))
         self._futures[token] = fut
+        reply = f"{self._prefix}.{token}"
         try:
-            await self.nc.publish(subject, payload, reply=f"{self._prefix}.{token}",
-                                  headers=headers)
+            if isinstance(self.nc, Client):  # no coroutines on the way (see publish_now)
+                self.nc.publish_now(subject, payload, reply, headers)
+            else:
+                await self.nc.publish(subject, payload, reply=reply, headers=headers)
         except Exception as exc:  # noqa: BLE001 - handed to whoever awaits the future
             if not fut.done():
                 fut.set_exception(exc)
@@ -485,7 +493,8 @@ class Publisher:
 
     def _done(self, token: str) -> None:
         self._futures.pop(token, None)
-        self._window.release()
+        if self._room is not None:
+            self._room.set()
 
     async def _on_reply(self, msg: Msg) -> None:
         status = (msg.headers or {}).get("Status")

@@ -307,7 +307,7 @@ class QueueReader(StreamReader):
 
     async def ack(self, msgs: list[Delivery]) -> None:
         for reply, *_ in msgs:
-            await self.nc.publish(reply.decode(), b"+ACK")
+            self.nc.publish_now(reply.decode(), b"+ACK")
 
     async def nak(self, msg: Delivery, delay_s: float) -> None:
         await self.nc.publish(msg[0].decode(),
