@@ -319,7 +319,11 @@ class Sentinel:
         for d in dispatches:
             by_worker.setdefault(d.worker_id, []).append(_offer(d, self._work_headers(d)))
         for worker_id, offers in by_worker.items():
-            self.nc.publish_now(S.work_subject(worker_id), b"[" + b",".join(offers) + b"]")
+            try:
+                self.nc.publish_now(S.work_subject(worker_id),
+                                    b"[" + b",".join(offers) + b"]")
+            except Exception as exc:  # noqa: BLE001 - lost offers are made again (above)
+                log.warning("offers to %s not sent: %s", worker_id, exc)
 
     def _work_headers(self, d: Dispatch) -> dict[str, str]:
         msg_id = f"work:{d.job.job_id}:{d.job.attempt + 1}:{d.worker_id}:{d.seq}"
@@ -445,13 +449,13 @@ class Sentinel:
         msg = _Request(subject.decode(), reply.decode(), data, headers_of(headers))
         problem = header_problem(msg.headers)
         if problem:  # JF_SUBMIT may not store it: say so now (a stored copy is rejected)
-            self.nc.publish_now(msg.reply, dumps({"error": problem, "code": "bad_header"}))
+            self._say(msg.reply, dumps({"error": problem, "code": "bad_header"}))
             return
         msg_id = msg.headers.get(S.HDR_MSG_ID)
         fingerprint = submission_fingerprint(msg.subject, msg_id, msg.data)
         body = self.replies.expect(fingerprint, msg.reply)
         if body is not None:
-            self.nc.publish_now(msg.reply, body)
+            self._say(msg.reply, body)
         elif msg_id:  # looked at again in a second (see _answer_if_deduplicated)
             self._unanswered.append((time.monotonic() + 1.0, fingerprint, msg))
 
@@ -543,7 +547,16 @@ class Sentinel:
         for inbox in self.replies.answer(fingerprint, body, everyone=everyone,
                                          seq=event.seq or None,
                                          keep=everyone or self._taking_requests):
+            self._say(inbox, body)
+
+    def _say(self, inbox: str, body: bytes) -> None:
+        """Answer a request now; one that cannot be sent (the connection away with its
+        buffer full, closing) is dropped: its submitter asks again (the answer comes from
+        the log), and the loop that observed the event goes on."""
+        try:
             self.nc.publish_now(inbox, body)
+        except Exception as exc:  # noqa: BLE001 - an answer is not worth a loop
+            log.debug("answer to %s not sent: %s", inbox, exc)
 
     # -- time and heartbeats ----------------------------------------------------------------
     async def _tick_loop(self) -> None:

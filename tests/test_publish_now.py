@@ -71,3 +71,21 @@ async def test_publish_now_refuses_what_publish_refuses(server: EmbeddedServer) 
         await nc.close()
     with pytest.raises(errors.ConnectionClosedError):
         nc.publish_now("ok", b"x")
+
+
+@pytest.mark.e2e
+async def test_an_answer_that_cannot_be_sent_does_not_stop_the_sentinels_loop(
+        server: EmbeddedServer) -> None:
+    """The sentinel answers requests with publish_now from the loops that observe events:
+    an answer its connection cannot take (closed here; away with its buffer full in
+    life) is dropped, not raised into the loop."""
+    from jetflow.core.events import Event
+    from jetflow.sentinel.service import Sentinel
+
+    sentinel = Sentinel(server.url)
+    sentinel.nc = await connect(server.url)
+    await sentinel.nc.close()
+    sentinel.replies.expect("fp-1", "_INBOX.gone.1")
+    event = Event("job", "j1", "submitted", 0.0, {"fp": "fp-1", "msg_id": "m1"}, seq=7)
+    sentinel._answer(event)  # no exception
+    assert not sentinel.replies.is_waiting("fp-1", "_INBOX.gone.1")  # it was answered
