@@ -97,7 +97,12 @@ class Up:
         ca = self.data / "tls" / "ca.pem"
         return await (connect(self.url, ca=str(ca)) if ca.exists() else connect(self.url))
 
-    async def raw(self) -> RawClient:
+    async def raw(self, role: str = "submitter") -> RawClient:
+        """A raw connection (jetflow.adapters.natsclient), as :meth:`client` connects."""
+        context = self.data / "contexts" / f"{role}.json"
+        if role != "submitter" and context.exists():
+            return await bus_connect(self.url, credentials=Credentials(
+                context=str(context)).with_context())
         ca = self.data / "tls" / "ca.pem"
         return await bus_connect(self.url, credentials=Credentials(
             ca=str(ca) if ca.exists() else None))
@@ -264,7 +269,7 @@ async def paced(up: Up, n: int, rate: float, run: str) -> dict[str, Any]:
 async def settled(up: Up, timeout_s: float = 120.0) -> float:
     """Wait until the projector has applied the whole log (a burst leaves it behind for a
     while, and what it still has to do would be measured with the next figure); the
-    seconds it took."""
+    seconds it took, also said."""
     nc = await up.raw()
     start = time.monotonic()
     try:
@@ -276,11 +281,13 @@ async def settled(up: Up, timeout_s: float = 120.0) -> float:
             await asyncio.sleep(0.2)
     finally:
         await nc.close()
-    return round(time.monotonic() - start, 2)
+    took = round(time.monotonic() - start, 2)
+    say(f"  (the projector caught up with the log in {took:g}s)")
+    return took
 
 
 async def submit_many_rate(up: Up, n: int, run: str) -> dict[str, Any]:
-    say(f"  (the projector caught up with the log in {await settled(up):g}s)")
+    await settled(up)
     client = await up.client()
     try:
         jobs = [{"handler": "echo", "args": job(run, i), "queue": "nobody"} for i in range(n)]
@@ -373,7 +380,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             if workers == 2:
                 result["submit_many"] = await burst_many(up, args.jobs, "many2")
                 say(f"  burst, submit_many: {result['submit_many']['jobs_per_s']:,} jobs/s")
-                say(f"  (the projector caught up with the log in {await settled(up):g}s)")
+                await settled(up)
                 report["latency"] = [await paced(up, n, rate, f"lat{int(rate)}")
                                      for rate, n in ((100.0, args.light_jobs),
                                                      (1000.0, args.paced_jobs))]

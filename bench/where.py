@@ -33,8 +33,6 @@ import orjson
 
 from bench.system import Up, burst_pub, jetflow_up, job, write_results
 from bench.throughput import latency_summary, machine_info
-from jetflow.adapters.auth import Credentials
-from jetflow.adapters.bus import connect as bus_connect
 from jetflow.core import subjects as S
 from jetflow.core.metadata import headers_of
 from jetflow.core.submission import derive_job_id
@@ -121,9 +119,7 @@ class Marks:
 
 
 async def hops(up: Up, jobs: int, rate: float) -> dict[str, Any]:
-    admin = up.data / "contexts" / "admin.json"  # (offers are for workers and admins)
-    nc = await bus_connect(up.url, credentials=Credentials(
-        context=str(admin) if admin.exists() else None).with_context())
+    nc = await up.raw("admin")  # (offers are for workers and admins to see)
     marks = Marks()
     for subject in (f"{S.PREFIX}.submit.>", f"{S.PREFIX}.work.>", f"{S.PREFIX}.job.>"):
         await nc.subscribe_raw(subject, marks.on)
