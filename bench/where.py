@@ -97,7 +97,7 @@ class Marks:
             msg_id = headers_of(headers).get(S.HDR_MSG_ID)
             if msg_id:
                 self.seen.setdefault(derive_job_id(msg_id, "", 0), {})["request"] = now
-        elif parts[1] == "work":
+        elif parts[1] == "work" and len(parts) == 3:  # (not the acks of early offers)
             for offer in orjson.loads(data):
                 self.seen.setdefault(offer["job_id"], {}).setdefault("offer", now)
         elif len(parts) == 4:

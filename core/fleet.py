@@ -63,6 +63,7 @@ class WorkerInfo:
     draining: bool = False  # it said so in a heartbeat: offered nothing new either
     beat_held: frozenset[str] = frozenset()  # offers it holds, not claimed yet
     beat_seen: float = 0.0  # when the sentinel received its last readable heartbeat
+    early_offers: bool = False  # it takes offers whose seq comes with an ack (see below)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,7 @@ class Fleet:
     last_seq: int = 0
     _timers: list[tuple[float, str]] = field(default_factory=list)
     _dispatched_at: dict[str, float] = field(default_factory=dict)
+    _early: dict[str, str] = field(default_factory=dict)  # offered before stored: its worker
     _cancel_reasons: dict[str, str] = field(default_factory=dict)  # what a cancel said
     workflows: Workflows = field(default_factory=Workflows)
     # the registered workflow templates: name -> {version: sha256}
@@ -206,6 +208,10 @@ class Fleet:
                 heapq.heappush(self._timers, (job.submitted_at + limit, job.job_id))
 
     def _update_scheduler(self, old: JobState, new: JobState, event: Event) -> None:
+        early = self._early.pop(new.job_id, None) if event.type == "submitted" else None
+        if early is not None and new.state == "queued" \
+                and self.sched.assigned_to(new.job_id) == early:
+            return  # offered already, with the append (see :meth:`reserve_early`)
         if new.state == "queued" and event.type in ("queued", "submitted", "handed_back"):
             self.sched.add_ready(ReadyJob(new.job_id, new.queue, _route(new), new.priority,
                                           event.seq))
@@ -224,7 +230,8 @@ class Fleet:
                               frozenset(event.data["queues"]), event.data["concurrency"],
                               event.get("host", ""), event.get("pid", 0), "live",
                               event.seq, event.seq, event.at,
-                              heartbeat_s=_heartbeat_interval(event, self.lease_s))
+                              heartbeat_s=_heartbeat_interval(event, self.lease_s),
+                              early_offers=event.get("early_offers") is True)
             old = self.workers.get(wid)
             if old is not None:
                 info.last_seen = max(old.last_seen, info.last_seen)
@@ -233,7 +240,8 @@ class Fleet:
             # Offers buffered in JF_WORK beyond the running slots (``prefetch``) keep a
             # worker busy across the sentinel's round trip; the claim stays exclusive.
             slots = info.concurrency + int(event.get("prefetch", 0))
-            self.sched.add_worker(WorkerSlots(wid, info.handlers, info.queues, slots))
+            self.sched.add_worker(WorkerSlots(wid, info.handlers, info.queues, slots,
+                                              early=info.early_offers))
             self.grant_plugins(only=wid)
             return
         known = self.workers.get(wid)
@@ -407,6 +415,7 @@ class Fleet:
 
     def _withdraw(self, job_id: str) -> None:
         """An offer that was not claimed: the job is ready for another worker."""
+        self._early.pop(job_id, None)
         self.sched.release(job_id)
         self._requeue({job_id})
 
@@ -415,6 +424,28 @@ class Fleet:
                       {"reason": f"no heartbeat for {now - w.last_seen:.1f}s "
                                  f"(lease {self.lease_s:g}s)", "last_seen": w.last_seen})
         return Append(event, w.last_seq, f"worker:{w.worker_id}:lost:{w.joined_seq}")
+
+    def reserve_early(self, job: JobState, now: float) -> str | None:
+        """A worker to offer a new job to while its ``submitted`` is being appended, when
+        one has a free slot and no ready job waits for it (an idle system): the offer goes
+        out with the append, and the append's ack, which the worker gets too, says the
+        sequence its claim must expect. When the append is observed the job stays offered
+        (it is not made ready); when it fails, :meth:`cancel_early`. None: offer it the
+        usual way, once it is observed."""
+        if job.state != "queued" or job.job_id in self.jobs:
+            return None
+        worker_id = self.sched.reserve(job.job_id, job.queue, _route(job))
+        if worker_id is not None:
+            self._early[job.job_id] = worker_id
+            self._dispatched_at[job.job_id] = now  # lost like any offer (see :meth:`due`)
+        return worker_id
+
+    def cancel_early(self, job_id: str) -> None:
+        """The append of an early offer's ``submitted`` failed or was a duplicate: its
+        slot is free again (the worker drops the offer when it sees the same ack)."""
+        if self._early.pop(job_id, None) is not None:
+            self.sched.release(job_id)
+            self._dispatched_at.pop(job_id, None)
 
     def dispatch(self, now: float) -> list[Dispatch]:
         out = []

@@ -9,7 +9,8 @@ role may append only the events it owns, told apart by the subject's last token
 - ``submitter`` publishes submissions and reads the log through direct gets (which create
   nothing on the server) and core subscriptions; anonymous connections get this role.
 - ``operator`` is a submitter that may also cancel and retry (``jf.ctl.>``).
-- ``worker`` (one identity per worker id) receives its own offers and appends what a
+- ``worker`` (one identity per worker id) receives its own offers (and the acks of the
+  ``submitted`` appends of the jobs offered to it early) and appends what a
   worker owns: a claim (``started``), ``progress``, ``succeeded``, ``failed``, a
   ``timed_out`` of its own run, ``handed_back`` (a draining worker's run given back), its
   own lifecycle and heartbeats, logs, and the environments it built.
@@ -158,8 +159,8 @@ def permissions(role: str, worker_id: str | None = None) -> Permissions | None:
             *_events("plugin", WORKER_PLUGIN_EVENTS), S.heartbeat_subject(me),
             *S.LOGS_SUBJECTS, *_reads(), *_consumes(S.EVENTS_STREAM),
             *_object_store(S.PLUGIN_BUCKET, write=False), S.SENTINEL_PING]),
-            (S.work_subject(me), f"{S.PREFIX}.worker.{me}.>", f"{S.PREFIX}.job.>",
-             f"{S.PREFIX}.plugin.>",
+            (S.work_subject(me), S.work_acks_of(me), f"{S.PREFIX}.worker.{me}.>",
+             f"{S.PREFIX}.job.>", f"{S.PREFIX}.plugin.>",
              f"{S.PREFIX}.ctl.>", INBOX))
     if role == "sentinel":
         return Permissions(tuple([

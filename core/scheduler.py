@@ -32,6 +32,7 @@ class WorkerSlots:
     concurrency: int
     assigned: set[str] = field(default_factory=set)
     paused: bool = False  # silent (missed heartbeats): no new offers until it beats again
+    early: bool = False  # it takes early offers (see :meth:`Scheduler.reserve`)
 
     @property
     def free(self) -> int:
@@ -143,7 +144,32 @@ class Scheduler:
             candidates = still
         return out
 
+    def reserve(self, job_id: str, queue: str, handler: str) -> str | None:
+        """A slot for a job not ready yet (its ``submitted`` on its way to the log) on the
+        worker :meth:`dispatch` would pick, provided no ready job waits for that worker
+        (it would come first: strict priority); the worker, or None."""
+        if job_id in self._assigned or job_id in self._ready:
+            return None
+        free = [w for w in self._workers.values() if w.early and w.free > 0
+                and not w.paused and queue in w.queues and handler in w.handlers]
+        if not free:
+            return None
+        worker = max(free, key=lambda w: w.free)
+        if self._best_key(worker) is not None:
+            return None  # (a moment between a slot freeing and the next dispatch)
+        self._assigned[job_id] = worker.worker_id
+        worker.assigned.add(job_id)
+        return worker.worker_id
+
     def _pop_best(self, worker: WorkerSlots) -> ReadyJob | None:
+        best_key = self._best_key(worker)
+        if best_key is None:
+            return None
+        _neg, _order, job_id = heapq.heappop(self._heaps[best_key])
+        return self._ready.pop(job_id)
+
+    def _best_key(self, worker: WorkerSlots) -> tuple[str, str] | None:
+        """The heap holding the best ready job the worker can take, if any."""
         best_key: tuple[str, str] | None = None
         best: tuple[int, int, str] | None = None
         for queue in worker.queues:
@@ -151,10 +177,7 @@ class Scheduler:
                 top = self._top((queue, handler))
                 if top is not None and (best is None or top < best):
                     best, best_key = top, (queue, handler)
-        if best_key is None:
-            return None
-        heapq.heappop(self._heaps[best_key])
-        return self._ready.pop(best[2]) if best else None
+        return best_key
 
     def _top(self, key: tuple[str, str]) -> tuple[int, int, str] | None:
         heap = self._heaps.get(key)

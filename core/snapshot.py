@@ -104,7 +104,7 @@ def _restore_workers(fleet: Fleet, workers: list[dict[str, Any]]) -> None:
         fleet.workers[info.worker_id] = info
         if info.status == "live" and slots is not None:
             fleet.sched.add_worker(WorkerSlots(info.worker_id, info.handlers, info.queues,
-                                               int(slots)))
+                                               int(slots), early=info.early_offers))
 
 
 def _restore_schedule(fleet: Fleet, ready: dict[str, int]) -> None:

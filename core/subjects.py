@@ -29,6 +29,9 @@ __all__ = [
     "worker_subject",
     "submit_subject",
     "work_subject",
+    "work_ack_prefix",
+    "work_acks_of",
+    "work_acks_for",
     "log_subject",
     "heartbeat_subject",
     "parse_event_subject",
@@ -147,6 +150,23 @@ def submit_subject(queue: str) -> str:
 
 def work_subject(worker_id: str) -> str:
     return f"{PREFIX}.work.{check_token(worker_id, 'worker id')}"
+
+
+def work_ack_prefix(worker_id: str, sentinel_id: str) -> str:
+    """Where the acks of the ``submitted`` appends of the jobs a sentinel offers the worker
+    early come (a token each): the worker and the sentinel learn the sequence the claim
+    must expect from the same ack."""
+    return f"{work_subject(worker_id)}.ack.{check_token(sentinel_id, 'sentinel id')}"
+
+
+def work_acks_of(worker_id: str) -> str:
+    """The early acks for a worker (see :func:`work_ack_prefix`), from any sentinel."""
+    return f"{work_subject(worker_id)}.ack.>"
+
+
+def work_acks_for(sentinel_id: str) -> str:
+    """The early acks of one sentinel's appends, for any worker."""
+    return f"{PREFIX}.work.*.ack.{check_token(sentinel_id, 'sentinel id')}.*"
 
 
 def log_subject(job_id: str, attempt: int) -> str:

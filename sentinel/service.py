@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import time
 from collections import deque
 from dataclasses import replace
@@ -43,6 +44,7 @@ from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
 from jetflow.core.fleet import Append, Dispatch, Fleet
+from jetflow.core.job import IllegalTransition, JobState, apply
 from jetflow.core.metadata import Stored, ack_numbers, header_value, headers_of
 from jetflow.core.origin import SIG_HEADER, Origin, Signer, sentinel_key
 from jetflow.core.retry import RetryPolicy
@@ -87,6 +89,7 @@ class Sentinel:
         # requests with a msg id not answered at once: (when to look again, fingerprint, it)
         self._unanswered: deque[tuple[float, str, _Request]] = deque()
         self._tasks: list[asyncio.Task[None]] = []
+        self.sid = secrets.token_hex(4)  # the acks of early offers name this sentinel
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> Sentinel:
@@ -113,6 +116,7 @@ class Sentinel:
         self.origin = Origin(secret)  # who wrote the events a worker may append
         self.log = EventLog(Publisher(self.nc),
                             signer=Signer(sentinel_key(secret)) if secret else None)
+        await self.log.publisher.also_settle_on(S.work_acks_for(self.sid))
         info = await self.js.stream_info(S.SUBMIT_STREAM)
         self.intake = Intake(info.created.isoformat() if info.created else "0")
         self.templates = TemplateStore(self.nc)
@@ -318,6 +322,9 @@ class Sentinel:
         by_worker: dict[str, list[bytes]] = {}
         for d in dispatches:
             by_worker.setdefault(d.worker_id, []).append(_offer(d, self._work_headers(d)))
+        self._send_offers(by_worker)
+
+    def _send_offers(self, by_worker: dict[str, list[bytes]]) -> None:
         for worker_id, offers in by_worker.items():
             try:
                 self.nc.publish_now(S.work_subject(worker_id),
@@ -394,17 +401,52 @@ class Sentinel:
                                               int(event.data["version"]))
 
     async def _record(self, decisions: list[Decision]) -> list[bool]:
+        now = time.time()
+        pendings, early = [], []
         for d in decisions:
             if d.accepted:
                 self.trace[d.append.event.id] = d.headers
-        pendings = [await self.log.send(d.append.event, expected_seq=0, msg_id=d.append.msg_id,
-                                        headers=d.headers) for d in decisions]
+            job = self._early_job(d)
+            worker_id = self.fleet.reserve_early(job, now) if job is not None else None
+            pending = await self.log.send(
+                d.append.event, expected_seq=0, msg_id=d.append.msg_id, headers=d.headers,
+                via=S.work_ack_prefix(worker_id, self.sid) if worker_id else None)
+            pendings.append(pending)
+            if job is not None and worker_id is not None:
+                early.append((Dispatch(job, worker_id, 0), pending.reply))
+        if early:
+            self._offer_early(early)
         results = await self.log.settle_all(pendings)
         return [await self._recorded(d, r) for d, r in zip(decisions, results, strict=True)]
+
+    @staticmethod
+    def _early_job(d: Decision) -> JobState | None:
+        """The job a new submission makes, if it may be offered with its append."""
+        event = d.append.event
+        if not d.accepted or event.kind != "job" or event.type != "submitted":
+            return None
+        try:
+            return apply(JobState(event.id), event)
+        except IllegalTransition:
+            return None
+
+    def _offer_early(self, early: list[tuple[Dispatch, str]]) -> None:
+        """Offer new jobs to idle workers while their ``submitted`` is being appended: an
+        offer names the subject the append's ack comes on (the worker listens there too)
+        instead of the sequence, which that ack says. This saves the trip through this
+        sentinel between the append and the offer (about 0.5 ms of an idle system's
+        submit -> succeeded); the claim stays exclusive by the same expected sequence."""
+        by_worker: dict[str, list[bytes]] = {}
+        for d, reply in early:
+            by_worker.setdefault(d.worker_id, []).append(
+                _offer(d, self._work_headers(d), ack=reply))
+        self._send_offers(by_worker)
 
     async def _recorded(self, d: Decision, result: Ack | Exception) -> bool:
         """Whether the submission is now in the log (else it is redelivered)."""
         event = d.append.event
+        if isinstance(result, Exception) or result.duplicate:
+            self.fleet.cancel_early(event.id)  # its worker drops the offer on the same ack
         if isinstance(result, Conflict):
             return await self._on_existing(d)
         if isinstance(result, Exception):
@@ -605,13 +647,16 @@ class _Request(NamedTuple):
     headers: dict[str, str]
 
 
-def _offer(d: Dispatch, headers: dict[str, str]) -> bytes:
+def _offer(d: Dispatch, headers: dict[str, str], ack: str | None = None) -> bytes:
     """One offer: what the worker needs to claim and run the attempt, and the headers
-    (trace context, correlation id) its events carry."""
+    (trace context, correlation id) its events carry. An early one (``ack``) has no
+    ``seq`` yet: the ack on that subject says it."""
     job = d.job
     plugin = ({"plugin": job.plugin, "input": job.input, "output": job.output}
               if job.plugin else {})
-    return dumps({"job_id": job.job_id, "attempt": job.attempt + 1, "seq": d.seq,
+    early = {"ack": ack} if ack else {}
+    return dumps({"job_id": job.job_id, "attempt": job.attempt + 1,
+                  "seq": None if ack else d.seq, **early,
                   "queue": job.queue, "handler": job.handler, "args": job.args,
                   "priority": job.priority, "timeout_s": job.timeout_s,
                   "correlation_id": job.correlation_id, "headers": headers, **plugin})

@@ -29,10 +29,12 @@ from nats.aio.msg import Msg
 from jetflow.adapters.auth import Credentials
 from jetflow.adapters.bus import (
     FIRST_CONNECT_WAIT_S,
+    Ack,
     EventLog,
     Publisher,
     connect,
     ensure_streams,
+    read_ack,
 )
 from jetflow.adapters.plugins import PluginStore
 from jetflow.adapters.runtime import cancel_and_wait, supervise
@@ -40,6 +42,7 @@ from jetflow.core import subjects as S
 from jetflow.core.codec import CodecError, decode_event, dumps, loads
 from jetflow.core.events import Event
 from jetflow.core.fleet import DEFAULT_CONCURRENCY, default_heartbeat_s
+from jetflow.core.metadata import status_of
 from jetflow.core.origin import Signer
 from jetflow.core.plugin import NAME_RE, PLUGIN_ROUTE, PluginError, plugin_route
 from jetflow.workers.attempt import PLUGIN_REF, Attempt, Deps
@@ -51,6 +54,8 @@ from jetflow.workers.pool import ChildPool
 __all__ = ["Worker", "make_worker_id"]
 
 log = logging.getLogger("jetflow.worker")
+EARLY_ACK_WAIT_S = 5.0  # an early offer whose ack has not come by then is dropped
+EARLY_ACKS_KEPT = 1024  # acks that came before their offer, waiting for it
 
 
 async def _until_done(tasks: list[asyncio.Task[None]], timeout_s: float,
@@ -121,6 +126,9 @@ class Worker:
         self.worker_id = S.check_token(worker_id or make_worker_id(), "worker id")
         self.running: dict[str, Attempt] = {}
         self._held: OrderedDict[str, dict[str, Any]] = OrderedDict()  # offers, in order
+        # early offers (no seq yet) by the subject of the ack that says it: (since, offer)
+        self._awaiting: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._acks_first: OrderedDict[str, tuple[bytes, bool]] = OrderedDict()
         self._busy: set[str] = set()  # attempts that hold a slot: claiming or in a child
         self._tasks_by_job: dict[str, asyncio.Task[None]] = {}
         self._draining = False
@@ -165,6 +173,7 @@ class Worker:
         await self.nc.subscribe(S.worker_subject(self.worker_id, "lost"), cb=self._on_lost)
         for kind in ("cancel_requested", "timed_out"):
             await self.nc.subscribe(f"{S.PREFIX}.job.*.{kind}", cb=self._on_job_event)
+        await self.nc.subscribe_raw(S.work_acks_of(self.worker_id), self._on_early_ack)
         self._offers = await self.nc.subscribe_raw(S.work_subject(self.worker_id),
                                                    self._on_offers)
         if self.plugins:  # environments are built when a plugin is deployed, not later
@@ -187,7 +196,8 @@ class Worker:
             "handlers": sorted(self.handlers), "queues": list(self.queues),
             "concurrency": self.concurrency, "prefetch": self.prefetch,
             "host": socket.gethostname(), "pid": os.getpid(), "lease_s": self.lease_s,
-            "heartbeat_s": self.heartbeat_s})
+            "heartbeat_s": self.heartbeat_s,
+            "early_offers": True})  # offers whose seq comes with the append's ack
         if self.log.signer is not None:  # what readers check this worker's events against
             event.data["key"] = self.log.signer.public_hex
         self._joined = True  # before: stored but unacknowledged is joined too
@@ -245,6 +255,7 @@ class Worker:
         ``hurry`` is done: a second stop signal), then hand back the rest and leave."""
         self._draining = True  # no more claims: what is held is dropped (the heartbeat
         self._held.clear()     # says draining, and the sentinel offers it elsewhere)
+        self._awaiting.clear()
         await self._heartbeat()
         running = list(self._tasks_by_job.values())
         if running:
@@ -294,8 +305,10 @@ class Worker:
             await self._heartbeat()
 
     async def _heartbeat(self) -> None:
+        self._expire_early(time.monotonic())
         claimed = [j for j, a in self.running.items() if a.started_seq is not None]
-        held = [*self._held, *(j for j, a in self.running.items() if a.started_seq is None)]
+        held = [*self._held, *(o["job_id"] for _at, o in self._awaiting.values()),
+                *(j for j, a in self.running.items() if a.started_seq is None)]
         body = {"at": time.time(), "running": sorted(claimed), "held": held,
                 "free": self.concurrency - len(self._busy), "draining": self._draining}
         await self.nc.publish(S.heartbeat_subject(self.worker_id), dumps(body))
@@ -316,7 +329,7 @@ class Worker:
             if not isinstance(offers, list):
                 raise ValueError("not a list of offers")
             valid = [o for o in offers if isinstance(o, dict) and isinstance(o.get("job_id"), str)
-                     and isinstance(o.get("seq"), int) and (
+                     and (isinstance(o.get("seq"), int) or self._early_ack_of(o)) and (
                          o.get("handler") in self.handlers
                          or (isinstance(o.get("plugin"), dict) and self.serves(o)))]
         except Exception:  # noqa: BLE001 - a malformed offer is dropped, loudly
@@ -327,9 +340,68 @@ class Worker:
             log.error("dropping %d malformed offer(s) of %d", len(offers) - len(valid),
                       len(offers))
         for offer in valid:
-            if offer["job_id"] not in self.running:  # else a repeat of one we run
+            if offer["job_id"] in self.running:
+                continue  # a repeat of one we run
+            ack = self._early_ack_of(offer)
+            if ack is None:
                 self._held[offer["job_id"]] = offer
+            elif ack in self._acks_first:
+                self._settle_early(offer, *self._acks_first.pop(ack))
+            else:
+                self._awaiting[ack] = (time.monotonic(), offer)
         self._start_held()
+
+    # -- early offers: the seq comes with the ack of the job's `submitted` -------------
+    def _early_ack_of(self, offer: dict[str, Any]) -> str | None:
+        """The subject an early offer's ack comes on (one of ours), else None."""
+        ack = offer.get("ack")
+        if offer.get("seq") is None and isinstance(ack, str) \
+                and ack.startswith(self._acks_prefix):
+            return ack
+        return None
+
+    @functools.cached_property
+    def _acks_prefix(self) -> str:
+        return S.work_acks_of(self.worker_id)[:-1]
+
+    def _on_early_ack(self, subject: bytes, reply: bytes, data: bytes,
+                      headers: bytes | None) -> None:
+        """The ack of an early offer's ``submitted`` (raw, in the reading task). It
+        usually comes after its offer (published first, on the same connection)."""
+        status = status_of(headers)
+        no_stream = status is not None and status[0] == "503"
+        entry = self._awaiting.pop(subject.decode(), None)
+        if entry is not None:
+            self._settle_early(entry[1], data, no_stream)
+            self._start_held()
+            return
+        self._acks_first[subject.decode()] = (data, no_stream)
+        while len(self._acks_first) > EARLY_ACKS_KEPT:
+            self._acks_first.popitem(last=False)
+
+    def _settle_early(self, offer: dict[str, Any], data: bytes, no_stream: bool) -> None:
+        """An early offer with its ack: held to be claimed with the sequence the ack says,
+        or dropped when the append was not stored or was a duplicate (the sentinel frees
+        the slot on the same ack)."""
+        ack = read_ack(data, no_stream)
+        if not isinstance(ack, Ack) or ack.duplicate:
+            log.debug("job %s: early offer dropped: %s", offer["job_id"],
+                      "a duplicate submission" if isinstance(ack, Ack) else ack)
+            return
+        if self._draining or offer["job_id"] in self.running:
+            return
+        offer["seq"] = ack.seq
+        offer.pop("ack", None)
+        self._held[offer["job_id"]] = offer
+
+    def _expire_early(self, now: float) -> None:
+        """Drop early offers whose ack never came (the heartbeat then says so, and the
+        sentinel offers the job again once it has seen it stored)."""
+        for ack, (since, offer) in list(self._awaiting.items()):
+            if now - since > EARLY_ACK_WAIT_S:
+                del self._awaiting[ack]
+                log.warning("job %s: no ack for its early offer in %.0fs: dropped",
+                            offer["job_id"], EARLY_ACK_WAIT_S)
 
     def _start_held(self) -> None:
         """Start attempts for held offers, oldest first, while a slot is free."""

@@ -44,6 +44,7 @@ from jetflow.core.origin import Signer, needs_signature
 
 __all__ = [
     "DEFAULT_URL",
+    "read_ack",
     "BusError",
     "Conflict",
     "Resubscribe",
@@ -466,8 +467,24 @@ class Publisher:
         else:
             await self.nc.subscribe(self._prefix + ".*", cb=self._on_reply)
 
+    async def also_settle_on(self, pattern: str) -> None:
+        """Settle acks that come on ``pattern`` too: the subjects given as ``via`` to
+        :meth:`publish` (whose last token is the ack's)."""
+        if isinstance(self.nc, Client):
+            await self.nc.subscribe_raw(pattern, self._on_raw_reply)
+        else:
+            await self.nc.subscribe(pattern, cb=self._on_reply)
+
     async def publish(self, subject: str, payload: bytes,
                       headers: dict[str, str]) -> asyncio.Future[Ack]:
+        """Publish; the future of its ack."""
+        return (await self.publish_via(subject, payload, headers, None))[0]
+
+    async def publish_via(self, subject: str, payload: bytes, headers: dict[str, str],
+                          via: str | None) -> tuple[asyncio.Future[Ack], str]:
+        """Publish; the future of its ack and the subject the ack comes on: under ``via``
+        if given (see :meth:`also_settle_on`: someone else may listen there as well), else
+        the own inbox."""
         if not self._prefix:
             await self._start()
         while len(self._futures) >= self._max_in_flight:
@@ -480,7 +497,7 @@ class Publisher:
         fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(lambda _f: self._done(token))
         self._futures[token] = fut
-        reply = f"{self._prefix}.{token}"
+        reply = f"{via or self._prefix}.{token}"
         try:
             if isinstance(self.nc, Client):  # no coroutines on the way (see publish_now)
                 self.nc.publish_now(subject, payload, reply, headers)
@@ -489,7 +506,7 @@ class Publisher:
         except Exception as exc:  # noqa: BLE001 - handed to whoever awaits the future
             if not fut.done():
                 fut.set_exception(exc)
-        return fut
+        return fut, reply
 
     def _done(self, token: str) -> None:
         self._futures.pop(token, None)
@@ -510,21 +527,27 @@ class Publisher:
         fut = self._futures.get(token)
         if fut is None or fut.done():
             return
-        if no_stream:
-            fut.set_exception(PublishError(503, 0, "no stream accepts this subject"))
-            return
-        try:
-            body = orjson.loads(data)
-        except ValueError:
-            fut.set_exception(PublishError(0, 0, f"unreadable ack {data[:80]!r}"))
-            return
+        ack = read_ack(data, no_stream)
+        if isinstance(ack, Ack):
+            fut.set_result(ack)
+        else:
+            fut.set_exception(ack)
+
+
+def read_ack(data: bytes, no_stream: bool = False) -> Ack | PublishError:
+    """What a JetStream publish's answer says: stored (an :class:`Ack`) or why not
+    (``no_stream``: the answer had status 503, no stream takes the subject)."""
+    if no_stream:
+        return PublishError(503, 0, "no stream accepts this subject")
+    try:
+        body = orjson.loads(data)
         error = body.get("error")
         if error:
-            fut.set_exception(PublishError(int(error.get("code", 0)),
-                                           int(error.get("err_code", 0)),
-                                           str(error.get("description", ""))))
-        else:
-            fut.set_result(Ack(int(body["seq"]), bool(body.get("duplicate"))))
+            return PublishError(int(error.get("code", 0)), int(error.get("err_code", 0)),
+                                str(error.get("description", "")))
+        return Ack(int(body["seq"]), bool(body.get("duplicate")))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return PublishError(0, 0, f"unreadable ack {data[:80]!r}")
 
 
 @dataclass(slots=True)
@@ -533,6 +556,7 @@ class Pending:
 
     future: asyncio.Future[Ack]
     event: Event
+    reply: str = ""  # the subject its ack comes on
 
 
 @dataclass
@@ -545,8 +569,10 @@ class EventLog:
 
     async def send(self, event: Event, *, expected_seq: int | None = None,
                    msg_id: str | None = None,
-                   headers: Mapping[str, str] | None = None) -> Pending:
-        """Start an append without waiting for its ack (bounded by the in-flight window)."""
+                   headers: Mapping[str, str] | None = None,
+                   via: str | None = None) -> Pending:
+        """Start an append without waiting for its ack (bounded by the in-flight window);
+        ``via``: the ack comes on a subject under it (see :meth:`Publisher.publish`)."""
         hdrs = dict(headers) if headers else {}
         hdrs[S.HDR_MSG_ID] = msg_id or f"{event.kind}:{event.id}:{event.type}:{event.at}"
         if expected_seq is not None:
@@ -556,8 +582,8 @@ class EventLog:
         body = encode_event(event)
         if self.signer is not None and needs_signature(event):
             hdrs.update(self.signer.headers(subject, body))
-        fut = await self.publisher.publish(subject, body, hdrs)
-        return Pending(fut, event)
+        fut, reply = await self.publisher.publish_via(subject, body, hdrs, via)
+        return Pending(fut, event, reply)
 
     async def settle(self, pending: Pending) -> Ack:
         """Wait for the ack; raise Conflict if the expected sequence did not match."""
