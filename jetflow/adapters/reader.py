@@ -16,7 +16,9 @@ subject, not the request's, so only the status that ends a request names it). A
 ``no_wait`` request asks for up to ``batch`` stored messages and ends at once (with a
 status when fewer were there); when nothing was there, a long poll for one message
 (``expires`` = ``idle_s``) waits for the next append. While the caller works on a full
-batch, the request for the next one is already being answered.
+batch, the request for the next one is already being answered. An ``eager`` reader (the
+sentinel's tail and intake) keeps one pull for ``batch`` open instead and takes its
+messages as they come (see :meth:`StreamReader._standing`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class _Pull:
     msgs: list[_Wire] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     status: str = ""
+    count: int = 0  # messages it brought (a standing pull's are taken as they come)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # a message, or the end
 
 
 class StreamReader:
@@ -151,6 +155,8 @@ class StreamReader:
         await asyncio.sleep(_RETRY_S)
 
     async def _fetch(self) -> list[_Wire]:
+        if self.eager:
+            return await self._standing()
         token, pull = self._ahead or await self._request(self.batch, no_wait=True)
         self._ahead = None
         await self._finish(token, pull, _SLACK_S)
@@ -174,6 +180,44 @@ class StreamReader:
         token, more = await self._request(self.batch - 1, no_wait=True)
         await self._finish(token, more, _SLACK_S)
         return pull.msgs + more.msgs
+
+    async def _standing(self) -> list[_Wire]:
+        """An eager reader's (the sentinel's) messages as they come: one pull for
+        ``batch`` stays open until it is filled or expires (``idle_s``: then ``[]``), and
+        what it brought since the last call is taken. An idle log costs a request a
+        second, an append one delivery; a request per batch and the status ending each
+        cost two round trips an event, on the server and here, when events come one by
+        one. A filled pull's successor is asked for before its messages are handed on."""
+        if self._pull is None:
+            await self._request(self.batch, no_wait=False)
+        assert self._pull is not None
+        pull = self._pull[1]
+        await self._arrival(pull)
+        msgs, pull.msgs = pull.msgs, []
+        pull.arrived.clear()
+        if pull.done.is_set():
+            self._pull = None
+            if not msgs and pull.status and not pull.status.startswith(_ENDED):
+                raise RuntimeError(f"pull refused: {pull.status}")  # (see _finish)
+            if pull.count >= pull.size:
+                await self._request(self.batch, no_wait=False)
+        return msgs
+
+    async def _arrival(self, pull: _Pull) -> None:
+        """Wait until ``pull`` has brought a message or ended; a pull that vanished
+        (its consumer gone: never answered) counts as lost, as in :meth:`_finish`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.idle_s + _SLACK_S
+        wait_s = self.idle_s + 1.0
+        while not (pull.msgs or pull.done.is_set()):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await pull.arrived.wait()
+            wait_s = 1.0
+            if pull.msgs or pull.done.is_set():
+                return
+            if loop.time() > deadline or not await self._consumer_exists():
+                raise TimeoutError(f"pull request on {self.stream} unanswered")
 
     async def _request(self, size: int, *, no_wait: bool) -> tuple[str, _Pull]:
         token = str(next(self._tokens))
@@ -226,11 +270,14 @@ class StreamReader:
         status = None if headers is None or headers[8:9] != b" " else status_of(headers)
         if status is None:
             pull.msgs.append((reply, subject, data, headers))
-            if len(pull.msgs) >= pull.size:
+            pull.count += 1
+            if pull.count >= pull.size:
                 pull.done.set()
+            pull.arrived.set()
         elif status[0] != _HEARTBEAT and subject.decode() == f"{self._inbox}.{token}":
             pull.status = " ".join(status).strip()
             pull.done.set()
+            pull.arrived.set()
 
     async def _subscribe(self) -> None:
         info = await self.js.add_consumer(self.stream, config=tail_consumer(self.next_seq,
