@@ -184,6 +184,10 @@ async def test_a_worker_cannot_take_another_workers_offers(secured: Secured) -> 
         assert await me.sub_refused(S.work_subject("w2"))
         assert await me.sub_refused("jf.work.>")
         assert not await me.sub_refused(S.work_subject("w1"))
+        # the acks of early offers' appends: its own, not another's
+        assert await me.sub_refused(S.work_acks_of("w2"))
+        assert not await me.sub_refused(S.work_acks_of("w1"))
+        assert await me.refused(f"{S.work_ack_prefix('w1', 's1')}.1")  # nor forge one
     finally:
         await me.nc.close()
 
