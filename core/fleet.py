@@ -95,7 +95,10 @@ class Fleet:
     known_handlers: set[str] = field(default_factory=set)
     sched: Scheduler = field(default_factory=Scheduler)
     dirty: set[str] = field(default_factory=set)
-    last_seq: int = 0
+    last_seq: int = 0  # the latest event applied, from the tail or from an append's ack
+    # Every event up to here was read from the log in order (the tail): the state covers
+    # exactly that prefix when ``tail_seq >= last_seq`` (see :meth:`covers_prefix`).
+    tail_seq: int = 0
     _timers: list[tuple[float, str]] = field(default_factory=list)
     _dispatched_at: dict[str, float] = field(default_factory=dict)
     _early: dict[str, str] = field(default_factory=dict)  # offered before stored: its worker
@@ -106,8 +109,14 @@ class Fleet:
     plugins: PluginRegistry = field(default_factory=PluginRegistry)
 
     # -- observing the log --------------------------------------------------------------
-    def observe(self, event: Event) -> str | None:
-        """Apply one stored event; return why it was ignored, if it was."""
+    def observe(self, event: Event, *, own: bool = False) -> str | None:
+        """Apply one stored event; return why it was ignored, if it was. ``own``: an event
+        this sentinel appended, applied from the append's ack, which may come after the
+        tail has read the event (and what followed it: a job offered early can have run
+        to its end by then); the tail applied it already, so it is not applied again (a
+        finished job, forgotten, would be made anew by its ``submitted``)."""
+        if own and event.seq <= self.tail_seq:
+            return None
         self.last_seq = max(self.last_seq, event.seq)
         if event.kind == "job":
             why = self._observe_job(event)
@@ -189,6 +198,12 @@ class Fleet:
             self.jobs[event.id] = new
             self.dirty.add(event.id)
         return None
+
+    def covers_prefix(self) -> bool:
+        """Whether the state is that of the log up to ``last_seq`` and nothing else: no
+        append's ack applied ahead of events the tail has not read yet (a snapshot taken
+        then, restored, would never see those events)."""
+        return self.tail_seq >= self.last_seq
 
     def stored_on_job(self, job_id: str, seq: int) -> None:
         """A message the state machine did not apply (one published by hand) is still the

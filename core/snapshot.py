@@ -76,7 +76,7 @@ def restore(doc: dict[str, Any], *, policy: RetryPolicy,
                             f"{SNAPSHOT_VERSION}")
     try:
         fleet = Fleet(policy=policy, queue_policies=dict(queue_policies), lease_s=lease_s)
-        fleet.last_seq = int(doc["last_seq"])
+        fleet.last_seq = fleet.tail_seq = int(doc["last_seq"])
         fleet.known_handlers = set(doc["known_handlers"])
         for fields in doc["jobs"]:
             job = from_fields(fields)

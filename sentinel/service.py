@@ -173,7 +173,7 @@ class Sentinel:
         async for batch in self.events.batches():
             await self._load_templates_of(batch)
             self._observe_batch(batch)
-            if self.events.caught_up or self.fleet.last_seq >= head:
+            if self.events.caught_up or self.fleet.tail_seq >= head:
                 break
 
     # -- observing ----------------------------------------------------------------------
@@ -190,6 +190,7 @@ class Sentinel:
         jobs = self.fleet.jobs
         for msg in msgs:
             seq = msg.seq
+            self.fleet.tail_seq = max(self.fleet.tail_seq, seq)
             parts = msg.subject.split(".", 3)
             if len(parts) == 4 and parts[1] == "job" and (job := jobs.get(parts[2])) \
                     and seq <= job.last_seq:  # our own append, applied when acked: skip
@@ -228,8 +229,8 @@ class Sentinel:
                     why)
         return True
 
-    def _observe(self, event: Event, duplicate: bool = False) -> None:
-        why = self.fleet.observe(event)
+    def _observe(self, event: Event, duplicate: bool = False, own: bool = False) -> None:
+        why = self.fleet.observe(event, own=own)
         self.spans.observed(event)
         if why:
             log.debug("not applied: %s %s seq %d: %s", event.id, event.type, event.seq, why)
@@ -301,7 +302,7 @@ class Sentinel:
                       raise_conflict: bool) -> None:
         if isinstance(result, Ack):
             if not result.duplicate:
-                self._observe(replace(append.event, seq=result.seq))
+                self._observe(replace(append.event, seq=result.seq), own=True)
             return
         if append.event.kind == "job":
             self.fleet.dirty.add(append.event.id)  # look again at what moved
@@ -452,7 +453,8 @@ class Sentinel:
         if isinstance(result, Exception):
             log.warning("recording submission %s failed: %s", event.id, result)
             return False
-        self._observe(replace(event, seq=result.seq), duplicate=result.duplicate)
+        self._observe(replace(event, seq=result.seq), duplicate=result.duplicate,
+                      own=True)
         return True
 
     async def _on_existing(self, d: Decision) -> bool:
@@ -472,7 +474,7 @@ class Sentinel:
             ack = await self.log.append(moved, expected_seq=0, msg_id=f"{moved.id}:rejected")
         except Conflict:
             return True
-        self._observe(replace(moved, seq=ack.seq))
+        self._observe(replace(moved, seq=ack.seq), own=True)
         return True
 
     async def _wait_for_log_head(self, timeout_s: float = 2.0) -> None:

@@ -80,22 +80,30 @@ class Snapshots:
         return None
 
     def due(self, fleet: Fleet) -> bool:
+        if not fleet.covers_prefix():
+            return False  # the tail is behind an append's ack: next time
         moved = fleet.last_seq - self.saved_seq
         return moved >= EVERY_EVENTS or (moved > 0
                                          and time.monotonic() - self.saved_at >= EVERY_S)
 
     async def save(self, fleet: Fleet) -> None:
-        """Store what the fleet knows now (it covers ``fleet.last_seq``)."""
-        seq = fleet.last_seq
+        """Store what the fleet knows now, when that is the log up to ``fleet.last_seq``
+        (else nothing: the next try is in a few seconds). The document is taken at once:
+        the fleet moves on while the tip is read."""
+        if not fleet.covers_prefix():
+            return
+        doc = take(fleet, tip="", stream_created="")
+        seq = int(doc["last_seq"])
         stored = await event_at(self.nc, seq) if seq else None
         if seq and stored is None:
             return  # that message is gone already: nothing to pin the snapshot to
         info = await self.js.stream_info(S.EVENTS_STREAM)
-        tip = tip_digest(stored[1], stored[2]) if stored else ""
-        data = dumps(take(fleet, tip=tip, stream_created=_created(info)))
+        doc["tip"] = tip_digest(stored[1], stored[2]) if stored else ""
+        doc["stream_created"] = _created(info)
+        data = dumps(doc)
         await (await self._bucket()).put(S.SENTINEL_SNAPSHOT, data)
         self.saved_seq, self.saved_at = seq, time.monotonic()
-        log.info("snapshot at seq %d stored (%d jobs, %d bytes)", seq, len(fleet.jobs),
+        log.info("snapshot at seq %d stored (%d jobs, %d bytes)", seq, len(doc["jobs"]),
                  len(data))
 
     async def _bucket(self) -> ObjectStore:

@@ -75,6 +75,42 @@ def test_an_early_offer_stays_offered_once_its_submitted_is_observed() -> None:
     assert w.fleet.sched.workers()["w1"].free == 1
 
 
+def test_an_ack_that_comes_after_the_tail_saw_the_job_end_does_not_make_it_anew() -> None:
+    """Offered early, the job can run to its end, and the tail read all of it, before the
+    sentinel reads its own append's ack: applying that ``submitted`` again would make the
+    finished (forgotten) job queued, and offer it once more."""
+    w = World()
+    w.join("w1", ["echo"], concurrency=1, early_offers=True)
+    event = new_job("j1")
+    assert w.fleet.reserve_early(state(event), 1.0) == "w1"
+    stored = w.store(event)  # the tail: submitted, started, succeeded
+    w.start("j1", "w1", 1.1)
+    w.succeed("j1", 1.2)
+    assert "j1" not in w.fleet.jobs and w.fleet.covers_prefix()
+    assert w.fleet.observe(stored, own=True) is None  # the ack, read last
+    assert "j1" not in w.fleet.jobs
+    assert w.fleet.dispatch(2.0) == []
+    assert w.fleet.sched.workers()["w1"].free == 1
+
+
+def test_an_ack_read_before_the_tail_is_applied_and_the_state_covers_no_prefix() -> None:
+    """An append's ack is applied as soon as it is read, ahead of events of other jobs
+    the tail has not read yet: until the tail passes it, the state is no snapshot of a
+    prefix of the log (a sentinel restored from one would never see those events)."""
+    w = World()
+    w.join("w1", ["echo"], concurrency=2)
+    w.fleet.tail_seq = w.seq  # the tail is here; the next two are not read yet
+    w.seq += 1  # another job's event, stored, not read
+    own = replace(new_job("j2"), seq=w.seq + 1)
+    w.seq += 1
+    assert w.fleet.observe(own, own=True) is None
+    assert w.fleet.jobs["j2"].state == "queued" and not w.fleet.covers_prefix()
+    w.fleet.tail_seq = own.seq  # the tail read both
+    assert w.fleet.covers_prefix()
+    doc = take(w.fleet, tip="", stream_created="")
+    assert restore(doc, policy=RetryPolicy(), queue_policies={}, lease_s=10).covers_prefix()
+
+
 def test_a_failed_or_duplicate_append_frees_the_slot() -> None:
     w = World()
     w.join("w1", ["echo"], concurrency=1, early_offers=True)

@@ -306,6 +306,7 @@ class World:
         stored = decode_event(S.event_subject(event.kind, event.id, event.type),
                               encode_event(stored), self.seq)
         self.last[(event.kind, event.id)] = self.seq
+        self.fleet.tail_seq = self.seq  # read in order, as the sentinel's tail does
         assert self.fleet.observe(stored) is None
         return stored
 
