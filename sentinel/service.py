@@ -144,14 +144,23 @@ class Sentinel:
         while True:
             await asyncio.sleep(5.0)
             if self.snapshots.due(self.fleet):
+                await self._when_covering_a_prefix(1.0)
                 await self.snapshots.save(self.fleet)
             give_back_memory()
+
+    async def _when_covering_a_prefix(self, timeout_s: float) -> None:
+        """Wait (a little) for the tail to pass the appends whose acks were applied ahead
+        of it: only then is the state a snapshot of the log up to a sequence."""
+        deadline = time.monotonic() + timeout_s
+        while not self.fleet.covers_prefix() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
         started = bool(self._tasks)
         await cancel_and_wait(self._tasks)
         if started and self.fleet.last_seq != self.snapshots.saved_seq:
-            # what it knows now: the next start folds nothing it folded
+            # what it knows now, if that is a prefix of the log (its tail is stopped): the
+            # next start folds nothing it folded
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.snapshots.save(self.fleet), 3.0)
         self._tasks.clear()

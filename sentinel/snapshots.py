@@ -80,8 +80,6 @@ class Snapshots:
         return None
 
     def due(self, fleet: Fleet) -> bool:
-        if not fleet.covers_prefix():
-            return False  # the tail is behind an append's ack: next time
         moved = fleet.last_seq - self.saved_seq
         return moved >= EVERY_EVENTS or (moved > 0
                                          and time.monotonic() - self.saved_at >= EVERY_S)
