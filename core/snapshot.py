@@ -23,10 +23,30 @@ from jetflow.core.retry import RetryPolicy
 from jetflow.core.scheduler import ReadyJob, WorkerSlots
 from jetflow.core.workflow_doc import restore_workflows, workflows_doc
 
-__all__ = ["SNAPSHOT_VERSION", "SnapshotError", "take", "restore", "tip_digest"]
+__all__ = ["SNAPSHOT_VERSION", "SnapshotError", "take", "restore", "tip_digest", "due"]
 
 SNAPSHOT_VERSION = 3  # 2: with the workflows; 3: with the plugin registry
 _SETS = ("handlers", "queues", "beat_running", "beat_held")
+
+EVERY_EVENTS = 20_000  # a snapshot once this many events were folded since the last one
+EVERY_S = 60.0  # ... or this long after the last, if anything happened since
+# Taking one costs about what folding this many events per job it holds does: with a
+# backlog it waits for that many events (a snapshot of 50,000 queued jobs blocks the
+# sentinel for ~0.3 s: every 20,000 events, that was a sixth of its time in a burst).
+EVENTS_PER_JOB = 2
+
+
+def due(moved: int, jobs: int, since_s: float) -> bool:
+    """Whether a snapshot is worth taking: ``moved`` events folded since the last one,
+    ``jobs`` in the fleet (what a snapshot writes), ``since_s`` seconds after it. A
+    restart folds at most about max(20,000, 2 × jobs) events after a snapshot, and
+    taking them costs the sentinel a bounded share of its time however big the backlog."""
+    if moved <= 0:
+        return False
+    if moved >= max(EVERY_EVENTS, EVENTS_PER_JOB * jobs):
+        return True
+    return since_s >= EVERY_S and moved * 20 >= jobs  # a quiet minute: what moved, if
+    # folding it again would cost at least a twentieth of the snapshot
 
 
 class SnapshotError(ValueError):

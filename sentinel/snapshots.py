@@ -24,13 +24,12 @@ from jetflow.core.codec import CodecError, dumps, loads
 from jetflow.core.fleet import Fleet
 from jetflow.core.retry import RetryPolicy
 from jetflow.core.snapshot import SnapshotError, restore, take, tip_digest
+from jetflow.core.snapshot import due as snapshot_due
 
 __all__ = ["Snapshots"]
 
 log = logging.getLogger("jetflow.sentinel")
 
-EVERY_EVENTS = 20_000  # a snapshot once this many events were folded since the last one
-EVERY_S = 60.0  # ... or this long after the last, if anything happened since
 
 
 class Snapshots:
@@ -80,9 +79,8 @@ class Snapshots:
         return None
 
     def due(self, fleet: Fleet) -> bool:
-        moved = fleet.last_seq - self.saved_seq
-        return moved >= EVERY_EVENTS or (moved > 0
-                                         and time.monotonic() - self.saved_at >= EVERY_S)
+        return snapshot_due(fleet.last_seq - self.saved_seq, len(fleet.jobs),
+                            time.monotonic() - self.saved_at)
 
     async def save(self, fleet: Fleet) -> None:
         """Store what the fleet knows now, when that is the log up to ``fleet.last_seq``

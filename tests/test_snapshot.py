@@ -11,6 +11,7 @@ from jetflow.core import subjects as S
 from jetflow.core.fleet import Fleet
 from jetflow.core.retry import RetryPolicy
 from jetflow.core.snapshot import SnapshotError, restore, take, tip_digest
+from jetflow.core.snapshot import due as snapshot_due
 from tests.conftest import StackFactory
 from tests.test_scheduler_fleet import World
 
@@ -144,3 +145,16 @@ async def test_a_snapshot_of_another_log_is_not_used(make_stack: StackFactory,
         second.log_path.read_text()
     assert (await client.wait(await client.submit("echo", {"y": 2}), timeout=30)).state \
         == "succeeded"
+
+
+def test_a_snapshot_is_due_by_events_scaled_to_the_backlog_or_after_a_quiet_minute() -> None:
+    """Taking a snapshot costs about what it holds: with a backlog it waits for more
+    events, so however many jobs wait, snapshots cost a bounded share of the sentinel."""
+    assert not snapshot_due(0, 0, 3600.0)  # nothing moved
+    assert snapshot_due(20_000, 10, 0.0)
+    assert not snapshot_due(19_999, 10, 59.0)
+    assert snapshot_due(1, 10, 60.0)  # a quiet minute, a small fleet
+    assert not snapshot_due(20_000, 50_000, 0.0)  # 50,000 jobs: every 100,000 events
+    assert snapshot_due(100_000, 50_000, 0.0)
+    assert not snapshot_due(100, 50_000, 600.0)  # folding 100 events again is cheaper
+    assert snapshot_due(2_500, 50_000, 60.0)
