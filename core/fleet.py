@@ -99,6 +99,7 @@ class Fleet:
     # Every event up to here was read from the log in order (the tail): the state covers
     # exactly that prefix when ``tail_seq >= last_seq`` (see :meth:`covers_prefix`).
     tail_seq: int = 0
+    _ahead: set[int] = field(default_factory=set)  # applied from acks, the tail not there yet
     _timers: list[tuple[float, str]] = field(default_factory=list)
     _dispatched_at: dict[str, float] = field(default_factory=dict)
     _early: dict[str, str] = field(default_factory=dict)  # offered before stored: its worker
@@ -115,8 +116,10 @@ class Fleet:
         tail has read the event (and what followed it: a job offered early can have run
         to its end by then); the tail applied it already, so it is not applied again (a
         finished job, forgotten, would be made anew by its ``submitted``)."""
-        if own and event.seq <= self.tail_seq:
-            return None
+        if own:
+            if event.seq <= self.tail_seq:
+                return None
+            self._ahead.add(event.seq)  # the tail skips it (see :meth:`read_by_tail`)
         self.last_seq = max(self.last_seq, event.seq)
         if event.kind == "job":
             why = self._observe_job(event)
@@ -198,6 +201,18 @@ class Fleet:
             self.jobs[event.id] = new
             self.dirty.add(event.id)
         return None
+
+    def read_by_tail(self, seq: int) -> bool:
+        """The tail, reading the log in order, is at ``seq``: whether to apply that event
+        (False: it is this sentinel's, applied already from its append's ack; applied
+        again, a job that ack's events ended and that was forgotten would come back)."""
+        self.tail_seq = max(self.tail_seq, seq)
+        if seq in self._ahead:
+            self._ahead.discard(seq)
+            return False
+        if len(self._ahead) > 4096:  # seqs the tail will never read (aged out, say)
+            self._ahead = {s for s in self._ahead if s > self.tail_seq}
+        return True
 
     def covers_prefix(self) -> bool:
         """Whether the state is that of the log up to ``last_seq`` and nothing else: no

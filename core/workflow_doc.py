@@ -32,7 +32,10 @@ def _run_doc(run: WorkflowRun) -> dict[str, Any]:
     doc["template"] = run.template.name
     doc["frontier"] = list(run.frontier)
     doc["invalid"] = list(run.invalid)
-    doc["steps"] = [{**{f: getattr(s, f) for f in _STEP_FIELDS}, "spec": s.spec.name}
+    # (copies of what changes in place: the snapshot is written while the fleet moves on)
+    doc["steps"] = [{**{f: getattr(s, f) for f in _STEP_FIELDS}, "outcomes": dict(s.outcomes),
+                     "instances": None if s.instances is None else list(s.instances),
+                     "spec": s.spec.name}
                     for s in run.steps.values()]
     return doc
 

@@ -113,7 +113,7 @@ class Control:
         lags)."""
         latest = await last_event_on(self.nc, subject_filter)
         deadline = time.monotonic() + timeout_s
-        while latest and self.fleet.last_seq < latest[0] and time.monotonic() < deadline:
+        while latest and self.fleet.tail_seq < latest[0] and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         return latest
 

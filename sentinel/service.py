@@ -145,6 +145,9 @@ class Sentinel:
             await asyncio.sleep(5.0)
             if self.snapshots.due(self.fleet):
                 await self._when_covering_a_prefix(1.0)
+                if not self.fleet.covers_prefix():
+                    log.info("snapshot put off: the tail is behind this sentinel's appends "
+                             "(at seq %d of %d)", self.fleet.tail_seq, self.fleet.last_seq)
                 await self.snapshots.save(self.fleet)
             give_back_memory()
 
@@ -196,14 +199,9 @@ class Sentinel:
                 self.wake()
 
     def _observe_batch(self, msgs: list[Stored]) -> None:
-        jobs = self.fleet.jobs
         for msg in msgs:
             seq = msg.seq
-            self.fleet.tail_seq = max(self.fleet.tail_seq, seq)
-            parts = msg.subject.split(".", 3)
-            if len(parts) == 4 and parts[1] == "job" and (job := jobs.get(parts[2])) \
-                    and seq <= job.last_seq:  # our own append, applied when acked: skip
-                self.fleet.last_seq = max(self.fleet.last_seq, seq)  # its decoding
+            if not self.fleet.read_by_tail(seq):  # our own append, applied when acked
                 continue
             try:
                 event = decode_event(msg.subject, msg.data, seq)
@@ -489,7 +487,7 @@ class Sentinel:
     async def _wait_for_log_head(self, timeout_s: float = 2.0) -> None:
         head = (await self.js.stream_info(S.EVENTS_STREAM)).state.last_seq
         deadline = time.monotonic() + timeout_s
-        while self.fleet.last_seq < head and time.monotonic() < deadline:
+        while self.fleet.tail_seq < head and time.monotonic() < deadline:  # read, in order
             await asyncio.sleep(0.01)
 
     # -- replies to `nats req` ------------------------------------------------------------

@@ -93,6 +93,23 @@ def test_an_ack_that_comes_after_the_tail_saw_the_job_end_does_not_make_it_anew(
     assert w.fleet.sched.workers()["w1"].free == 1
 
 
+def test_the_tail_skips_what_acks_applied_ahead_of_it_even_for_a_job_they_ended() -> None:
+    """The sentinel's ``submitted`` and then its ``cancelled`` applied from their acks
+    before the tail reads either: the tail skips both (read again, the ``submitted`` of
+    the forgotten job would make it queued and offer it)."""
+    w = World()
+    w.join("w1", ["echo"], concurrency=1)
+    submitted = replace(new_job("j1"), seq=w.seq + 1)
+    cancelled = Event("job", "j1", "cancelled", 2.0, {"reason": "by hand"}, seq=w.seq + 2)
+    assert w.fleet.observe(submitted, own=True) is None
+    assert w.fleet.observe(cancelled, own=True) is None
+    assert "j1" not in w.fleet.jobs and not w.fleet.covers_prefix()
+    assert not w.fleet.read_by_tail(submitted.seq)
+    assert not w.fleet.read_by_tail(cancelled.seq)
+    assert w.fleet.covers_prefix() and "j1" not in w.fleet.jobs
+    assert w.fleet.read_by_tail(cancelled.seq + 1)  # someone else's: applied
+
+
 def test_an_ack_read_before_the_tail_is_applied_and_the_state_covers_no_prefix() -> None:
     """An append's ack is applied as soon as it is read, ahead of events of other jobs
     the tail has not read yet: until the tail passes it, the state is no snapshot of a
