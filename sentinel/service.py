@@ -65,6 +65,8 @@ __all__ = ["Sentinel"]
 log = logging.getLogger("jetflow.sentinel")
 
 
+_TASK = "sentinel-"  # its tasks' names: sentinel-events, sentinel-intake...
+
 class Sentinel:
     def __init__(self, url: str | None = None, *, lease_s: float = 15.0, tick_s: float = 0.2,
                  batch: int = 256, policy: RetryPolicy | None = None,
@@ -101,7 +103,7 @@ class Sentinel:
         for name, loop in (("events", self._events_loop), ("intake", self._intake_loop),
                            ("ticker", self._tick_loop), ("heartbeats", self._hb_loop),
                            ("pumper", self._pump_loop), ("snapshots", self._snapshot_loop)):
-            self._tasks.append(asyncio.create_task(supervise(name, loop)))
+            self._tasks.append(asyncio.create_task(supervise(name, loop), name=_TASK + name))
         log.info("sentinel ready: %d active jobs, %d workers, log at seq %d",
                  len(self.fleet.jobs), len(self.fleet.workers), self.fleet.last_seq)
         self.wake()
@@ -160,10 +162,14 @@ class Sentinel:
 
     async def stop(self) -> None:
         started = bool(self._tasks)
-        await cancel_and_wait(self._tasks)
+        tail = [t for t in self._tasks if t.get_name() == _TASK + "events"]
+        await cancel_and_wait([t for t in self._tasks if t not in tail])  # no new appends
+        if tail and not tail[0].done() and not self.nc.is_closed:
+            await self._when_covering_a_prefix(1.0)  # the tail reads the last ones
+        await cancel_and_wait(tail)
         if started and self.fleet.last_seq != self.snapshots.saved_seq:
-            # what it knows now, if that is a prefix of the log (its tail is stopped): the
-            # next start folds nothing it folded
+            # what it knows now, if that is a prefix of the log: the next start folds
+            # nothing it folded
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.snapshots.save(self.fleet), 3.0)
         self._tasks.clear()
