@@ -45,8 +45,8 @@ def due(moved: int, jobs: int, since_s: float) -> bool:
         return False
     if moved >= max(EVERY_EVENTS, EVENTS_PER_JOB * jobs):
         return True
-    return since_s >= EVERY_S and moved * 20 >= jobs  # a quiet minute: what moved, if
-    # folding it again would cost at least a twentieth of the snapshot
+    # a quiet minute: worth it if folding what moved again costs a twentieth of taking it
+    return since_s >= EVERY_S and moved * 20 >= jobs
 
 
 class SnapshotError(ValueError):

@@ -64,8 +64,8 @@ __all__ = ["Sentinel"]
 
 log = logging.getLogger("jetflow.sentinel")
 
-
 _TASK = "sentinel-"  # its tasks' names: sentinel-events, sentinel-intake...
+
 
 class Sentinel:
     def __init__(self, url: str | None = None, *, lease_s: float = 15.0, tick_s: float = 0.2,
@@ -147,10 +147,11 @@ class Sentinel:
             await asyncio.sleep(5.0)
             if self.snapshots.due(self.fleet):
                 await self._when_covering_a_prefix(1.0)
-                if not self.fleet.covers_prefix():
+                if self.fleet.covers_prefix():
+                    await self.snapshots.save(self.fleet)
+                else:
                     log.info("snapshot put off: the tail is behind this sentinel's appends "
                              "(at seq %d of %d)", self.fleet.tail_seq, self.fleet.last_seq)
-                await self.snapshots.save(self.fleet)
             give_back_memory()
 
     async def _when_covering_a_prefix(self, timeout_s: float) -> None:
